@@ -1,0 +1,405 @@
+"""composefs-dump(5): the text format of a manifest, parsed and written exactly.
+
+One line per file: PATH SIZE MODE NLINK UID GID RDEV MTIME PAYLOAD CONTENT DIGEST
+then KEY=VALUE xattrs.  Fields are separated by single spaces; bytes that are not
+printable are escaped as \\xXY (plus \\\\ \\n \\r \\t).  A MODE starting with '@'
+marks a hardlink whose PAYLOAD is the path of the file it links to.
+
+Strict mode (the default) also requires a trailing newline, rdev 0 on anything
+but devices, and a symlink SIZE equal to its target's length.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import IO, Iterable
+
+from .errors import DumpfileError, TreeError
+from .tree import (
+    DIGEST_SIZE,
+    INLINE_MAX,
+    PATH_MAX,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    VALID_TYPES,
+    Hardlink,
+    Inode,
+    check_name,
+    lookup,
+    walk,
+)
+
+# An xattr line section longer than this is rejected (the reference caps it too).
+XATTR_LINE_MAX = 0xFFFF
+# Per-inode xattr budget of the reference writer: 12 bytes of header, then
+# 2*4-1 bytes of worst-case overhead plus key and value for each attribute.
+XATTR_BUDGET = 0xFFFF // 2
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 0xFFFF
+
+
+def xattr_cost(key: bytes, value: bytes) -> int:
+    return 7 + len(key) + len(value)
+
+
+def xattrs_size(xattrs: dict[bytes, bytes]) -> int:
+    if not xattrs:
+        return 0
+    return 12 + sum(xattr_cost(k, v) for k, v in xattrs.items())
+
+
+def check_xattr(key: bytes, value: bytes) -> None:
+    if not key:
+        raise TreeError("empty xattr name")
+    if len(key) > XATTR_NAME_MAX:
+        raise TreeError(f"xattr name longer than {XATTR_NAME_MAX} bytes: {key[:40]!r}...")
+    if b"\0" in key:
+        raise TreeError(f"xattr name contains NUL: {key!r}")
+    if len(value) > XATTR_VALUE_MAX:
+        raise TreeError(f"xattr {key!r} value longer than {XATTR_VALUE_MAX} bytes")
+
+
+def check_xattrs_budget(xattrs: dict[bytes, bytes]) -> None:
+    if xattrs_size(xattrs) > XATTR_BUDGET:
+        raise TreeError(f"xattrs too large: {xattrs_size(xattrs)} bytes (limit {XATTR_BUDGET})")
+
+
+_ESCAPE_RE = re.compile(rb"\\(?:x(..)|(.)|$)", re.S)
+_SIMPLE_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def unescape(field: bytes) -> bytes:
+    if b"\\" not in field:
+        return field
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        hexpair, simple = m.group(1), m.group(2)
+        if hexpair is not None:
+            if hexpair[0] not in _HEX or hexpair[1] not in _HEX:
+                raise ValueError(f"invalid hex escape \\x{hexpair.decode('latin-1')}")
+            return bytes([int(hexpair, 16)])
+        if simple is None:
+            raise ValueError("no character after escape")
+        if simple == b"x":
+            raise ValueError("no hex characters after hex escape")
+        out = _SIMPLE_ESCAPES.get(simple)
+        if out is None:
+            raise ValueError(f"unsupported escape \\{simple.decode('latin-1')}")
+        return out
+
+    return _ESCAPE_RE.sub(sub, field)
+
+
+def _escape_table(escape_space: bool, escape_equal: bool) -> list[bytes]:
+    table = []
+    for c in range(256):
+        b = bytes([c])
+        if b == b"\\":
+            table.append(b"\\\\")
+        elif b == b"\n":
+            table.append(b"\\n")
+        elif b == b"\r":
+            table.append(b"\\r")
+        elif b == b"\t":
+            table.append(b"\\t")
+        elif b == b"=" and escape_equal:
+            table.append(b"\\x3d")
+        elif c == 0x20 and not escape_space:
+            table.append(b)
+        elif 0x21 <= c <= 0x7E:
+            table.append(b)
+        else:
+            table.append(b"\\x%02x" % c)
+    return table
+
+
+_TABLE_STANDARD = _escape_table(escape_space=True, escape_equal=False)
+_TABLE_XATTR = _escape_table(escape_space=True, escape_equal=True)
+_NEEDS_ESCAPE = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+_NEEDS_ESCAPE_NOEQ = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
+
+
+def escape(value: bytes) -> bytes:
+    if _NEEDS_ESCAPE_NOEQ.search(value) is None:
+        return value
+    return b"".join(_TABLE_STANDARD[c] for c in value)
+
+
+def escape_xattr(value: bytes) -> bytes:
+    if _NEEDS_ESCAPE.search(value) is None:
+        return value
+    return b"".join(_TABLE_XATTR[c] for c in value)
+
+
+def escape_optional(value: bytes | None) -> bytes:
+    if value is None:
+        return b"-"
+    if value == b"-":
+        return b"\\x2d"
+    return escape(value)
+
+
+_DIGITS = {10: frozenset(b"0123456789"), 8: frozenset(b"01234567")}
+
+
+def _int(field: bytes, what: str, base: int = 10) -> int:
+    # The reference uses strtoull; we accept plain digits only, no signs or spaces.
+    if not field or not all(c in _DIGITS[base] for c in field):
+        raise ValueError(f"invalid {what} {field[:40].decode('latin-1')!r}")
+    return int(field, base)
+
+
+def _optional(field: bytes) -> bytes | None:
+    return None if field == b"-" else unescape(field)
+
+
+class _Parser:
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.root: Inode | None = None
+        self.links: list[tuple[Hardlink, bytes, int]] = []
+        self.lineno = 0
+
+    def parent_of(self, path: bytes) -> tuple[Inode, bytes]:
+        if not path.startswith(b"/"):
+            raise ValueError(f"path must be absolute: {path!r}")
+        parts = path[1:].split(b"/")
+        for part in parts:
+            try:
+                check_name(part)
+            except TreeError as e:
+                raise ValueError(f"{e} in path {path!r}") from None
+        name = parts.pop()
+        if self.root is None:
+            raise ValueError("root directory missing: the first line must be '/'")
+        node = self.root
+        for part in parts:
+            nxt = node.children.get(part) if node.children is not None else None  # type: ignore[union-attr]
+            if nxt is None:
+                raise ValueError(f"parent directory missing for {path!r}")
+            if not isinstance(nxt, Inode) or nxt.children is None:
+                raise ValueError(f"parent is not a directory for {path!r}")
+            node = nxt
+        if name in node.children:  # type: ignore[operator]
+            raise ValueError(f"path {path!r} already exists")
+        return node, name
+
+    def line(self, line: bytes) -> None:
+        if b"\0" in line:
+            raise ValueError("embedded NUL character at position %d" % line.index(b"\0"))
+        fields = line.split(b" ", 11)
+        if len(fields) < 11:
+            if self.strict:
+                raise ValueError(f"expected at least 11 fields, found {len(fields)}")
+            # Lenient mode reads missing trailing fields as empty, like the reference.
+            fields += [b""] * (11 - len(fields))
+        path = unescape(fields[0])
+        if not path:
+            raise ValueError("empty path")
+        mode_field = fields[2]
+        is_link = mode_field.startswith(b"@")
+        mode = _int(mode_field[1:] if is_link else mode_field, "mode", 8)
+        if mode > 0xFFFFFFFF or mode & S_IFMT not in VALID_TYPES:
+            raise ValueError(f"invalid mode {mode:o}")
+
+        if path == b"/":
+            if is_link:
+                raise ValueError("the root cannot be a hardlink")
+            if self.root is not None:
+                raise ValueError("more than one root entry")
+            if mode & S_IFMT != S_IFDIR:
+                raise ValueError("root must be a directory")
+            parent, name = None, b""
+        else:
+            parent, name = self.parent_of(path)
+
+        if is_link:
+            if mode & S_IFMT == S_IFDIR:
+                raise ValueError("directories can't be hardlinked")
+            target = _optional(fields[8])
+            if not target:
+                raise ValueError("hardlink without a target path")
+            link = Hardlink(target=None)  # type: ignore[arg-type]  # resolved at the end
+            self.links.append((link, target, self.lineno))
+            parent.children[name] = link  # type: ignore[union-attr,index]
+            return
+
+        ftype = mode & S_IFMT
+        size = _int(fields[1], "size")
+        nlink = _int(fields[3], "nlink")
+        uid = _int(fields[4], "uid")
+        gid = _int(fields[5], "gid")
+        rdev = _int(fields[6], "rdev")
+        sec, dot, nsec = fields[7].partition(b".")
+        if not dot:
+            raise ValueError(f"invalid mtime {fields[7].decode('latin-1')!r}: expected SEC.NSEC")
+        mtime_sec = _int(sec, "mtime seconds")
+        mtime_nsec = _int(nsec, "mtime nanoseconds")
+        for value, what, limit in ((nlink, "nlink", 0xFFFFFFFF), (uid, "uid", 0xFFFFFFFF),
+                                   (gid, "gid", 0xFFFFFFFF), (size, "size", 2**64 - 1),
+                                   (rdev, "rdev", 2**64 - 1), (mtime_sec, "mtime", 2**63 - 1),
+                                   (mtime_nsec, "mtime nanoseconds", 999_999_999)):
+            if value > limit:
+                raise ValueError(f"{what} out of range: {value}")
+        payload = _optional(fields[8])
+        content = _optional(fields[9])
+        digest_field = _optional(fields[10])
+
+        if ftype not in (S_IFCHR, S_IFBLK) and rdev != 0:
+            if self.strict:
+                raise ValueError("non-zero rdev on a non-device")
+            rdev = 0
+
+        digest = None
+        if digest_field:
+            if len(digest_field) != 2 * DIGEST_SIZE or not all(c in _HEX for c in digest_field):
+                raise ValueError(f"invalid digest {digest_field[:80]!r}: expected 64 hex digits")
+            digest = bytes.fromhex(digest_field.decode())
+
+        if ftype == S_IFLNK:
+            if not payload:
+                raise ValueError("symlink without a target")
+            if len(payload) >= PATH_MAX:
+                raise ValueError(f"symlink target longer than {PATH_MAX - 1} bytes")
+            if self.strict:
+                if size != len(payload):
+                    raise ValueError(f"symlink size {size} does not match its target's length {len(payload)}")
+                if content:
+                    raise ValueError("symlink cannot have content")
+            size = len(payload)
+            content = None
+        else:
+            if content is not None and len(content) != size:
+                raise ValueError(f"content length {len(content)} does not match size {size}")
+            if content is not None and len(content) > INLINE_MAX:
+                raise ValueError(f"inline content size {len(content)} exceeds maximum {INLINE_MAX}")
+            if payload is not None and len(payload) >= PATH_MAX:
+                raise ValueError(f"payload longer than {PATH_MAX - 1} bytes")
+            if content == b"":
+                content = None
+            if payload == b"" and ftype == S_IFREG:
+                payload = None
+
+        node = Inode(mode=mode, uid=uid, gid=gid, nlink=nlink, rdev=rdev, mtime_sec=mtime_sec,
+                     mtime_nsec=mtime_nsec, size=size, payload=payload, content=content,
+                     digest=digest, children={} if ftype == S_IFDIR else None)
+
+        rest = fields[11] if len(fields) == 12 else b""
+        if len(rest) > XATTR_LINE_MAX:
+            raise ValueError("too many xattrs")
+        if rest:
+            budget = 0
+            for item in rest.split(b" "):
+                key, eq, value = item.partition(b"=")
+                if not eq:
+                    raise ValueError(f"missing '=' in xattr {item[:60]!r}")
+                key, value = unescape(key), unescape(value)
+                try:
+                    check_xattr(key, value)
+                except TreeError as e:
+                    raise ValueError(str(e)) from None
+                old = node.xattrs.pop(key, None)
+                if old is not None:
+                    budget = budget - xattr_cost(key, old) if node.xattrs else 0
+                cost = xattr_cost(key, value) + (0 if node.xattrs else 12)
+                if budget + cost > XATTR_BUDGET:
+                    raise ValueError(f"xattrs too large (limit {XATTR_BUDGET} bytes per file)")
+                budget += cost
+                node.xattrs[key] = value
+
+        if parent is None:
+            self.root = node
+        else:
+            parent.children[name] = node  # type: ignore[index]
+
+    def resolve_links(self) -> None:
+        assert self.root is not None
+        pending = {id(link): (target, lineno) for link, target, lineno in self.links}
+        for link, _, _ in self.links:
+            chain: list[Hardlink] = []
+            cur = link
+            # Follow links to links until an inode turns up; remember the chain.
+            while cur.target is None:
+                target_path, lineno = pending[id(cur)]
+                if any(c is cur for c in chain):
+                    raise DumpfileError(f"hardlink cycle through {target_path!r}", lineno)
+                chain.append(cur)
+                found = lookup(self.root, target_path)
+                if found is None:
+                    raise DumpfileError(f"no target at {target_path!r} for hardlink", lineno)
+                if found is cur:
+                    raise DumpfileError(f"self-referential hardlink {target_path!r}", lineno)
+                if isinstance(found, Inode):
+                    if found.children is not None:
+                        raise DumpfileError(f"hardlink to directory {target_path!r}", lineno)
+                    cur.target = found
+                    break
+                cur = found
+            for c in chain:
+                c.target = cur.target
+
+
+def parse(data: bytes, *, strict: bool = True) -> Inode:
+    """Parse a whole dumpfile into a tree; raise DumpfileError naming the line."""
+    p = _Parser(strict)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines and strict:
+        raise DumpfileError("missing trailing newline", len(lines))
+    for p.lineno, line in enumerate(lines, 1):
+        try:
+            p.line(line)
+        except ValueError as e:
+            raise DumpfileError(str(e), p.lineno) from None
+    if p.root is None:
+        raise DumpfileError("empty dumpfile: no root entry")
+    p.resolve_links()
+    return p.root
+
+
+def parse_file(path: str, *, strict: bool = True) -> Inode:
+    with open(path, "rb") as f:
+        return parse(f.read(), strict=strict)
+
+
+def _line(path: bytes, node: Inode, link_path: bytes | None) -> bytes:
+    if link_path is not None:
+        mode = b"@%o" % node.mode
+        payload = escape_optional(link_path)
+    else:
+        mode = b"%o" % node.mode
+        payload = escape_optional(node.payload)
+    parts = [
+        escape(path), b"%d" % node.size, mode, b"%d" % node.nlink, b"%d" % node.uid,
+        b"%d" % node.gid, b"%d" % node.rdev, b"%d.%d" % (node.mtime_sec, node.mtime_nsec),
+        payload, escape_optional(node.content),
+        node.digest.hex().encode() if node.digest is not None else b"-",
+    ]
+    parts.extend(escape_xattr(k) + b"=" + escape_xattr(v) for k, v in node.xattrs.items())
+    return b" ".join(parts) + b"\n"
+
+
+def lines(root: Inode) -> Iterable[bytes]:
+    """The dumpfile lines of a tree: pre-order, children sorted by name as bytes."""
+    entries = list(walk(root))
+    primary = {id(e): p for p, e in entries if isinstance(e, Inode)}
+    for path, entry in entries:
+        if isinstance(entry, Hardlink):
+            yield _line(path, entry.target, primary[id(entry.target)])
+        else:
+            yield _line(path, entry, None)
+
+
+def dumps(root: Inode) -> bytes:
+    return b"".join(lines(root))
+
+
+def dump(root: Inode, out: IO[bytes]) -> None:
+    for line in lines(root):
+        out.write(line)

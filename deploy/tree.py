@@ -1,0 +1,145 @@
+"""The in-memory model of a filesystem tree: what a manifest describes and an image holds.
+
+A directory's children map a name (bytes, any byte but NUL and '/') to either an
+Inode or a Hardlink.  A Hardlink is a further name for an Inode that already has
+its primary name elsewhere; where that primary name sits matters for the image
+layout, so it is kept explicit rather than implied by shared objects.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import TreeError
+
+S_IFMT = 0o170000
+S_IFDIR = stat.S_IFDIR
+S_IFREG = stat.S_IFREG
+S_IFLNK = stat.S_IFLNK
+S_IFCHR = stat.S_IFCHR
+S_IFBLK = stat.S_IFBLK
+S_IFIFO = stat.S_IFIFO
+S_IFSOCK = stat.S_IFSOCK
+VALID_TYPES = frozenset({S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK})
+
+DIGEST_SIZE = 32
+# Files up to this size are stored inline in the manifest and the image.
+INLINE_MAX_RECOMMENDED = 64
+# The hard limit the image format accepts for inline content.
+INLINE_MAX = 5000
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    rdev: int = 0
+    mtime_sec: int = 0
+    mtime_nsec: int = 0
+    size: int = 0
+    # Symlink target, or for regular files the object path ("ab/cdef...").
+    payload: bytes | None = None
+    # Inline content of a small regular file.
+    content: bytes | None = None
+    # Raw 32-byte fs-verity SHA-256 digest of a regular file's content.
+    digest: bytes | None = None
+    # Extended attributes, in the order they were given.
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    # Children of a directory, None for everything else.
+    children: dict[bytes, Inode | Hardlink] | None = None
+
+    @property
+    def type(self) -> int:
+        return self.mode & S_IFMT
+
+    def is_dir(self) -> bool:
+        return self.mode & S_IFMT == S_IFDIR
+
+    def is_reg(self) -> bool:
+        return self.mode & S_IFMT == S_IFREG
+
+    def is_symlink(self) -> bool:
+        return self.mode & S_IFMT == S_IFLNK
+
+    def is_whiteout(self) -> bool:
+        return self.mode & S_IFMT == S_IFCHR and self.rdev == 0
+
+
+@dataclass(slots=True, eq=False)
+class Hardlink:
+    target: Inode
+
+
+def new_dir(mode: int = 0o755, **kw: object) -> Inode:
+    return Inode(mode=S_IFDIR | (mode & ~S_IFMT), children={}, **kw)  # type: ignore[arg-type]
+
+
+def resolve(entry: Inode | Hardlink) -> Inode:
+    return entry.target if isinstance(entry, Hardlink) else entry
+
+
+def check_name(name: bytes) -> None:
+    if not name:
+        raise TreeError("empty file name")
+    if name in (b".", b".."):
+        raise TreeError(f"invalid file name {name!r}")
+    if b"/" in name or b"\0" in name:
+        raise TreeError(f"invalid file name {name!r}")
+    if len(name) > NAME_MAX:
+        raise TreeError(f"file name longer than {NAME_MAX} bytes: {name[:40]!r}...")
+
+
+def walk(root: Inode) -> Iterator[tuple[bytes, Inode | Hardlink]]:
+    """Yield (path, entry) in pre-order, children sorted by name as bytes.
+
+    The root's path is b"/"; other paths are b"/a/b".
+    """
+    yield b"/", root
+    stack: list[tuple[bytes, Inode]] = [(b"", root)]
+    # An explicit stack of iterators keeps deep trees off the Python call stack.
+    iters = [iter(sorted(root.children or {}))]
+    while iters:
+        prefix, node = stack[-1]
+        name = next(iters[-1], None)
+        if name is None:
+            iters.pop()
+            stack.pop()
+            continue
+        entry = node.children[name]  # type: ignore[index]
+        path = prefix + b"/" + name
+        yield path, entry
+        if isinstance(entry, Inode) and entry.children is not None:
+            stack.append((path, entry))
+            iters.append(iter(sorted(entry.children)))
+
+
+def lookup(root: Inode, path: bytes) -> Inode | Hardlink | None:
+    """The entry at an absolute path; hardlinks are never directories, so never traversed."""
+    node: Inode | Hardlink = root
+    for part in path.split(b"/"):
+        if not part:
+            continue
+        if not isinstance(node, Inode) or node.children is None:
+            return None
+        nxt = node.children.get(part)
+        if nxt is None:
+            return None
+        node = nxt
+    return node
+
+
+def primary_paths(root: Inode) -> dict[int, bytes]:
+    """Map id(inode) to the path of its primary (non-Hardlink) name."""
+    return {id(e): p for p, e in walk(root) if isinstance(e, Inode)}
+
+
+def digest_to_path(digest: bytes) -> bytes:
+    """The object path of a digest: 'ab/cdef...' (first byte, '/', the other 31)."""
+    h = digest.hex().encode()
+    return h[:2] + b"/" + h[2:]
