@@ -30,6 +30,7 @@ from .tree import (
     Inode,
     check_name,
     lookup,
+    no_gc,
     walk,
 )
 
@@ -144,14 +145,15 @@ def escape_optional(value: bytes | None) -> bytes:
     return escape(value)
 
 
-_DIGITS = {10: frozenset(b"0123456789"), 8: frozenset(b"01234567")}
-
-
 def _int(field: bytes, what: str, base: int = 10) -> int:
     # The reference uses strtoull; we accept plain digits only, no signs or spaces.
-    if not field or not all(c in _DIGITS[base] for c in field):
+    if not field.isdigit() or (base == 8 and (b"8" in field or b"9" in field)):
         raise ValueError(f"invalid {what} {field[:40].decode('latin-1')!r}")
     return int(field, base)
+
+
+_NUMBERS = re.compile(rb"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+)\.([0-9]+)")
+_DIGEST = re.compile(rb"[0-9a-fA-F]{%d}" % (2 * DIGEST_SIZE))
 
 
 def _optional(field: bytes) -> bytes | None:
@@ -163,28 +165,25 @@ class _Parser:
         self.strict = strict
         self.root: Inode | None = None
         self.links: list[tuple[Hardlink, bytes, int]] = []
+        self.dirs: dict[bytes, Inode] = {}
         self.lineno = 0
 
     def parent_of(self, path: bytes) -> tuple[Inode, bytes]:
         if not path.startswith(b"/"):
             raise ValueError(f"path must be absolute: {path!r}")
-        parts = path[1:].split(b"/")
-        for part in parts:
-            try:
-                check_name(part)
-            except TreeError as e:
-                raise ValueError(f"{e} in path {path!r}") from None
-        name = parts.pop()
         if self.root is None:
             raise ValueError("root directory missing: the first line must be '/'")
-        node = self.root
-        for part in parts:
-            nxt = node.children.get(part) if node.children is not None else None  # type: ignore[union-attr]
-            if nxt is None:
-                raise ValueError(f"parent directory missing for {path!r}")
-            if not isinstance(nxt, Inode) or nxt.children is None:
+        dirpath, _, name = path.rpartition(b"/")
+        try:
+            check_name(name)
+        except TreeError as e:
+            raise ValueError(f"{e} in path {path!r}") from None
+        # Directories are indexed by path as they are added; every parent must come first.
+        node = self.dirs.get(dirpath)
+        if node is None:
+            if lookup(self.root, dirpath) is not None:
                 raise ValueError(f"parent is not a directory for {path!r}")
-            node = nxt
+            raise ValueError(f"parent directory missing for {path!r}")
         if name in node.children:  # type: ignore[operator]
             raise ValueError(f"path {path!r} already exists")
         return node, name
@@ -230,16 +229,22 @@ class _Parser:
             return
 
         ftype = mode & S_IFMT
-        size = _int(fields[1], "size")
-        nlink = _int(fields[3], "nlink")
-        uid = _int(fields[4], "uid")
-        gid = _int(fields[5], "gid")
-        rdev = _int(fields[6], "rdev")
-        sec, dot, nsec = fields[7].partition(b".")
-        if not dot:
-            raise ValueError(f"invalid mtime {fields[7].decode('latin-1')!r}: expected SEC.NSEC")
-        mtime_sec = _int(sec, "mtime seconds")
-        mtime_nsec = _int(nsec, "mtime nanoseconds")
+        m = _NUMBERS.fullmatch(b" ".join(fields[3:8]))
+        if m is not None:
+            # Fast path: one regex validates every numeric field of a well-formed line.
+            size = _int(fields[1], "size")
+            nlink, uid, gid, rdev, mtime_sec, mtime_nsec = map(int, m.groups())
+        else:
+            size = _int(fields[1], "size")
+            nlink = _int(fields[3], "nlink")
+            uid = _int(fields[4], "uid")
+            gid = _int(fields[5], "gid")
+            rdev = _int(fields[6], "rdev")
+            sec, dot, nsec = fields[7].partition(b".")
+            if not dot:
+                raise ValueError(f"invalid mtime {fields[7].decode('latin-1')!r}: expected SEC.NSEC")
+            mtime_sec = _int(sec, "mtime seconds")
+            mtime_nsec = _int(nsec, "mtime nanoseconds")
         for value, what, limit in ((nlink, "nlink", 0xFFFFFFFF), (uid, "uid", 0xFFFFFFFF),
                                    (gid, "gid", 0xFFFFFFFF), (size, "size", 2**64 - 1),
                                    (rdev, "rdev", 2**64 - 1), (mtime_sec, "mtime", 2**63 - 1),
@@ -257,7 +262,7 @@ class _Parser:
 
         digest = None
         if digest_field:
-            if len(digest_field) != 2 * DIGEST_SIZE or not all(c in _HEX for c in digest_field):
+            if _DIGEST.fullmatch(digest_field) is None:
                 raise ValueError(f"invalid digest {digest_field[:80]!r}: expected 64 hex digits")
             digest = bytes.fromhex(digest_field.decode())
 
@@ -314,8 +319,11 @@ class _Parser:
 
         if parent is None:
             self.root = node
+            self.dirs[b""] = node
         else:
             parent.children[name] = node  # type: ignore[index]
+            if node.children is not None:
+                self.dirs[path] = node
 
     def resolve_links(self) -> None:
         assert self.root is not None
@@ -352,11 +360,12 @@ def parse(data: bytes, *, strict: bool = True) -> Inode:
         lines.pop()
     elif lines and strict:
         raise DumpfileError("missing trailing newline", len(lines))
-    for p.lineno, line in enumerate(lines, 1):
-        try:
-            p.line(line)
-        except ValueError as e:
-            raise DumpfileError(str(e), p.lineno) from None
+    with no_gc():
+        for p.lineno, line in enumerate(lines, 1):
+            try:
+                p.line(line)
+            except ValueError as e:
+                raise DumpfileError(str(e), p.lineno) from None
     if p.root is None:
         raise DumpfileError("empty dumpfile: no root entry")
     p.resolve_links()

@@ -34,6 +34,7 @@ from .tree import (
     VALID_TYPES,
     Hardlink,
     Inode,
+    no_gc,
 )
 
 FORMAT_VERSION_MAX = 1
@@ -237,13 +238,24 @@ def _bfs(root: _Node) -> list[_Node]:
     return order
 
 
+_split_cache: dict[bytes, tuple[int, bytes, int]] = {}
+
+
+def _split(key: bytes) -> tuple[int, bytes, int]:
+    """(prefix index, suffix, filter bit) of an xattr name; names repeat a lot, so memoized."""
+    hit = _split_cache.get(key)
+    if hit is None:
+        index, suffix = E.xattr_split(key)
+        hit = _split_cache[key] = (index, suffix, E.xattr_filter_bit(index, suffix))
+    return hit
+
+
 def _entry_size(key: bytes, value: bytes) -> int:
-    index, suffix = E.xattr_split(key)
-    return E.round_up(4 + len(suffix) + len(value), 4)
+    return E.round_up(4 + len(_split(key)[1]) + len(value), 4)
 
 
 def _encode_xattr(key: bytes, value: bytes) -> bytes:
-    index, suffix = E.xattr_split(key)
+    index, suffix, _ = _split(key)
     raw = E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
     return raw + b"\0" * (-len(raw) % 4)
 
@@ -251,8 +263,7 @@ def _encode_xattr(key: bytes, value: bytes) -> bytes:
 def _xattr_filter(keys: Iterable[bytes]) -> int:
     bits = 0
     for key in keys:
-        index, suffix = E.xattr_split(key)
-        bits |= 1 << E.xattr_filter_bit(index, suffix)
+        bits |= 1 << _split(key)[2]
     return E.XATTR_FILTER_DEFAULT & ~bits
 
 
@@ -526,7 +537,8 @@ def build(root: Inode, *, min_version: int = 0, max_version: int = FORMAT_VERSIO
     version = min_version
     if version < 1 <= max_version and _needs_v1(root):
         version = 1
-    top = _clone(root)
-    _rewrite(top, version)
-    nodes = _bfs(top)
-    return BuildResult(_Layout(nodes, version).write(), version)
+    with no_gc():
+        top = _clone(root)
+        _rewrite(top, version)
+        nodes = _bfs(top)
+        return BuildResult(_Layout(nodes, version).write(), version)

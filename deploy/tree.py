@@ -8,7 +8,9 @@ layout, so it is kept explicit rather than implied by shared objects.
 
 from __future__ import annotations
 
+import gc
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -143,3 +145,16 @@ def digest_to_path(digest: bytes) -> bytes:
     """The object path of a digest: 'ab/cdef...' (first byte, '/', the other 31)."""
     h = digest.hex().encode()
     return h[:2] + b"/" + h[2:]
+
+
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building large acyclic object graphs:
+    its repeated scans of the growing tree cost more than the work itself."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

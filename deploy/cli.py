@@ -1,0 +1,188 @@
+"""The command line: parse, call the library, print.  Errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__, dumpfile, fsverity, imagereader, imagewriter
+from .errors import CfsError
+from .fsutil import atomic_write_bytes
+
+EXIT_NOT_IMPLEMENTED = 2
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"cfsdeploy: {message}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns library errors into a one-line message and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CfsError as e:
+            fail(str(e), e.exit_code)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            fail(f"{e.strerror or e}{where}")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cfsdeploy")
+def main() -> None:
+    """Versioned, verified root-filesystem deployments on composefs."""
+
+
+# --- fs-verity -------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def digest(files: tuple[str, ...]) -> None:
+    """Print the fs-verity digest of FILES, as `fsverity digest` does."""
+    for name in files:
+        click.echo(f"{fsverity.format_digest(fsverity.digest_file(name))} {name}")
+
+
+# --- images ------------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """Build, read, measure and mount composefs images."""
+
+
+@image.command("build")
+@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE")
+@click.option("--from-file", "from_file", metavar="DUMP|-",
+              help="Build from a composefs dumpfile instead of a directory.")
+@click.option("--digest-store", metavar="OBJDIR",
+              help="Copy files over 64 bytes into OBJDIR, named by digest.")
+@click.option("--min-version", type=click.IntRange(0, imagewriter.FORMAT_VERSION_MAX), default=0,
+              show_default=True, help="Lowest image format version to write.")
+@click.option("--max-version", type=click.IntRange(0, imagewriter.FORMAT_VERSION_MAX),
+              default=imagewriter.FORMAT_VERSION_MAX, show_default=True,
+              help="Highest format version to use if the tree needs it.")
+@click.option("--lenient", is_flag=True, help="Parse the dumpfile in lenient mode.")
+@click.option("--print-digest", is_flag=True, help="Print the image's fs-verity digest.")
+def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str | None,
+                min_version: int, max_version: int, lenient: bool, print_digest: bool) -> None:
+    """Write the composefs EROFS image of a directory or a dumpfile to IMAGE."""
+    from . import scan
+    from .objects import ObjectStore
+
+    if from_file is not None:
+        if len(args) != 1:
+            raise click.UsageError("with --from-file give only IMAGE")
+        if digest_store:
+            raise click.UsageError("--digest-store goes with a directory, not --from-file")
+        data = sys.stdin.buffer.read() if from_file == "-" else open(from_file, "rb").read()
+        root = dumpfile.parse(data, strict=not lenient)
+    else:
+        if len(args) != 2:
+            raise click.UsageError("give DIR IMAGE, or --from-file DUMP IMAGE")
+        store = None
+        if digest_store:
+            os.makedirs(digest_store, exist_ok=True)
+            store = ObjectStore(digest_store)
+        root, _ = scan.scan(args[0], store=store)
+    result = imagewriter.build(root, min_version=min_version, max_version=max_version)
+    atomic_write_bytes(args[-1], result.image)
+    if print_digest:
+        click.echo(fsverity.digest_bytes(result.image).hex())
+
+
+@image.command("dump")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
+def image_dump(image_path: str) -> None:
+    """Print the dumpfile (manifest) of a composefs image."""
+    img = imagereader.read_image_file(image_path)
+    out = sys.stdout.buffer
+    dumpfile.dump(img.root, out)
+    out.flush()
+
+
+@image.command("digest")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
+def image_digest(image_path: str) -> None:
+    """Print the fs-verity digest of IMAGE (what cfsdeploy.digest= names)."""
+    click.echo(fsverity.digest_file(image_path).hex())
+
+
+@image.command("mount")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False, exists=True))
+@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+@click.option("--basedir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The object directory the image's files redirect into.")
+@click.option("--verity", is_flag=True, help="Mount with verity=require.")
+def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) -> None:
+    """Mount IMAGE read-only on MOUNTPOINT (erofs + overlayfs)."""
+    from . import mounts
+
+    mounts.mount_composefs(image_path, mountpoint, basedir, verity=verity)
+
+
+# --- commands planned for later issues ------------------------------------------------
+
+
+def _planned(group: click.Group, name: str, help_text: str) -> None:
+    def callback(**_: object) -> None:
+        fail(f"{group.name + ' ' if group is not main else ''}{name}: not implemented yet",
+             EXIT_NOT_IMPLEMENTED)
+
+    group.command(name, help=help_text, context_settings={"ignore_unknown_options": True},
+                  add_help_option=True)(
+        click.argument("args", nargs=-1, type=click.UNPROCESSED)(callback))
+
+
+@main.group()
+def remote() -> None:
+    """Manage the remotes a repository pulls from."""
+
+
+@main.group()
+def sysroot() -> None:
+    """Manage a machine's sysroot."""
+
+
+_PLANNED: list[tuple[click.Group, str, str]] = [
+    (main, "init", "Create a repository."),
+    (main, "commit", "Commit a root filesystem tree to a branch."),
+    (main, "log", "Show the history of a branch."),
+    (main, "show", "Show a commit."),
+    (main, "ls", "List the files of a commit."),
+    (main, "cat", "Print a file of a commit."),
+    (main, "diff", "Compare two commits."),
+    (main, "checkout", "Materialize a commit's tree in a directory."),
+    (main, "refs", "List branches and tags."),
+    (main, "tag", "Tag a commit."),
+    (main, "verify", "Check a commit's signature."),
+    (main, "fsck", "Check the repository's objects and commits."),
+    (main, "prune", "Remove unreachable objects."),
+    (remote, "add", "Add a remote."),
+    (remote, "list", "List remotes."),
+    (remote, "remove", "Remove a remote."),
+    (main, "pull", "Fetch a branch from a remote."),
+    (main, "deploy", "Deploy a commit on the sysroot."),
+    (main, "upgrade", "Pull and deploy the newest commit of the tracked branch."),
+    (main, "switch", "Track another remote branch and deploy it."),
+    (main, "rollback", "Make the previous deployment the default."),
+    (main, "status", "Show the deployments."),
+    (main, "undeploy", "Remove a deployment."),
+    (main, "pin", "Keep a deployment from cleanup."),
+    (main, "cleanup", "Remove old deployments and unused objects."),
+    (main, "kargs", "Change the kernel arguments of the default deployment."),
+    (sysroot, "init", "Lay out a new sysroot."),
+]
+
+for _group, _name, _help in _PLANNED:
+    _planned(_group, _name, _help)
+

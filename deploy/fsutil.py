@@ -1,0 +1,84 @@
+"""Crash-safe file writes: temp file, fsync, rename, fsync of the directory."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from typing import Callable
+
+FICLONE = 0x40049409
+
+PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def fsync_dir(path: PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644) -> None:
+    """Create `path` atomically: `write(fd)` fills a temp file beside it, which is
+    fsynced and renamed over `path`, then the directory is fsynced.  On any error
+    the temp file is removed and `path` is untouched."""
+    path = os.fsdecode(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        try:
+            write(fd)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644) -> None:
+    def write(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    atomic_write(path, write, mode=mode)
+
+
+def copy_fd(src: int, dst: int) -> None:
+    """Copy a whole file: reflink where the filesystem can, else copy_file_range."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+            raise
+    size = os.fstat(src).st_size
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(src, dst, size - offset, offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = 0
+        if n == 0:
+            # Fall back to plain reads (some filesystems return 0 instead of an error).
+            while offset < size:
+                chunk = os.pread(src, min(1 << 20, size - offset), offset)
+                if not chunk:
+                    break
+                os.pwrite(dst, chunk, offset)
+                offset += len(chunk)
+            break
+        offset += n

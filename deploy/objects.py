@@ -1,0 +1,79 @@
+"""The object store: file contents named by their fs-verity digest (objects/XX/YYYY...).
+
+This is the composefs "basedir": an image's regular files redirect into it.
+Objects are immutable; a new one is written to a temp file on the same filesystem,
+fsynced, and renamed into place, so a crash never leaves a half-written object
+under a valid name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+from . import fsverity
+from .fsutil import copy_fd, fsync_dir
+from .tree import digest_to_path
+
+PathLike = str | bytes | os.PathLike[str]
+
+
+class ObjectStore:
+    def __init__(self, path: PathLike, tmpdir: PathLike | None = None) -> None:
+        self.path = os.fsdecode(path)
+        self.tmpdir = os.fsdecode(tmpdir) if tmpdir is not None else self.path
+
+    def path_of(self, digest: bytes) -> str:
+        return os.path.join(self.path, os.fsdecode(digest_to_path(digest)))
+
+    def has(self, digest: bytes) -> bool:
+        return os.path.exists(self.path_of(digest))
+
+    def add_fd(self, src: int, digest: bytes) -> bool:
+        """Store the content of `src` (whose digest the caller computed) unless present.
+
+        Returns True if a new object was written."""
+        return self._add(digest, lambda fd: copy_fd(src, fd))
+
+    def add_bytes(self, data: bytes) -> bytes:
+        """Store a buffer (e.g. an image) and return its digest."""
+        digest = fsverity.digest_bytes(data)
+
+        def fill(fd: int) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+        self._add(digest, fill)
+        return digest
+
+    def _add(self, digest: bytes, fill: Callable[[int], None]) -> bool:
+        dest = self.path_of(digest)
+        if os.path.exists(dest):
+            return False
+        subdir = os.path.dirname(dest)
+        os.makedirs(subdir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=self.tmpdir)
+        try:
+            try:
+                fill(fd)
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # fs-verity needs a file with no writers; enable it before the object is visible.
+            rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fsverity.try_enable_verity(rfd)
+            finally:
+                os.close(rfd)
+            os.rename(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(subdir)
+        return True

@@ -1,0 +1,58 @@
+"""The command line: thin, with one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from click.testing import CliRunner
+
+from cfsdeploy.cli import main
+
+from .vectors import SHOULD_FAIL, VALID
+
+PLANNED = ["init", "commit", "log", "show", "ls", "cat", "diff", "checkout", "refs", "tag",
+           "verify", "fsck", "prune", "pull", "deploy", "upgrade", "switch", "rollback",
+           "status", "undeploy", "pin", "cleanup", "kargs", "remote add", "remote list",
+           "remote remove", "sysroot init"]
+
+
+def invoke(*args: str, input: bytes | None = None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+@pytest.mark.parametrize("command", PLANNED + ["digest", "image build", "image dump",
+                                               "image digest", "image mount"])
+def test_every_command_has_help(command: str) -> None:
+    result = invoke(*command.split(), "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+@pytest.mark.parametrize("command", PLANNED)
+def test_planned_command_says_not_implemented(command: str) -> None:
+    result = invoke(*command.split())
+    assert result.exit_code == 2
+    assert "not implemented yet" in result.output
+
+
+def test_image_build_from_stdin_writes_reference_image(tmp_path) -> None:
+    vector = next(v for v in VALID if v.name == "config.dump.gz")
+    out = tmp_path / "img"
+    result = invoke("image", "build", "--from-file", "-", str(out), input=vector.data)
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == vector.sha256
+
+
+@pytest.mark.parametrize("vector", SHOULD_FAIL, ids=lambda v: v.name)
+def test_rejected_dumpfile_gives_one_line_error_and_no_image(vector, tmp_path) -> None:
+    src = tmp_path / "in.dump"
+    src.write_bytes(vector.data)
+    result = invoke("image", "build", "--lenient", "--from-file", str(src), str(tmp_path / "img"))
+    assert result.exit_code == 1
+    assert result.output.startswith("cfsdeploy: ") and result.output.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.dump"]
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path) -> None:
+    result = invoke("image", "build", "--from-file", str(tmp_path / "nope"), str(tmp_path / "img"))
+    assert result.exit_code == 1 and "No such file" in result.output

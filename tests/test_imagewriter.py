@@ -1,0 +1,75 @@
+"""The image writer reproduces the reference mkcomposefs byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+
+import pytest
+
+from cfsdeploy import dumpfile, imagewriter
+from cfsdeploy.errors import CfsError
+from cfsdeploy.tree import S_IFCHR, S_IFREG, Inode, new_dir
+
+from .vectors import SHOULD_FAIL, VALID, Vector
+
+
+def build(v: Vector) -> imagewriter.BuildResult:
+    kw = {"min_version": v.version, "max_version": v.version} if v.version is not None else {}
+    return imagewriter.build(dumpfile.parse(v.data, strict=v.strict), **kw)
+
+
+def test_vectors_are_present() -> None:
+    assert len(VALID) >= 10 and len(SHOULD_FAIL) >= 10, "../shared/composefs-vectors is missing"
+
+
+@pytest.mark.parametrize("vector", VALID, ids=lambda v: v.name)
+def test_image_matches_reference_digest(vector: Vector) -> None:
+    assert hashlib.sha256(build(vector).image).hexdigest() == vector.sha256
+
+
+@pytest.mark.parametrize("vector", SHOULD_FAIL, ids=lambda v: v.name)
+def test_should_fail_vector_is_rejected(vector: Vector) -> None:
+    # The reference checks these in lenient mode; they must fail for their own reason.
+    with pytest.raises(CfsError):
+        imagewriter.build(dumpfile.parse(vector.data, strict=False))
+
+
+@pytest.mark.skipif(shutil.which("fsck.erofs") is None, reason="fsck.erofs (erofs-utils) not installed")
+@pytest.mark.parametrize("vector", VALID, ids=lambda v: v.name)
+def test_fsck_erofs_accepts_image(vector: Vector, tmp_path) -> None:
+    img = tmp_path / "img"
+    img.write_bytes(build(vector).image)
+    subprocess.run(["fsck.erofs", str(img)], check=True, capture_output=True)
+
+
+def test_version_rises_to_1_only_for_whiteouts() -> None:
+    root = new_dir()
+    root.children[b"f"] = Inode(mode=S_IFREG | 0o644)
+    assert imagewriter.build(root).version == 0
+    root.children[b"w"] = Inode(mode=S_IFCHR | 0o644, rdev=0)
+    assert imagewriter.build(root).version == 1
+    assert imagewriter.build(root, max_version=0).version == 0
+
+
+def test_build_does_not_modify_the_tree() -> None:
+    root = dumpfile.parse(VALID[0].data, strict=VALID[0].strict)
+    before = dumpfile.dumps(root)
+    imagewriter.build(root)
+    assert dumpfile.dumps(root) == before
+
+
+def test_same_tree_gives_same_image_whatever_insertion_order() -> None:
+    a, b = new_dir(), new_dir()
+    names = [b"zeta", b"alpha", b"\xff\xfe", b"m i d"]
+    for n in names:
+        a.children[n] = Inode(mode=S_IFREG | 0o600, size=3, content=b"abc")
+    for n in reversed(names):
+        b.children[n] = Inode(mode=S_IFREG | 0o600, size=3, content=b"abc")
+    assert imagewriter.build(a).image == imagewriter.build(b).image
+
+
+def test_out_of_range_format_version_is_rejected() -> None:
+    with pytest.raises(CfsError):
+        imagewriter.build(new_dir(), min_version=2)
