@@ -56,7 +56,8 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644) -> Non
 
 
 def copy_fd(src: int, dst: int) -> None:
-    """Copy a whole file: reflink where the filesystem can, else copy_file_range."""
+    """Copy a whole file: reflink where the filesystem can, else copy_file_range over
+    the data extents only, so sparse files stay sparse."""
     try:
         fcntl.ioctl(dst, FICLONE, src)
         return
@@ -64,21 +65,45 @@ def copy_fd(src: int, dst: int) -> None:
         if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
             raise
     size = os.fstat(src).st_size
-    offset = 0
-    while offset < size:
+    for start, end in data_extents(src, size):
+        _copy_range(src, dst, start, end)
+    os.ftruncate(dst, size)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of a file that hold data (all of it where holes are unknown)."""
+    extents = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            extents.append((start, end))
+            pos = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return [(0, size)] if size else []
+    return extents
+
+
+def _copy_range(src: int, dst: int, offset: int, end: int) -> None:
+    while offset < end:
         try:
-            n = os.copy_file_range(src, dst, size - offset, offset, offset)
+            n = os.copy_file_range(src, dst, end - offset, offset, offset)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             n = 0
         if n == 0:
-            # Fall back to plain reads (some filesystems return 0 instead of an error).
-            while offset < size:
-                chunk = os.pread(src, min(1 << 20, size - offset), offset)
-                if not chunk:
-                    break
-                os.pwrite(dst, chunk, offset)
-                offset += len(chunk)
-            break
+            # Plain reads where copy_file_range can't (some filesystems return 0).
+            chunk = os.pread(src, min(1 << 20, end - offset), offset)
+            if not chunk:
+                raise OSError(errno.EIO, "file shrank while it was copied")
+            n = os.pwrite(dst, chunk, offset)
         offset += n
