@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__, dumpfile, fsverity, imagereader, imagewriter
+from . import __version__, dumpfile, fsverity, imagewriter
 from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
@@ -104,6 +104,8 @@ def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str 
 @click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
 def image_dump(image_path: str) -> None:
     """Print the dumpfile (manifest) of a composefs image."""
+    from . import imagereader
+
     img = imagereader.read_image_file(image_path)
     out = sys.stdout.buffer
     dumpfile.dump(img.root, out)

@@ -74,8 +74,8 @@ class _Node:
         # A symlink's size is its target's length, whatever the input said.
         self.size = len(src.payload or b"") if src.mode & S_IFMT == S_IFLNK else src.size
         self.nlink = src.nlink
-        self.xattrs = dict(src.xattrs)
-        self.xbudget = xattrs_size(self.xattrs)
+        self.xattrs = dict(src.xattrs) if src.xattrs else {}
+        self.xbudget = xattrs_size(self.xattrs) if src.xattrs else 0
         # (name, node, is_hardlink), built in sorted order
         self.children: list[tuple[bytes, _Node, bool]] = []
         self.parent = parent if parent is not None else self

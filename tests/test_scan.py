@@ -1,0 +1,94 @@
+"""Reading a directory tree into the model, and storing its files by digest."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from cfsdeploy import dumpfile, imagewriter
+from cfsdeploy.errors import TreeError
+from cfsdeploy.objects import ObjectStore
+from cfsdeploy.scan import scan
+from cfsdeploy.tree import Hardlink, digest_to_path
+
+
+def fsverity_digest(path) -> bytes:
+    out = subprocess.run(["fsverity", "digest", str(path)], check=True, capture_output=True, text=True)
+    return bytes.fromhex(out.stdout.split()[0].removeprefix("sha256:"))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    top = tmp_path / "tree"
+    (top / "d").mkdir(parents=True)
+    (top / "small").write_bytes(b"x" * 64)
+    (top / "big").write_bytes(b"y" * 65)
+    (top / "empty").write_bytes(b"")
+    (top / "d" / "link").symlink_to("../big")
+    os.link(top / "big", top / "d" / "big-again")
+    os.setxattr(top / "small", "user.note", b"a=b c")
+    return top
+
+
+def test_small_files_are_inlined_and_larger_ones_named_by_digest(tree) -> None:
+    root, _ = scan(tree)
+    small, big = root.children[b"small"], root.children[b"big"]
+    assert small.content == b"x" * 64 and small.payload is None and small.digest is None
+    assert big.content is None
+    assert big.digest == fsverity_digest(tree / "big")
+    assert big.payload == digest_to_path(big.digest)
+    assert root.children[b"empty"].content is None and root.children[b"empty"].size == 0
+
+
+def test_hardlinks_share_the_primary_inode_first_in_sorted_order(tree) -> None:
+    root, _ = scan(tree)
+    again = root.children[b"d"].children[b"big-again"]
+    # "/big" sorts before "/d/big-again" in pre-order, so it is the primary name.
+    assert isinstance(again, Hardlink) and again.target is root.children[b"big"]
+    assert again.target.nlink == 2
+
+
+def test_metadata_is_kept(tree) -> None:
+    root, _ = scan(tree)
+    st = os.lstat(tree / "small")
+    small = root.children[b"small"]
+    assert (small.mode, small.uid, small.gid) == (st.st_mode, st.st_uid, st.st_gid)
+    assert small.mtime_sec * 10**9 + small.mtime_nsec == st.st_mtime_ns
+    assert small.xattrs == {b"user.note": b"a=b c"}
+    assert root.children[b"d"].children[b"link"].payload == b"../big"
+
+
+def test_digest_store_receives_each_object_once(tree, tmp_path) -> None:
+    store = ObjectStore(tmp_path / "objects")
+    os.makedirs(store.path)
+    root, stats = scan(tree, store=store)
+    digest = root.children[b"big"].digest
+    assert stats.objects_written == 1
+    assert open(store.path_of(digest), "rb").read() == b"y" * 65
+    _, again = scan(tree, store=store)
+    assert again.objects_written == 0
+
+
+def test_socket_is_skipped_with_a_warning(tree) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tree / "sock"))
+    warnings: list[str] = []
+    root, stats = scan(tree, warn=warnings.append)
+    s.close()
+    assert b"sock" not in root.children and stats.skipped
+    assert "socket" in warnings[0]
+
+
+def test_missing_tree_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(TreeError, match="cannot read tree"):
+        scan(tmp_path / "nope")
+
+
+def test_scan_gives_the_same_manifest_and_image_twice(tree) -> None:
+    a, _ = scan(tree)
+    b, _ = scan(tree)
+    assert dumpfile.dumps(a) == dumpfile.dumps(b)
+    assert imagewriter.build(a).image == imagewriter.build(b).image
