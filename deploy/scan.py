@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import fsverity
 from .dumpfile import check_xattr, check_xattrs_budget
@@ -71,36 +71,41 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
     root.children = {}
     root.size = 0
     seen: dict[tuple[int, int], Inode] = {}
-    stack: list[tuple[bytes, Inode]] = [(top_b, root)]
+    # Depth-first in sorted pre-order, so the first name of a hardlinked file in
+    # manifest order is its primary one.
+    stack: list[tuple[bytes, Inode, Iterator[bytes]]] = [(top_b, root, iter(_listdir(top_b)))]
     while stack:
-        dirpath, dirnode = stack.pop()
+        dirpath, dirnode, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        path = dirpath + b"/" + name
         try:
-            names = sorted(os.listdir(dirpath))
+            check_name(name)
+            entry = _scan_one(path, seen, store, stats)
         except OSError as e:
-            raise TreeError(f"cannot list {os.fsdecode(dirpath)}: {e.strerror}") from None
-        subdirs = []
-        for name in names:
-            path = dirpath + b"/" + name
-            try:
-                check_name(name)
-                entry = _scan_one(path, seen, store, stats)
-            except OSError as e:
-                raise TreeError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
-            except TreeError as e:
-                raise TreeError(f"{os.fsdecode(path)}: {e}") from None
-            if entry is None:
-                warn(f"warning: skipping socket {os.fsdecode(path)}")
-                stats.skipped.append(path)
-                continue
-            dirnode.children[name] = entry  # type: ignore[index]
-            stats.entries += 1
-            if isinstance(entry, Inode) and entry.children is not None:
-                subdirs.append((path, entry))
-            if progress is not None:
-                progress(stats)
-        # Reversed so the stack pops directories in sorted pre-order.
-        stack.extend(reversed(subdirs))
+            raise TreeError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
+        except TreeError as e:
+            raise TreeError(f"{os.fsdecode(path)}: {e}") from None
+        if entry is None:
+            warn(f"warning: skipping socket {os.fsdecode(path)}")
+            stats.skipped.append(path)
+            continue
+        dirnode.children[name] = entry  # type: ignore[index]
+        stats.entries += 1
+        if progress is not None:
+            progress(stats)
+        if isinstance(entry, Inode) and entry.children is not None:
+            stack.append((path, entry, iter(_listdir(path))))
     return root, stats
+
+
+def _listdir(path: bytes) -> list[bytes]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError as e:
+        raise TreeError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
 
 
 def _scan_one(path: bytes, seen: dict[tuple[int, int], Inode], store: ObjectStore | None,

@@ -92,3 +92,15 @@ def test_scan_gives_the_same_manifest_and_image_twice(tree) -> None:
     b, _ = scan(tree)
     assert dumpfile.dumps(a) == dumpfile.dumps(b)
     assert imagewriter.build(a).image == imagewriter.build(b).image
+
+
+def test_hardlink_primary_is_first_in_preorder_not_first_listed(tmp_path) -> None:
+    top = tmp_path / "t"
+    (top / "h" / "a").mkdir(parents=True)
+    (top / "h" / "third").write_bytes(b"z" * 100)
+    os.link(top / "h" / "third", top / "h" / "a" / "first")
+    root, _ = scan(top)
+    h = root.children[b"h"]
+    # Pre-order visits /h/a/first before /h/third.
+    assert isinstance(h.children[b"third"], Hardlink)
+    assert h.children[b"third"].target is h.children[b"a"].children[b"first"]
