@@ -28,6 +28,12 @@ echo "== manifest (composefs dumpfile) of the image"
 echo "== mounting on $mnt"
 "$cfs" image mount "$image" "$mnt" --basedir "$objects"
 trap 'umount "$mnt" 2>/dev/null || true' EXIT
-diff -r --no-dereference "$tree" "$mnt" && echo "== mounted tree matches the source"
+# Every path's metadata, then every regular file's bytes.
+# (Directory sizes are filesystem-specific and left out.)
+meta() { (cd "$1" && { find . -type d -printf '%p %y %m %U %G %n %T@\n';
+                       find . ! -type d -printf '%p %y %m %U %G %n %T@ %l %s\n'; } | sort); }
+diff <(meta "$tree") <(meta "$mnt")
+diff -r --no-dereference --exclude=fifo "$tree" "$mnt"
+echo "== mounted tree matches the source: metadata and content"
 ls -l "$mnt/usr/bin"
 getfattr -n user.comment "$mnt/etc/hostname"
