@@ -21,13 +21,17 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644) -> None:
-    """Create `path` atomically: `write(fd)` fills a temp file beside it, which is
-    fsynced and renamed over `path`, then the directory is fsynced.  On any error
-    the temp file is removed and `path` is untouched."""
+def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644,
+                 tmpdir: PathLike | None = None,
+                 before_rename: Callable[[str], None] | None = None) -> None:
+    """Create `path` atomically: `write(fd)` fills a temp file (beside it, or in
+    `tmpdir` on the same filesystem), which is fsynced, handed to `before_rename`
+    (e.g. to enable fs-verity), renamed over `path`, and the directory fsynced.
+    On any error the temp file is removed and `path` is untouched."""
     path = os.fsdecode(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:32]}.", suffix=".tmp",
+                               dir=os.fsdecode(tmpdir) if tmpdir is not None else directory)
     try:
         try:
             write(fd)
@@ -35,6 +39,8 @@ def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_rename is not None:
+            before_rename(tmp)
         os.rename(tmp, path)
     except BaseException:
         try:

@@ -9,11 +9,10 @@ under a valid name.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable
 
 from . import fsverity
-from .fsutil import copy_fd, fsync_dir
+from .fsutil import atomic_write, copy_fd
 from .tree import digest_to_path
 
 PathLike = str | bytes | os.PathLike[str]
@@ -52,28 +51,15 @@ class ObjectStore:
         dest = self.path_of(digest)
         if os.path.exists(dest):
             return False
-        subdir = os.path.dirname(dest)
-        os.makedirs(subdir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=self.tmpdir)
-        try:
-            try:
-                fill(fd)
-                os.fchmod(fd, 0o644)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # fs-verity needs a file with no writers; enable it before the object is visible.
-            rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fsverity.try_enable_verity(rfd)
-            finally:
-                os.close(rfd)
-            os.rename(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fsync_dir(subdir)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        atomic_write(dest, fill, tmpdir=self.tmpdir, before_rename=_enable_verity)
         return True
+
+
+def _enable_verity(path: str) -> None:
+    # fs-verity needs a file with no writers; enable it before the object is visible.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fsverity.try_enable_verity(fd)
+    finally:
+        os.close(fd)

@@ -71,28 +71,25 @@ def test_digest_ignores_the_file_offset(tmp_path) -> None:
         os.close(fd)
 
 
-def test_enable_verity_reports_a_filesystem_without_support(tmp_path) -> None:
+@pytest.fixture
+def one_byte_fd(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"x")
     fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fsverity.enable_verity(fd)
-        except VerityError as e:
-            assert "fs-verity" in str(e)
-            assert fsverity.try_enable_verity(fd) is False
-        else:  # a filesystem with fs-verity: the kernel's measurement must agree
-            assert fsverity.measure_verity(fd) == fsverity.digest_bytes(b"x")
-    finally:
-        os.close(fd)
+    yield fd
+    os.close(fd)
 
 
-def test_measure_without_verity_is_a_clear_error(tmp_path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"x")
-    fd = os.open(path, os.O_RDONLY)
+def test_enable_verity_reports_a_filesystem_without_support(one_byte_fd: int) -> None:
     try:
-        with pytest.raises(VerityError, match="fs-verity"):
-            fsverity.measure_verity(fd)
-    finally:
-        os.close(fd)
+        fsverity.enable_verity(one_byte_fd)
+    except VerityError as e:
+        assert "fs-verity" in str(e)
+        assert fsverity.try_enable_verity(one_byte_fd) is False
+    else:  # a filesystem with fs-verity: the kernel's measurement must agree
+        assert fsverity.measure_verity(one_byte_fd) == fsverity.digest_bytes(b"x")
+
+
+def test_measure_without_verity_is_a_clear_error(one_byte_fd: int) -> None:
+    with pytest.raises(VerityError, match="fs-verity"):
+        fsverity.measure_verity(one_byte_fd)
