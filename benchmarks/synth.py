@@ -15,7 +15,12 @@ def synthetic_dump(entries: int, seed: int = 1) -> bytes:
     dirs = [b""]
     n = 1
     while n < entries:
-        parent = dirs[rng.randrange(len(dirs))] if len(dirs) < 8 else dirs[-rng.randrange(1, 8)]
+        # Mostly recent directories, as a real tree is filled, but no deeper than 8.
+        parent = dirs[-rng.randrange(1, min(len(dirs), 50) + 1)]
+        if parent.count(b"/") >= 8:
+            parent = dirs[rng.randrange(len(dirs))]
+            if parent.count(b"/") >= 8:
+                parent = b""
         for i in range(25):
             if n >= entries:
                 break

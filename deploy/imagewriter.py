@@ -15,7 +15,9 @@ The layout decisions that fix the bytes (see REFERENCE-NOTES section 8):
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterable
 
 from . import erofs as E
@@ -309,10 +311,7 @@ class _Layout:
         self._inodes()
 
     def _shared_xattrs(self) -> None:
-        counts: dict[tuple[bytes, bytes], int] = {}
-        for node in self.nodes:
-            for kv in node.xattrs.items():
-                counts[kv] = counts.get(kv, 0) + 1
+        counts = Counter(chain.from_iterable(node.xattrs.items() for node in self.nodes))
         shared = [kv for kv, n in counts.items() if n > 1]
         # Descending by key, then longer value first, then value bytes descending.
         shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
@@ -323,21 +322,21 @@ class _Layout:
             pos += _entry_size(*kv)
         self.shared_table = shared
         self.shared_size = pos
-        self.shared_offsets = offsets
+        limit = E.XATTR_LONG_PREFIX
         for node in self.nodes:
-            node.shared = []
-            node.inline = []
+            if not node.xattrs:
+                node.xattr_size = 0
+                continue
+            node.shared = shared_offs = []
+            node.inline = inline = []
             for kv in sorted(node.xattrs.items()):
                 off = offsets.get(kv)
-                if off is not None and len(node.shared) < E.XATTR_LONG_PREFIX:
-                    node.shared.append(off)
+                if off is not None and len(shared_offs) < limit:
+                    shared_offs.append(off)
                 else:
-                    node.inline.append(kv)
-            if node.shared or node.inline:
-                size = 12 + 4 * len(node.shared) + sum(_entry_size(*kv) for kv in node.inline)
-                node.xattr_size = E.round_up(size, 4)
-            else:
-                node.xattr_size = 0
+                    inline.append(kv)
+            size = 12 + 4 * len(shared_offs) + sum(_entry_size(*kv) for kv in inline)
+            node.xattr_size = E.round_up(size, 4)
 
     def _data_shape(self, node: _Node) -> None:
         ftype = node.mode & S_IFMT
