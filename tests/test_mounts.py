@@ -229,8 +229,12 @@ def test_mounted_composefs_leaves_nothing_behind(small_image: Path, tmp_path: Pa
     with mounted_composefs(small_image, tmp_path) as root:
         assert loops_backed_by(small_image)
     assert not root.exists()
+    assert_nothing_left(small_image, private_tmp)
+
+
+def assert_nothing_left(image: Path, private_tmp: Path) -> None:
     assert mounts_under(private_tmp) == []
-    assert loops_backed_by(small_image) == []
+    assert loops_backed_by(image) == []
     assert list(private_tmp.iterdir()) == []
 
 
@@ -239,9 +243,7 @@ def test_mounted_composefs_cleans_up_when_the_body_raises(
 ) -> None:
     with pytest.raises(RuntimeError), mounted_composefs(small_image, tmp_path):
         raise RuntimeError("boom")
-    assert mounts_under(private_tmp) == []
-    assert loops_backed_by(small_image) == []
-    assert list(private_tmp.iterdir()) == []
+    assert_nothing_left(small_image, private_tmp)
 
 
 def test_mounted_composefs_detaches_lazily_while_a_file_is_open(
