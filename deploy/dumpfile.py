@@ -12,6 +12,7 @@ but devices, and a symlink SIZE equal to its target's length.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import IO, Iterable
 
 from .errors import DumpfileError, TreeError
@@ -156,6 +157,12 @@ _NUMBERS = re.compile(rb"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+)\.([0-9]+)"
 _DIGEST = re.compile(rb"[0-9a-fA-F]{%d}" % (2 * DIGEST_SIZE))
 
 
+@lru_cache(maxsize=4096)
+def _unescape_value(value: bytes) -> bytes:
+    # xattr values (SELinux labels above all) repeat on most lines.
+    return unescape(value)
+
+
 def _optional(field: bytes) -> bytes | None:
     return None if field == b"-" else unescape(field)
 
@@ -245,12 +252,14 @@ class _Parser:
                 raise ValueError(f"invalid mtime {fields[7].decode('latin-1')!r}: expected SEC.NSEC")
             mtime_sec = _int(sec, "mtime seconds")
             mtime_nsec = _int(nsec, "mtime nanoseconds")
-        for value, what, limit in ((nlink, "nlink", 0xFFFFFFFF), (uid, "uid", 0xFFFFFFFF),
-                                   (gid, "gid", 0xFFFFFFFF), (size, "size", 2**64 - 1),
-                                   (rdev, "rdev", 2**64 - 1), (mtime_sec, "mtime", 2**63 - 1),
-                                   (mtime_nsec, "mtime nanoseconds", 999_999_999)):
-            if value > limit:
-                raise ValueError(f"{what} out of range: {value}")
+        if (nlink | uid | gid) > 0xFFFFFFFF or (size | rdev) >= 2**64 or mtime_sec >= 2**63 \
+                or mtime_nsec > 999_999_999:
+            for value, what, limit in ((nlink, "nlink", 0xFFFFFFFF), (uid, "uid", 0xFFFFFFFF),
+                                       (gid, "gid", 0xFFFFFFFF), (size, "size", 2**64 - 1),
+                                       (rdev, "rdev", 2**64 - 1), (mtime_sec, "mtime", 2**63 - 1),
+                                       (mtime_nsec, "mtime nanoseconds", 999_999_999)):
+                if value > limit:
+                    raise ValueError(f"{what} out of range: {value}")
         payload = _optional(fields[8])
         content = _optional(fields[9])
         digest_field = _optional(fields[10])
@@ -303,11 +312,15 @@ class _Parser:
                 key, eq, value = item.partition(b"=")
                 if not eq:
                     raise ValueError(f"missing '=' in xattr {item[:60]!r}")
-                key, value = unescape(key), unescape(value)
-                try:
-                    check_xattr(key, value)
-                except TreeError as e:
-                    raise ValueError(str(e)) from None
+                if b"\\" in key:
+                    key = unescape(key)
+                if b"\\" in value:
+                    value = _unescape_value(value)
+                if not key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX or b"\0" in key:
+                    try:
+                        check_xattr(key, value)
+                    except TreeError as e:
+                        raise ValueError(str(e)) from None
                 old = node.xattrs.pop(key, None)
                 if old is not None:
                     budget = budget - xattr_cost(key, old) if node.xattrs else 0
