@@ -132,6 +132,47 @@ def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) ->
     mounts.mount_composefs(image_path, mountpoint, basedir, verity=verity)
 
 
+# --- repository -----------------------------------------------------------------------
+
+repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH",
+                           envvar="CFSDEPLOY_REPO", help="The repository (or $CFSDEPLOY_REPO).")
+
+
+@main.command()
+@repo_option
+def init(repo_path: str) -> None:
+    """Create a repository at PATH (refuses to clobber an existing one)."""
+    from .repository import Repository
+
+    Repository.init(repo_path)
+    click.echo(f"initialized repository {os.path.abspath(repo_path)}")
+
+
+@main.command()
+@repo_option
+@click.option("--tree", required=True, metavar="DIR", help="The root filesystem tree to commit.")
+@click.option("--branch", "-b", required=True, help="Branch to move, e.g. debian/13/x86_64/stable.")
+@click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
+@click.option("--body", help="Longer description.")
+@click.option("--version", "os_version", help="Human version of this OS build (Cfsdeploy-Version).")
+@click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
+@click.option("--orphan", is_flag=True, help="Start a history with no parent.")
+@click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for another writer.")
+def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
+           os_version: str | None, parent: str | None, orphan: bool, wait_lock: float) -> None:
+    """Commit a root filesystem tree to a branch; print the commit id."""
+    from .repository import Repository
+
+    if parent and orphan:
+        raise click.UsageError("--parent and --orphan exclude each other")
+    repo = Repository(repo_path)
+    with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
+        result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
+                             orphan=orphan, warn=lambda m: click.echo(m, err=True))
+    click.echo(result.commit)
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -156,8 +197,6 @@ def sysroot() -> None:
 
 
 _PLANNED: list[tuple[click.Group, str, str]] = [
-    (main, "init", "Create a repository."),
-    (main, "commit", "Commit a root filesystem tree to a branch."),
     (main, "log", "Show the history of a branch."),
     (main, "show", "Show a commit."),
     (main, "ls", "List the files of a commit."),

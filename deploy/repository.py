@@ -1,0 +1,214 @@
+"""The repository: objects by fs-verity digest, manifests in git commits, refs.
+
+    REPO/config.toml   settings (TOML, for humans)
+    REPO/git/          bare git repository: commits, manifests, refs, tags
+    REPO/objects/      file contents and images, XX/YYYY... by digest
+    REPO/tmp/          staging on the same filesystem, so renames are atomic
+    REPO/lock          flock()ed by writers
+
+A commit's tree holds one file, manifest.dump; its message ends in trailers
+naming the image digest and format (see ARCHITECTURE.md, "Commit").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pygit2
+
+from . import dumpfile, fsverity, imagewriter
+from .errors import CfsError
+from .fsutil import fsync_dir
+from .objects import ObjectStore
+from .scan import ScanStats, scan
+
+MANIFEST = "manifest.dump"
+TRAILER_DIGEST = "Composefs-Digest"
+TRAILER_FORMAT = "Composefs-Format"
+TRAILER_VERSION = "Cfsdeploy-Version"
+DEFAULT_AUTHOR = ("cfsdeploy", "cfsdeploy@localhost")
+CONFIG_TEMPLATE = """\
+# cfsdeploy repository settings
+[core]
+repo-version = 1
+"""
+
+# Refs, objects and packs are fsynced by libgit2 before they are renamed into place.
+pygit2.option(pygit2.enums.Option.ENABLE_FSYNC_GITDIR, True)
+
+
+class RepositoryError(CfsError):
+    pass
+
+
+class LockedError(RepositoryError):
+    pass
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    commit: str
+    image_digest: str
+    branch: str
+    stats: ScanStats
+
+
+class Repository:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        for part in ("config.toml", "git", "objects", "tmp"):
+            if not os.path.exists(os.path.join(self.path, part)):
+                raise RepositoryError(f"not a cfsdeploy repository: {self.path} (no {part})")
+        self.git = pygit2.Repository(os.path.join(self.path, "git"))
+        self.objects = ObjectStore(os.path.join(self.path, "objects"), os.path.join(self.path, "tmp"))
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str]) -> Repository:
+        """Create a repository at path; refuses to touch anything that exists there.
+
+        It is built in a temporary sibling and renamed into place, so a crash leaves
+        either nothing or a whole repository."""
+        path = os.path.abspath(os.fspath(path))
+        if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise RepositoryError(f"refusing to create a repository over existing {path}")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.init-", dir=parent)
+        try:
+            for sub in ("objects", "tmp"):
+                os.mkdir(os.path.join(staging, sub))
+            pygit2.init_repository(os.path.join(staging, "git"), bare=True)
+            with open(os.path.join(staging, "config.toml"), "w") as f:
+                f.write(CONFIG_TEMPLATE)
+                f.flush()
+                os.fsync(f.fileno())
+            open(os.path.join(staging, "lock"), "w").close()
+            os.chmod(staging, 0o755)
+            if os.path.isdir(path):
+                os.rmdir(path)  # empty, checked above
+            os.rename(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        return cls(path)
+
+    @contextlib.contextmanager
+    def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the repository's writer lock; wait up to `wait` seconds for it."""
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"repository {self.path} is locked by another cfsdeploy process")
+                if not told and on_wait is not None:
+                    on_wait()
+                    told = True
+                time.sleep(0.1)
+            self._clean_tmp()
+            yield
+        finally:
+            os.close(fd)
+
+    def _clean_tmp(self) -> None:
+        # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.
+        tmp = os.path.join(self.path, "tmp")
+        for name in os.listdir(tmp):
+            p = os.path.join(tmp, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+
+    def resolve(self, rev: str) -> pygit2.Commit:
+        try:
+            obj = self.git.revparse_single(rev)
+            commit = obj.peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError):
+            raise RepositoryError(f"unknown revision {rev!r}") from None
+        return commit
+
+    def branch_head(self, branch: str) -> pygit2.Commit | None:
+        ref = self.git.references.get(f"refs/heads/{branch}")
+        return None if ref is None else self.git[ref.target].peel(pygit2.Commit)
+
+    def commit(self, tree: str | os.PathLike[str], branch: str, subject: str, *,
+               body: str | None = None, version: str | None = None, parent: str | None = None,
+               orphan: bool = False, author: tuple[str, str] = DEFAULT_AUTHOR,
+               warn: Callable[[str], None] | None = None) -> CommitResult:
+        """Store a tree's objects, its manifest and image, and move `branch` to a new commit."""
+        _check_branch(branch)
+        if not subject.strip() or "\n" in subject:
+            raise RepositoryError("the subject must be one non-empty line")
+        kw = {"warn": warn} if warn is not None else {}
+        root, stats = scan(os.fspath(tree), store=self.objects, **kw)
+        manifest = dumpfile.dumps(root)
+        built = imagewriter.build(root)
+        image_digest = self.objects.add_bytes(built.image)
+        if orphan:
+            parents = []
+        elif parent is not None:
+            parents = [self.resolve(parent).id]
+        else:
+            head = self.branch_head(branch)
+            parents = [head.id] if head is not None else []
+        trailers = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {built.version}"]
+        if version:
+            trailers.append(f"{TRAILER_VERSION}: {version}")
+        message = subject.strip() + "\n\n"
+        if body and body.strip():
+            message += body.strip() + "\n\n"
+        message += "\n".join(trailers) + "\n"
+        blob = self.git.create_blob(manifest)
+        builder = self.git.TreeBuilder()
+        builder.insert(MANIFEST, blob, pygit2.enums.FileMode.BLOB)
+        tree_id = builder.write()
+        when = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+        sig = pygit2.Signature(author[0], author[1], when, 0)
+        commit_id = self.git.create_commit(None, sig, sig, message, tree_id, parents)
+        self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
+        return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
+
+
+def _check_branch(branch: str) -> None:
+    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+        raise RepositoryError(f"invalid branch name {branch!r}")
+
+
+def trailers(message: str) -> dict[str, str]:
+    """The trailers of a commit message (last paragraph, `Key: value` lines)."""
+    last = message.rstrip("\n").split("\n\n")[-1]
+    out = {}
+    for line in last.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key] = value
+    return out
+
+
+def image_digest_of(commit: pygit2.Commit) -> bytes:
+    value = trailers(commit.message).get(TRAILER_DIGEST, "")
+    try:
+        digest = bytes.fromhex(value)
+    except ValueError:
+        digest = b""
+    if len(digest) != fsverity.HASH_SIZE:
+        raise RepositoryError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
+    return digest

@@ -1,0 +1,155 @@
+"""The repository: init, and commits of trees as objects, manifest, image and git history."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from cfsdeploy import dumpfile, fsverity
+from cfsdeploy.cli import main
+from cfsdeploy.repository import (
+    LockedError,
+    Repository,
+    RepositoryError,
+    image_digest_of,
+    trailers,
+)
+from cfsdeploy.scan import scan
+
+
+@pytest.fixture
+def tree(tmp_path):
+    top = tmp_path / "tree"
+    (top / "usr" / "bin").mkdir(parents=True)
+    (top / "etc").mkdir()
+    (top / "etc" / "hostname").write_text("box\n")
+    (top / "usr" / "bin" / "tool").write_bytes(os.urandom(100_000))
+    return top
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+def git(repo: Repository, *args: str) -> str:
+    return subprocess.run(["git", "--git-dir", os.path.join(repo.path, "git"), *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_init_lays_out_the_repository(repo: Repository) -> None:
+    assert sorted(os.listdir(repo.path)) == ["config.toml", "git", "lock", "objects", "tmp"]
+
+
+def test_init_refuses_to_clobber(tmp_path, repo: Repository) -> None:
+    with pytest.raises(RepositoryError, match="refusing"):
+        Repository.init(repo.path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RepositoryError, match="refusing"):
+        Repository.init(tmp_path / "file")
+
+
+def test_opening_a_non_repository_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(RepositoryError, match="not a cfsdeploy repository"):
+        Repository(tmp_path)
+
+
+def test_commit_stores_manifest_image_and_trailers(repo: Repository, tree) -> None:
+    result = repo.commit(tree, "os/stable", "First build", body="Details.", version="1.0")
+    commit = repo.resolve("os/stable")
+    assert str(commit.id) == result.commit
+    manifest = commit.tree["manifest.dump"].data
+    assert manifest == dumpfile.dumps(scan(tree)[0])
+    t = trailers(commit.message)
+    assert t["Composefs-Format"] == "0" and t["Cfsdeploy-Version"] == "1.0"
+    digest = image_digest_of(commit)
+    image = repo.objects.path_of(digest)
+    assert fsverity.digest_file(image) == digest
+    assert commit.message.startswith("First build\n\nDetails.\n\n")
+
+
+def test_git_cli_reads_the_history(repo: Repository, tree) -> None:
+    repo.commit(tree, "os/stable", "one")
+    (tree / "etc" / "hostname").write_text("other\n")
+    second = repo.commit(tree, "os/stable", "two").commit
+    log = git(repo, "log", "--format=%H %s", "os/stable").splitlines()
+    assert log[0] == f"{second} two" and log[1].endswith(" one")
+    assert "Composefs-Digest:" in git(repo, "show", "-s", "os/stable")
+    git(repo, "fsck", "--strict")
+
+
+def test_every_file_object_is_in_the_store(repo: Repository, tree) -> None:
+    repo.commit(tree, "b", "s")
+    digest = fsverity.digest_file(tree / "usr" / "bin" / "tool")
+    with open(repo.objects.path_of(digest), "rb") as f:
+        assert f.read() == (tree / "usr" / "bin" / "tool").read_bytes()
+
+
+def test_recommitting_an_unchanged_tree_writes_no_objects(repo: Repository, tree) -> None:
+    repo.commit(tree, "b", "one")
+    assert repo.commit(tree, "b", "two").stats.objects_written == 0
+
+
+def test_same_tree_and_epoch_give_the_same_commit_id(tmp_path, tree, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = Repository.init(tmp_path / "a").commit(tree, "b", "s").commit
+    b = Repository.init(tmp_path / "b").commit(tree, "b", "s").commit
+    assert a == b
+
+
+def test_orphan_and_explicit_parent(repo: Repository, tree) -> None:
+    first = repo.commit(tree, "b", "one").commit
+    orphan = repo.commit(tree, "b", "two", orphan=True).commit
+    assert repo.resolve(orphan).parents == []
+    child = repo.commit(tree, "c", "three", parent=first).commit
+    assert str(repo.resolve(child).parents[0].id) == first
+
+
+def test_bad_branch_name_and_missing_tree_move_no_ref(repo: Repository, tree, tmp_path) -> None:
+    with pytest.raises(RepositoryError, match="invalid branch"):
+        repo.commit(tree, "bad..name", "s")
+    with pytest.raises(Exception, match="cannot read tree"):
+        repo.commit(tmp_path / "missing", "b", "s")
+    assert repo.branch_head("b") is None
+
+
+def test_second_writer_fails_with_a_clear_message(repo: Repository) -> None:
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with Repository(repo.path).lock():
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    try:
+        with pytest.raises(LockedError, match="locked by another"):
+            with repo.lock(wait=0.2):
+                pass
+    finally:
+        release.set()
+        t.join()
+
+
+def test_lock_clears_stale_temp_files(repo: Repository) -> None:
+    stale = os.path.join(repo.path, "tmp", ".obj-left-by-a-crash")
+    open(stale, "w").close()
+    with repo.lock():
+        assert not os.path.exists(stale)
+
+
+def test_cli_init_and_commit_print_the_commit_id(tmp_path, tree) -> None:
+    runner = CliRunner()
+    r = runner.invoke(main, ["init", "--repo", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["commit", "--repo", str(tmp_path / "r"), "--tree", str(tree),
+                             "--branch", "os/x", "-m", "hello"])
+    assert r.exit_code == 0, r.output
+    assert str(Repository(tmp_path / "r").resolve("os/x").id) == r.output.strip()
