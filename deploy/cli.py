@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import sys
-from typing import Any, NoReturn
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__, dumpfile, fsverity, imagewriter
 from .errors import CfsError
 from .fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .repository import CommitInfo, Repository
 
 EXIT_NOT_IMPLEMENTED = 2
 
@@ -162,15 +168,138 @@ def init(repo_path: str) -> None:
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, parent: str | None, orphan: bool, wait_lock: float) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
-    from .repository import Repository
-
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
-    repo = Repository(repo_path)
+    repo = _open_repo(repo_path)
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
                              orphan=orphan, warn=lambda m: click.echo(m, err=True))
     click.echo(result.commit)
+
+
+def _open_repo(path: str) -> Repository:
+    from .repository import Repository
+
+    return Repository(path)
+
+
+def _print_commit(info: CommitInfo, *, full: bool) -> None:
+    when = datetime.fromtimestamp(info.timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    click.echo(f"commit {info.id}")
+    click.echo(f"Date:    {when}")
+    if full:
+        click.echo(f"Author:  {info.author}")
+    if info.version:
+        click.echo(f"Version: {info.version}")
+    if info.image_digest:
+        click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
+    click.echo(f"\n    {info.subject}")
+    if full and info.body:
+        click.echo("")
+        for line in info.body.splitlines():
+            click.echo(f"    {line}")
+    click.echo("")
+
+
+@main.command()
+@repo_option
+@click.argument("rev", required=False, default="HEAD")
+@click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def log(repo_path: str, rev: str, max_count: int | None, as_json: bool) -> None:
+    """Show the history of REV (a branch, tag or commit), newest first."""
+    from .repository import history
+
+    commits = history(_open_repo(repo_path), rev, max_count)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in commits], indent=2))
+        return
+    for info in commits:
+        _print_commit(info, full=False)
+
+
+@main.command()
+@repo_option
+@click.argument("rev")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def show(repo_path: str, rev: str, as_json: bool) -> None:
+    """Show one commit: id, author, version, image digest, message."""
+    from .repository import commit_info
+
+    info = commit_info(_open_repo(repo_path).resolve(rev))
+    if as_json:
+        click.echo(json.dumps(info.to_json() | {"body": info.body}, indent=2))
+    else:
+        _print_commit(info, full=True)
+
+
+@main.command()
+@repo_option
+def refs(repo_path: str) -> None:
+    """List branches, tags and remote branches with their commits."""
+    from .repository import list_refs
+
+    for name, target in list_refs(_open_repo(repo_path)):
+        click.echo(f"{target} {name}")
+
+
+@main.command()
+@repo_option
+@click.argument("name")
+@click.argument("rev")
+@click.option("--force", is_flag=True, help="Move an existing tag.")
+def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
+    """Tag the commit REV as NAME."""
+    from .repository import create_tag
+
+    repo = _open_repo(repo_path)
+    with repo.lock(wait=60):
+        click.echo(create_tag(repo, name, rev, force=force))
+
+
+@main.command("ls")
+@repo_option
+@click.argument("rev")
+@click.argument("path", required=False, default="/")
+@click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
+def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
+    """List the files of a commit under PATH, with mode, owner and size."""
+    from .repository import RepositoryError, manifest_of
+    from .tree import Hardlink, lookup, walk
+
+    root = manifest_of(_open_repo(repo_path), rev)
+    top = lookup(root, os.fsencode(path))
+    if top is None:
+        raise RepositoryError(f"{path}: no such file in {rev}")
+    prefix = os.fsencode(path).rstrip(b"/")
+    node = top.target if isinstance(top, Hardlink) else top
+    if node.children is None:
+        entries = [(prefix, top)]
+    else:
+        entries = [(prefix + p, e) for p, e in walk(node) if p != b"/"]
+        if not recursive:
+            entries = [(p, e) for p, e in entries if p.count(b"/") == prefix.count(b"/") + 1]
+    out = sys.stdout.buffer
+    for p, e in entries:
+        n = e.target if isinstance(e, Hardlink) else e
+        line = b"%s %5d %5d %10d %s" % (stat.filemode(n.mode).encode(), n.uid, n.gid, n.size, p)
+        if n.is_symlink():
+            line += b" -> " + (n.payload or b"")
+        out.write(line + b"\n")
+    out.flush()
+
+
+@main.command()
+@repo_option
+@click.argument("rev")
+@click.argument("path")
+def cat(repo_path: str, rev: str, path: str) -> None:
+    """Print the content of the file PATH in commit REV (checked against its digest)."""
+    from .repository import read_file
+
+    data = read_file(_open_repo(repo_path), rev, path)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 # --- commands planned for later issues ------------------------------------------------
@@ -197,14 +326,8 @@ def sysroot() -> None:
 
 
 _PLANNED: list[tuple[click.Group, str, str]] = [
-    (main, "log", "Show the history of a branch."),
-    (main, "show", "Show a commit."),
-    (main, "ls", "List the files of a commit."),
-    (main, "cat", "Print a file of a commit."),
     (main, "diff", "Compare two commits."),
     (main, "checkout", "Materialize a commit's tree in a directory."),
-    (main, "refs", "List branches and tags."),
-    (main, "tag", "Tag a commit."),
     (main, "verify", "Check a commit's signature."),
     (main, "fsck", "Check the repository's objects and commits."),
     (main, "prune", "Remove unreachable objects."),

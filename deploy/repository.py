@@ -29,6 +29,8 @@ from .errors import CfsError
 from .fsutil import fsync_dir
 from .objects import ObjectStore
 from .scan import ScanStats, scan
+from .tree import Inode, lookup
+from .tree import resolve as resolve_entry
 
 MANIFEST = "manifest.dump"
 TRAILER_DIGEST = "Composefs-Digest"
@@ -212,3 +214,95 @@ def image_digest_of(commit: pygit2.Commit) -> bytes:
     if len(digest) != fsverity.HASH_SIZE:
         raise RepositoryError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
     return digest
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    id: str
+    subject: str
+    body: str
+    version: str | None
+    timestamp: int
+    author: str
+    parents: list[str]
+    image_digest: str | None
+    image_format: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"commit": self.id, "subject": self.subject, "version": self.version,
+                "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
+                "image_digest": self.image_digest, "image_format": self.image_format}
+
+
+def commit_info(commit: pygit2.Commit) -> CommitInfo:
+    t = trailers(commit.message)
+    paragraphs = commit.message.rstrip("\n").split("\n\n")
+    body = "\n\n".join(paragraphs[1:-1]) if t and len(paragraphs) > 2 else ""
+    fmt = t.get(TRAILER_FORMAT)
+    return CommitInfo(
+        id=str(commit.id), subject=paragraphs[0], body=body, version=t.get(TRAILER_VERSION),
+        timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
+        parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
+        image_format=int(fmt) if fmt and fmt.isdigit() else None)
+
+
+def history(repo: Repository, rev: str, limit: int | None = None) -> list[CommitInfo]:
+    """Commits reachable from rev, newest first (first-parent order)."""
+    out = []
+    commit: pygit2.Commit | None = repo.resolve(rev)
+    while commit is not None and (limit is None or len(out) < limit):
+        out.append(commit_info(commit))
+        commit = commit.parents[0] if commit.parents else None
+    return out
+
+
+def list_refs(repo: Repository) -> list[tuple[str, str]]:
+    """(ref name, commit id) for branches, tags and remote branches, sorted by name."""
+    out = []
+    for name in sorted(repo.git.references):
+        if name.startswith(("refs/heads/", "refs/tags/", "refs/remotes/")):
+            target = repo.git.references[name].peel(pygit2.Commit)
+            out.append((name, str(target.id)))
+    return out
+
+
+def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
+    ref = f"refs/tags/{name}"
+    if not pygit2.reference_is_valid_name(ref):
+        raise RepositoryError(f"invalid tag name {name!r}")
+    if ref in repo.git.references and not force:
+        raise RepositoryError(f"tag {name!r} already exists")
+    commit = repo.resolve(rev)
+    repo.git.references.create(ref, commit.id, force=force)
+    return str(commit.id)
+
+
+def manifest_of(repo: Repository, rev: str) -> Inode:
+    commit = repo.resolve(rev)
+    try:
+        blob = commit.tree[MANIFEST]
+    except KeyError:
+        raise RepositoryError(f"commit {commit.id} has no {MANIFEST}") from None
+    return dumpfile.parse(blob.data)
+
+
+def read_file(repo: Repository, rev: str, path: str) -> bytes:
+    """The content of a regular file in a commit, from its inline data or its object."""
+    entry = lookup(manifest_of(repo, rev), os.fsencode(path))
+    if entry is None:
+        raise RepositoryError(f"{path}: no such file in {rev}")
+    node = resolve_entry(entry)
+    if not node.is_reg():
+        raise RepositoryError(f"{path}: not a regular file")
+    if node.content is not None or node.size == 0:
+        return node.content or b""
+    if node.digest is None:
+        raise RepositoryError(f"{path}: the manifest names no object for this file")
+    try:
+        with open(repo.objects.path_of(node.digest), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RepositoryError(f"{path}: object {node.digest.hex()} is missing (run fsck, or pull)") from None
+    if fsverity.digest_bytes(data) != node.digest:
+        raise RepositoryError(f"{path}: object {node.digest.hex()} is corrupt (run fsck)")
+    return data

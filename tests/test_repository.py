@@ -15,6 +15,7 @@ from cfsdeploy.repository import (
     LockedError,
     Repository,
     RepositoryError,
+    history,
     image_digest_of,
     trailers,
 )
@@ -153,3 +154,74 @@ def test_cli_init_and_commit_print_the_commit_id(tmp_path, tree) -> None:
                              "--branch", "os/x", "-m", "hello"])
     assert r.exit_code == 0, r.output
     assert str(Repository(tmp_path / "r").resolve("os/x").id) == r.output.strip()
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+@pytest.fixture
+def history_repo(repo: Repository, tree, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    repo.commit(tree, "os/stable", "First", version="1.0")
+    (tree / "etc" / "hostname").write_text("second\n")
+    os.symlink("hostname", tree / "etc" / "name-link")
+    repo.commit(tree, "os/stable", "Second", body="More text.", version="1.1")
+    return repo
+
+
+def test_log_json_lists_commits_newest_first(history_repo: Repository) -> None:
+    import json
+    r = cli("log", "--repo", history_repo.path, "os/stable", "--json")
+    assert r.exit_code == 0, r.output
+    entries = json.loads(r.output)
+    assert [e["subject"] for e in entries] == ["Second", "First"]
+    assert [e["version"] for e in entries] == ["1.1", "1.0"]
+    assert all(len(e["image_digest"]) == 64 for e in entries)
+    assert entries[0]["parents"] == [entries[1]["commit"]]
+
+
+def test_show_prints_body_version_and_image(history_repo: Repository) -> None:
+    r = cli("show", "--repo", history_repo.path, "os/stable")
+    assert r.exit_code == 0
+    assert "More text." in r.output and "Version: 1.1" in r.output and "Image:" in r.output
+
+
+def test_tag_and_refs(history_repo: Repository) -> None:
+    first = history(history_repo, "os/stable")[1].id
+    assert cli("tag", "--repo", history_repo.path, "v1", "os/stable~1").output.strip() == first
+    out = cli("refs", "--repo", history_repo.path).output
+    assert f"{first} refs/tags/v1" in out and "refs/heads/os/stable" in out
+    again = cli("tag", "--repo", history_repo.path, "v1", "os/stable")
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_ls_lists_a_directory_and_recursively(history_repo: Repository) -> None:
+    r = cli("ls", "--repo", history_repo.path, "os/stable", "/etc")
+    lines = r.output.splitlines()
+    assert [l.split()[-1] for l in lines if "->" not in l] == ["/etc/hostname"]
+    assert any(l.endswith("/etc/name-link -> hostname") for l in lines)
+    rec = cli("ls", "--repo", history_repo.path, "os/stable", "-R").output
+    assert "/usr/bin/tool" in rec
+
+
+def test_cat_prints_inline_and_object_files(history_repo: Repository, tree) -> None:
+    assert cli("cat", "--repo", history_repo.path, "os/stable~1", "/etc/hostname").output == "box\n"
+    r = CliRunner().invoke(main, ["cat", "--repo", history_repo.path, "os/stable", "/usr/bin/tool"])
+    assert r.stdout_bytes == (tree / "usr" / "bin" / "tool").read_bytes()
+
+
+def test_cat_reports_a_corrupt_object(history_repo: Repository, tree) -> None:
+    digest = fsverity.digest_file(tree / "usr" / "bin" / "tool")
+    path = history_repo.objects.path_of(digest)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"X")
+    r = cli("cat", "--repo", history_repo.path, "os/stable", "/usr/bin/tool")
+    assert r.exit_code == 1 and "corrupt" in r.output
+
+
+def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
+    r = cli("log", "--repo", history_repo.path, "nope")
+    assert r.exit_code == 1 and "unknown revision" in r.output
