@@ -302,6 +302,19 @@ def cat(repo_path: str, rev: str, path: str) -> None:
     sys.stdout.buffer.flush()
 
 
+@main.command("checkout")
+@repo_option
+@click.argument("rev")
+@click.argument("dest", metavar="DIR")
+def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
+    """Materialize the tree of REV in DIR (a new directory), metadata and all."""
+    from .checkout import checkout
+    from .repository import manifest_of
+
+    repo = _open_repo(repo_path)
+    checkout(manifest_of(repo, rev), repo.objects, dest)
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -327,7 +340,6 @@ def sysroot() -> None:
 
 _PLANNED: list[tuple[click.Group, str, str]] = [
     (main, "diff", "Compare two commits."),
-    (main, "checkout", "Materialize a commit's tree in a directory."),
     (main, "verify", "Check a commit's signature."),
     (main, "fsck", "Check the repository's objects and commits."),
     (main, "prune", "Remove unreachable objects."),
