@@ -315,6 +315,28 @@ def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
     checkout(manifest_of(repo, rev), repo.objects, dest)
 
 
+@main.command("fsck")
+@repo_option
+@click.option("--quick", is_flag=True, help="Only check that every needed object exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
+    """Check commits, manifests, images and objects; exit 1 on any problem."""
+    from .fsck import fsck
+
+    report = fsck(_open_repo(repo_path), quick=quick)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "commits": report.commits,
+                               "objects_checked": report.objects_checked,
+                               "problems": report.problems}, indent=2))
+    else:
+        for problem in report.problems:
+            click.echo(problem)
+        click.echo(f"{report.commits} commits, {report.objects_checked} objects verified: "
+                   f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
+    if not report.ok:
+        sys.exit(1)
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -341,7 +363,6 @@ def sysroot() -> None:
 _PLANNED: list[tuple[click.Group, str, str]] = [
     (main, "diff", "Compare two commits."),
     (main, "verify", "Check a commit's signature."),
-    (main, "fsck", "Check the repository's objects and commits."),
     (main, "prune", "Remove unreachable objects."),
     (remote, "add", "Add a remote."),
     (remote, "list", "List remotes."),

@@ -1,0 +1,90 @@
+"""Check a repository: commits, manifests, images and objects.
+
+Quick mode checks that everything the history needs exists; the full check also
+verifies every object's fs-verity digest against its name, rebuilds each commit's
+image from its manifest and compares the digest with the commit's trailer, and
+runs `git fsck` on the history.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pygit2
+
+from . import dumpfile, fsverity, imagewriter
+from .errors import CfsError
+from .repository import MANIFEST, TRAILER_FORMAT, Repository, image_digest_of, trailers
+from .run import run
+from .tree import Inode, walk
+
+
+@dataclass
+class FsckReport:
+    commits: int = 0
+    objects_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _reachable(repo: Repository) -> list[pygit2.Commit]:
+    seen: set[pygit2.Oid] = set()
+    out = []
+    stack = [repo.git.references[name].peel(pygit2.Commit) for name in repo.git.references
+             if name.startswith(("refs/heads/", "refs/tags/", "refs/remotes/"))]
+    while stack:
+        commit = stack.pop()
+        if commit.id in seen:
+            continue
+        seen.add(commit.id)
+        out.append(commit)
+        stack.extend(commit.parents)
+    return out
+
+
+def _objects_of(root: Inode) -> set[bytes]:
+    return {e.digest for _, e in walk(root)
+            if isinstance(e, Inode) and e.is_reg() and e.digest is not None and e.content is None}
+
+
+def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
+    report = FsckReport()
+    needed: dict[bytes, str] = {}
+    for commit in _reachable(repo):
+        report.commits += 1
+        cid = str(commit.id)[:12]
+        try:
+            root = dumpfile.parse(commit.tree[MANIFEST].data)
+            image_digest = image_digest_of(commit)
+        except (KeyError, CfsError) as e:
+            report.problems.append(f"commit {cid}: bad manifest or trailers: {e}")
+            continue
+        needed.setdefault(image_digest, f"image of commit {cid}")
+        for digest in _objects_of(root):
+            needed.setdefault(digest, f"commit {cid}")
+        if not quick:
+            fmt = int(trailers(commit.message).get(TRAILER_FORMAT, "0") or 0)
+            rebuilt = imagewriter.build(root, min_version=fmt, max_version=fmt).image
+            if fsverity.digest_bytes(rebuilt) != image_digest:
+                report.problems.append(f"commit {cid}: manifest does not give the image named by its trailer")
+    for digest, user in sorted(needed.items()):
+        if not repo.objects.has(digest):
+            report.problems.append(f"missing object {digest.hex()} (needed by {user})")
+    if not quick:
+        for sub in sorted(os.listdir(repo.objects.path)):
+            subdir = os.path.join(repo.objects.path, sub)
+            if len(sub) != 2 or not os.path.isdir(subdir):
+                continue
+            for name in sorted(os.listdir(subdir)):
+                report.objects_checked += 1
+                if fsverity.digest_file(os.path.join(subdir, name)).hex() != sub + name:
+                    report.problems.append(f"corrupt object {sub}{name}")
+        result = run(["git", "--git-dir", os.path.join(repo.path, "git"), "fsck", "--strict"],
+                     check=False, capture=True)
+        if result.returncode != 0:
+            report.problems.append("git fsck: " + result.stderr.decode(errors="replace").strip().splitlines()[-1])
+    return report
