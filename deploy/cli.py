@@ -163,17 +163,21 @@ def init(repo_path: str) -> None:
 @click.option("--version", "os_version", help="Human version of this OS build (Cfsdeploy-Version).")
 @click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
 @click.option("--orphan", is_flag=True, help="Start a history with no parent.")
+@click.option("--sign-key", metavar="KEYID", help="Sign the commit with this OpenPGP key.")
+@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
-           os_version: str | None, parent: str | None, orphan: bool, wait_lock: float) -> None:
+           os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
+           gpg_homedir: str | None, wait_lock: float) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
-                             orphan=orphan, warn=lambda m: click.echo(m, err=True))
+                             orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
+                             warn=lambda m: click.echo(m, err=True))
     click.echo(result.commit)
 
 
@@ -337,6 +341,18 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@repo_option
+@click.argument("rev")
+@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory with the trusted keys.")
+def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
+    """Check the signature of commit REV and name its signer."""
+    from .repository import verify_commit
+
+    signer = verify_commit(_open_repo(repo_path), rev, gpg_homedir=gpg_homedir)
+    click.echo(f"good signature from {signer.username or signer.key_id} (key {signer.fingerprint})")
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -362,7 +378,6 @@ def sysroot() -> None:
 
 _PLANNED: list[tuple[click.Group, str, str]] = [
     (main, "diff", "Compare two commits."),
-    (main, "verify", "Check a commit's signature."),
     (main, "prune", "Remove unreachable objects."),
     (remote, "add", "Add a remote."),
     (remote, "list", "List remotes."),

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pygit2
 
-from . import dumpfile, fsverity, imagewriter
+from . import dumpfile, fsverity, imagewriter, signing
 from .errors import CfsError
 from .fsutil import fsync_dir
 from .objects import ObjectStore
@@ -154,6 +154,7 @@ class Repository:
     def commit(self, tree: str | os.PathLike[str], branch: str, subject: str, *,
                body: str | None = None, version: str | None = None, parent: str | None = None,
                orphan: bool = False, author: tuple[str, str] = DEFAULT_AUTHOR,
+               sign_key: str | None = None, gpg_homedir: str | None = None,
                warn: Callable[[str], None] | None = None) -> CommitResult:
         """Store a tree's objects, its manifest and image, and move `branch` to a new commit."""
         _check_branch(branch)
@@ -184,7 +185,12 @@ class Repository:
         tree_id = builder.write()
         when = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
         sig = pygit2.Signature(author[0], author[1], when, 0)
-        commit_id = self.git.create_commit(None, sig, sig, message, tree_id, parents)
+        if sign_key is None:
+            commit_id = self.git.create_commit(None, sig, sig, message, tree_id, parents)
+        else:
+            content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
+            signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
+            commit_id = self.git.create_commit_with_signature(content, signature)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
         return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
 
@@ -306,3 +312,12 @@ def read_file(repo: Repository, rev: str, path: str) -> bytes:
     if fsverity.digest_bytes(data) != node.digest:
         raise RepositoryError(f"{path}: object {node.digest.hex()} is corrupt (run fsck)")
     return data
+
+
+def verify_commit(repo: Repository, rev: str, *, gpg_homedir: str | None = None) -> signing.Signer:
+    """Check the gpgsig signature of a commit; return its signer."""
+    commit = repo.resolve(rev)
+    signature, payload = commit.gpg_signature
+    if not signature:
+        raise signing.SignatureError(f"commit {commit.id} is not signed")
+    return signing.verify(payload, signature.decode(), homedir=gpg_homedir)
