@@ -353,6 +353,50 @@ def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
     click.echo(f"good signature from {signer.username or signer.key_id} (key {signer.fingerprint})")
 
 
+@main.command("diff")
+@repo_option
+@click.argument("rev1")
+@click.argument("rev2")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def diff_cmd(repo_path: str, rev1: str, rev2: str, as_json: bool) -> None:
+    """List paths added (A), removed (D) and modified (M, with what) from REV1 to REV2."""
+    from .repository import manifest_of
+    from .treediff import diff
+
+    repo = _open_repo(repo_path)
+    d = diff(manifest_of(repo, rev1), manifest_of(repo, rev2))
+    if as_json:
+        name = os.fsdecode
+        click.echo(json.dumps({"added": [name(p) for p in d.added],
+                               "removed": [name(p) for p in d.removed],
+                               "modified": {name(p): w for p, w in d.modified.items()}}, indent=2))
+        return
+    out = sys.stdout.buffer
+    for p in d.added:
+        out.write(b"A " + p + b"\n")
+    for p in d.removed:
+        out.write(b"D " + p + b"\n")
+    for p, what in d.modified.items():
+        out.write(b"M " + p + b" (" + ",".join(what).encode() + b")\n")
+    out.flush()
+
+
+@main.command()
+@repo_option
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--keep-younger-than", type=float, default=0.0, metavar="SECONDS",
+              help="Keep objects modified less than this long ago.")
+def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
+    """Remove objects that no branch, tag or remote branch needs."""
+    from .repository import prune as prune_objects
+
+    repo = _open_repo(repo_path)
+    with repo.lock(wait=60):
+        r = prune_objects(repo, dry_run=dry_run, keep_younger_than=keep_younger_than)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {r.removed} objects ({r.bytes_freed} bytes), kept {r.kept}")
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -377,8 +421,6 @@ def sysroot() -> None:
 
 
 _PLANNED: list[tuple[click.Group, str, str]] = [
-    (main, "diff", "Compare two commits."),
-    (main, "prune", "Remove unreachable objects."),
     (remote, "add", "Add a remote."),
     (remote, "list", "List remotes."),
     (remote, "remove", "Remove a remote."),

@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import pygit2
-
 from . import dumpfile, fsverity, imagewriter
 from .errors import CfsError
-from .repository import MANIFEST, TRAILER_FORMAT, Repository, image_digest_of, trailers
+from .repository import (
+    MANIFEST,
+    TRAILER_FORMAT,
+    Repository,
+    image_digest_of,
+    objects_of,
+    reachable_commits,
+    trailers,
+)
 from .run import run
-from .tree import Inode, walk
 
 
 @dataclass
@@ -31,30 +36,10 @@ class FsckReport:
         return not self.problems
 
 
-def _reachable(repo: Repository) -> list[pygit2.Commit]:
-    seen: set[pygit2.Oid] = set()
-    out = []
-    stack = [repo.git.references[name].peel(pygit2.Commit) for name in repo.git.references
-             if name.startswith(("refs/heads/", "refs/tags/", "refs/remotes/"))]
-    while stack:
-        commit = stack.pop()
-        if commit.id in seen:
-            continue
-        seen.add(commit.id)
-        out.append(commit)
-        stack.extend(commit.parents)
-    return out
-
-
-def _objects_of(root: Inode) -> set[bytes]:
-    return {e.digest for _, e in walk(root)
-            if isinstance(e, Inode) and e.is_reg() and e.digest is not None and e.content is None}
-
-
 def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
     report = FsckReport()
     needed: dict[bytes, str] = {}
-    for commit in _reachable(repo):
+    for commit in reachable_commits(repo):
         report.commits += 1
         cid = str(commit.id)[:12]
         try:
@@ -64,7 +49,7 @@ def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
             report.problems.append(f"commit {cid}: bad manifest or trailers: {e}")
             continue
         needed.setdefault(image_digest, f"image of commit {cid}")
-        for digest in _objects_of(root):
+        for digest in objects_of(root):
             needed.setdefault(digest, f"commit {cid}")
         if not quick:
             fmt = int(trailers(commit.message).get(TRAILER_FORMAT, "0") or 0)

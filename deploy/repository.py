@@ -29,7 +29,7 @@ from .errors import CfsError
 from .fsutil import fsync_dir
 from .objects import ObjectStore
 from .scan import ScanStats, scan
-from .tree import Inode, lookup
+from .tree import Inode, lookup, walk
 from .tree import resolve as resolve_entry
 
 MANIFEST = "manifest.dump"
@@ -321,3 +321,61 @@ def verify_commit(repo: Repository, rev: str, *, gpg_homedir: str | None = None)
     if not signature:
         raise signing.SignatureError(f"commit {commit.id} is not signed")
     return signing.verify(payload, signature.decode(), homedir=gpg_homedir)
+
+
+def reachable_commits(repo: Repository) -> list[pygit2.Commit]:
+    """Every commit reachable from a branch, tag or remote branch."""
+    seen: set[pygit2.Oid] = set()
+    out = []
+    stack = [repo.git.references[name].peel(pygit2.Commit) for name in repo.git.references
+             if name.startswith(("refs/heads/", "refs/tags/", "refs/remotes/"))]
+    while stack:
+        commit = stack.pop()
+        if commit.id in seen:
+            continue
+        seen.add(commit.id)
+        out.append(commit)
+        stack.extend(commit.parents)
+    return out
+
+
+def objects_of(root: Inode) -> set[bytes]:
+    """The digests of the external files a manifest needs."""
+    return {e.digest for _, e in walk(root)
+            if isinstance(e, Inode) and e.is_reg() and e.digest is not None and e.content is None}
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: int
+    bytes_freed: int
+    kept: int
+
+
+def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float = 0.0) -> PruneResult:
+    """Remove objects that no commit reachable from a ref needs (call under the lock)."""
+    needed: set[bytes] = set()
+    for commit in reachable_commits(repo):
+        needed.add(image_digest_of(commit))
+        needed |= objects_of(dumpfile.parse(commit.tree[MANIFEST].data))
+    cutoff = time.time() - keep_younger_than
+    removed = freed = kept = 0
+    for sub in sorted(os.listdir(repo.objects.path)):
+        subdir = os.path.join(repo.objects.path, sub)
+        if len(sub) != 2 or not os.path.isdir(subdir):
+            continue
+        for name in os.listdir(subdir):
+            try:
+                digest = bytes.fromhex(sub + name)
+            except ValueError:
+                continue
+            path = os.path.join(subdir, name)
+            st = os.lstat(path)
+            if digest in needed or st.st_mtime > cutoff:
+                kept += 1
+                continue
+            removed += 1
+            freed += st.st_size
+            if not dry_run:
+                os.unlink(path)
+    return PruneResult(removed, freed, kept)

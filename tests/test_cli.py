@@ -11,8 +11,7 @@ from cfsdeploy.cli import main
 
 from .vectors import SHOULD_FAIL, VALID
 
-PLANNED = ["diff",
-           "prune", "pull", "deploy", "upgrade", "switch", "rollback",
+PLANNED = ["pull", "deploy", "upgrade", "switch", "rollback",
            "status", "undeploy", "pin", "cleanup", "kargs", "remote add", "remote list",
            "remote remove", "sysroot init"]
 
@@ -21,7 +20,7 @@ def invoke(*args: str, input: bytes | None = None):
     return CliRunner().invoke(main, list(args), input=input)
 
 
-@pytest.mark.parametrize("command", PLANNED + ["digest", "init", "commit", "log", "show", "ls", "cat", "refs", "tag", "checkout", "fsck", "verify", "image build", "image dump",
+@pytest.mark.parametrize("command", PLANNED + ["digest", "init", "commit", "log", "show", "ls", "cat", "refs", "tag", "checkout", "fsck", "verify", "diff", "prune", "image build", "image dump",
                                                "image digest", "image mount"])
 def test_every_command_has_help(command: str) -> None:
     result = invoke(*command.split(), "--help")
