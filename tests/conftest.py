@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -13,3 +15,14 @@ def requires_mount() -> None:
     ok, reason = can_mount()
     if not ok:
         pytest.skip(f"cannot mount images here: {reason}")
+
+
+@pytest.fixture(scope="session")
+def everything_tree(tmp_path_factory, requires_mount) -> Path:
+    """A tree holding every file type and metadata a root filesystem can (needs root)."""
+    from .fstree import make_everything_tree
+
+    tree = tmp_path_factory.mktemp("everything") / "tree"
+    tree.mkdir()
+    make_everything_tree(tree)
+    return tree

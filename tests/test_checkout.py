@@ -8,17 +8,15 @@ from cfsdeploy.checkout import CheckoutError, checkout
 from cfsdeploy.mounts import mounted_composefs
 from cfsdeploy.repository import Repository, image_digest_of, manifest_of
 
-from .fstree import compare_trees, make_everything_tree
+from .fstree import compare_trees
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("requires_mount")]
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory):
+def committed(tmp_path_factory, everything_tree):
     work = tmp_path_factory.mktemp("checkout")
-    tree = work / "tree"
-    tree.mkdir()
-    make_everything_tree(tree)
+    tree = everything_tree
     repo = Repository.init(work / "repo")
     repo.commit(tree, "os/test", "everything", warn=lambda m: None)
     return work, tree, repo
@@ -40,6 +38,6 @@ def test_mounted_commit_image_equals_the_committed_tree(committed) -> None:
 
 
 def test_checkout_refuses_an_existing_destination(committed) -> None:
-    work, _, repo = committed
+    work, tree, repo = committed
     with pytest.raises(CheckoutError, match="refusing"):
-        checkout(manifest_of(repo, "os/test"), repo.objects, work / "tree")
+        checkout(manifest_of(repo, "os/test"), repo.objects, tree)

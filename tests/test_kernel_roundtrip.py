@@ -13,17 +13,15 @@ from cfsdeploy.mounts import mounted_composefs
 from cfsdeploy.objects import ObjectStore
 from cfsdeploy.scan import scan
 
-from .fstree import compare_trees, make_everything_tree
+from .fstree import compare_trees
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("requires_mount")]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, everything_tree):
     work = tmp_path_factory.mktemp("roundtrip")
-    tree = work / "tree"
-    tree.mkdir()
-    make_everything_tree(tree)
+    tree = everything_tree
     objects = work / "objects"
     objects.mkdir()
     root, _ = scan(tree, store=ObjectStore(objects))
