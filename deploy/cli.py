@@ -156,7 +156,8 @@ def init(repo_path: str) -> None:
 
 @main.command()
 @repo_option
-@click.option("--tree", required=True, metavar="DIR", help="The root filesystem tree to commit.")
+@click.option("--tree", required=True, metavar="DIR|tar:FILE",
+              help="The root filesystem: a directory, or tar:FILE for an archive (streamed).")
 @click.option("--branch", "-b", required=True, help="Branch to move, e.g. debian/13/x86_64/stable.")
 @click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
 @click.option("--body", help="Longer description.")

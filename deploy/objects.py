@@ -8,11 +8,13 @@ under a valid name.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from typing import Callable
 
 from . import fsverity
-from .fsutil import atomic_write, copy_fd
+from .fsutil import atomic_write, copy_fd, fsync_dir
 from .tree import digest_to_path
 
 PathLike = str | bytes | os.PathLike[str]
@@ -46,6 +48,39 @@ class ObjectStore:
 
         self._add(digest, fill)
         return digest
+
+    def add_stream(self, read: Callable[[int], bytes], size: int) -> bytes:
+        """Store `size` bytes from `read` (hashed as they are written); return the digest."""
+        hasher = fsverity.Hasher()
+        fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=self.tmpdir)
+        try:
+            try:
+                left = size
+                while left:
+                    chunk = read(min(1 << 20, left))
+                    if not chunk:
+                        raise EOFError("input ended early")
+                    hasher.update(chunk)
+                    os.write(fd, chunk)
+                    left -= len(chunk)
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            digest = hasher.digest()
+            dest = self.path_of(digest)
+            if os.path.exists(dest):
+                os.unlink(tmp)
+                return digest
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            _enable_verity(tmp)
+            os.rename(tmp, dest)
+            fsync_dir(os.path.dirname(dest))
+            return digest
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def _add(self, digest: bytes, fill: Callable[[int], None]) -> bool:
         dest = self.path_of(digest)

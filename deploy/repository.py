@@ -29,6 +29,7 @@ from .errors import CfsError
 from .fsutil import fsync_dir
 from .objects import ObjectStore
 from .scan import ScanStats, scan
+from .tarscan import scan_tar
 from .tree import Inode, lookup, walk
 from .tree import resolve as resolve_entry
 
@@ -161,7 +162,11 @@ class Repository:
         if not subject.strip() or "\n" in subject:
             raise RepositoryError("the subject must be one non-empty line")
         kw = {"warn": warn} if warn is not None else {}
-        root, stats = scan(os.fspath(tree), store=self.objects, **kw)
+        source = os.fspath(tree)
+        if source.startswith("tar:"):
+            root, stats = scan_tar(source[4:], store=self.objects, **kw)
+        else:
+            root, stats = scan(source, store=self.objects, **kw)
         manifest = dumpfile.dumps(root)
         built = imagewriter.build(root)
         image_digest = self.objects.add_bytes(built.image)

@@ -19,7 +19,15 @@ from . import fsverity
 from .dumpfile import check_xattr, check_xattrs_budget
 from .errors import TreeError
 from .objects import ObjectStore
-from .tree import INLINE_MAX_RECOMMENDED, PATH_MAX, Hardlink, Inode, check_name, digest_to_path
+from .tree import (
+    INLINE_MAX_RECOMMENDED,
+    PATH_MAX,
+    Hardlink,
+    Inode,
+    check_name,
+    digest_to_path,
+    fix_dir_nlinks,
+)
 
 
 @dataclass
@@ -98,6 +106,7 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
             progress(stats)
         if isinstance(entry, Inode) and entry.children is not None:
             stack.append((path, entry, iter(_listdir(path))))
+    fix_dir_nlinks(root)
     return root, stats
 
 

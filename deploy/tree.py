@@ -158,3 +158,35 @@ def no_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def fix_dir_nlinks(root: Inode) -> None:
+    """Give every directory the link count the image will have: 2 + subdirectories
+    (filesystems differ here, e.g. btrfs says 1, so a manifest must not copy it)."""
+    for _, entry in walk(root):
+        if isinstance(entry, Inode) and entry.children is not None:
+            entry.nlink = 2 + sum(1 for c in entry.children.values()
+                                  if isinstance(c, Inode) and c.children is not None)
+
+
+def canonical_hardlinks(root: Inode) -> None:
+    """Make the first name of each hardlinked inode in sorted pre-order its primary
+    one (an archive may list the names in any order)."""
+    places: dict[int, tuple[Inode, list[tuple[dict[bytes, Inode | Hardlink], bytes]]]] = {}
+    top = root.children or {}
+    stack: list[tuple[dict[bytes, Inode | Hardlink], Iterator[bytes]]] = [(top, iter(sorted(top)))]
+    while stack:
+        children, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        entry = children[name]
+        target = entry.target if isinstance(entry, Hardlink) else entry
+        if target.children is not None:
+            stack.append((target.children, iter(sorted(target.children))))
+        else:
+            places.setdefault(id(target), (target, []))[1].append((children, name))
+    for target, locations in places.values():
+        for i, (children, name) in enumerate(locations):
+            children[name] = target if i == 0 else Hardlink(target)
