@@ -385,11 +385,6 @@ def parse(data: bytes, *, strict: bool = True) -> Inode:
     return p.root
 
 
-def parse_file(path: str, *, strict: bool = True) -> Inode:
-    with open(path, "rb") as f:
-        return parse(f.read(), strict=strict)
-
-
 def _line(path: bytes, node: Inode, link_path: bytes | None) -> bytes:
     if link_path is not None:
         mode = b"@%o" % node.mode

@@ -9,10 +9,6 @@ class CfsError(Exception):
     exit_code = 1
 
 
-class UsageError(CfsError):
-    exit_code = 2
-
-
 class DumpfileError(CfsError):
     """A composefs dumpfile (manifest) is malformed."""
 

@@ -61,11 +61,3 @@ def verify(data: bytes, signature: str, *, homedir: str | None = None) -> Signer
         raise SignatureError(f"bad signature ({result.status or 'invalid'})")
     return Signer(result.fingerprint, result.key_id, result.username or "")
 
-
-def import_keys(path: str | os.PathLike[str], *, homedir: str | None = None) -> list[str]:
-    """Import the keys in a key file into a keyring; return their fingerprints."""
-    with open(path, "rb") as f:
-        result = _gpg(homedir).import_keys(f.read())
-    if not result.fingerprints:
-        raise SignatureError(f"no keys found in {os.fspath(path)}")
-    return list(result.fingerprints)

@@ -136,11 +136,6 @@ def lookup(root: Inode, path: bytes) -> Inode | Hardlink | None:
     return node
 
 
-def primary_paths(root: Inode) -> dict[int, bytes]:
-    """Map id(inode) to the path of its primary (non-Hardlink) name."""
-    return {id(e): p for p, e in walk(root) if isinstance(e, Inode)}
-
-
 def digest_to_path(digest: bytes) -> bytes:
     """The object path of a digest: 'ab/cdef...' (first byte, '/', the other 31)."""
     h = digest.hex().encode()
