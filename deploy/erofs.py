@@ -19,21 +19,31 @@ SUPER_MAGIC_V1 = 0xE0F5E1E2
 COMPOSEFS_MAGIC = 0xD078629A
 COMPOSEFS_HEADER_VERSION = 1
 COMPOSEFS_FLAGS_HAS_ACL = 1
+# Highest composefs_version whose overlay conventions are known.
+COMPOSEFS_VERSION_MAX = 1
 COMPOSEFS_HEADER = struct.Struct("<IIII16x")  # magic, version, flags, composefs_version
 
 FEATURE_COMPAT_SB_CHKSUM = 0x1
 FEATURE_COMPAT_MTIME = 0x2
 FEATURE_COMPAT_XATTR_FILTER = 0x4
 
+FEATURE_INCOMPAT_XATTR_PREFIXES = 0x40
+# Every incompat feature of this format revision; any other bit changes the layout.
+FEATURE_INCOMPAT_ALL = 0x7F
+
 # magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
 # build_time, build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid,
 # volume_name, feature_incompat, then the rest (zero for composefs).
 SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sI44x")
 assert SUPERBLOCK.size == 128
+SB_EXTSLOT_SIZE = 16
+# Offset inside the superblock of u8 xattr_prefix_count (in the part SUPERBLOCK skips).
+SB_XATTR_PREFIX_COUNT = 91
 
 # i_format: bit 0 = version (0 compact, 1 extended), bits 1-3 = data layout
 I_VERSION_BIT = 0
 I_DATALAYOUT_BIT = 1
+I_ALL = 0xF  # every defined i_format bit
 INODE_FLAT_PLAIN = 0
 INODE_COMPRESSED_FULL = 1
 INODE_FLAT_INLINE = 2
