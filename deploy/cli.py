@@ -17,6 +17,7 @@ from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .repository import CommitInfo, Repository
+    from .scan import ScanStats
 
 EXIT_NOT_IMPLEMENTED = 2
 
@@ -175,10 +176,20 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
+    from .progress import Progress, human_bytes
+
+    bar = Progress("commit")
+
+    def show(st: ScanStats) -> None:
+        bar.update(f"{st.entries} entries, {st.files} files, {human_bytes(st.bytes)}, "
+                   f"{st.objects_written} new objects")
+
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             warn=lambda m: click.echo(m, err=True))
+                             warn=lambda m: click.echo(m, err=True), progress=show)
+    st = result.stats
+    bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
 
 

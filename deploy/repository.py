@@ -156,7 +156,8 @@ class Repository:
                body: str | None = None, version: str | None = None, parent: str | None = None,
                orphan: bool = False, author: tuple[str, str] = DEFAULT_AUTHOR,
                sign_key: str | None = None, gpg_homedir: str | None = None,
-               warn: Callable[[str], None] | None = None) -> CommitResult:
+               warn: Callable[[str], None] | None = None,
+               progress: Callable[[ScanStats], None] | None = None) -> CommitResult:
         """Store a tree's objects, its manifest and image, and move `branch` to a new commit."""
         _check_branch(branch)
         if not subject.strip() or "\n" in subject:
@@ -164,9 +165,9 @@ class Repository:
         kw = {"warn": warn} if warn is not None else {}
         source = os.fspath(tree)
         if source.startswith("tar:"):
-            root, stats = scan_tar(source[4:], store=self.objects, **kw)
+            root, stats = scan_tar(source[4:], store=self.objects, progress=progress, **kw)
         else:
-            root, stats = scan(source, store=self.objects, **kw)
+            root, stats = scan(source, store=self.objects, progress=progress, **kw)
         manifest = dumpfile.dumps(root)
         built = imagewriter.build(root)
         image_digest = self.objects.add_bytes(built.image)

@@ -68,7 +68,8 @@ def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> bytes:
 
 
 def scan_tar(path: str, *, store: ObjectStore | None = None,
-             warn: Callable[[str], None] = lambda m: None) -> tuple[Inode, ScanStats]:
+             warn: Callable[[str], None] = lambda m: None,
+             progress: Callable[[ScanStats], None] | None = None) -> tuple[Inode, ScanStats]:
     stats = ScanStats()
     root = Inode(mode=stat.S_IFDIR | 0o755, nlink=2, children={})
     names: dict[tuple[bytes, ...], Inode] = {(): root}
@@ -80,6 +81,8 @@ def scan_tar(path: str, *, store: ObjectStore | None = None,
         try:
             for member in tar:
                 _add(tar, member, root, names, store, stats, warn)
+                if progress is not None:
+                    progress(stats)
         except tarfile.TarError as e:
             raise TreeError(f"corrupt archive {path}: {e}") from None
     canonical_hardlinks(root)
