@@ -452,3 +452,7 @@ _PLANNED: list[tuple[click.Group, str, str]] = [
 for _group, _name, _help in _PLANNED:
     _planned(_group, _name, _help)
 
+
+
+if __name__ == "__main__":
+    main()
