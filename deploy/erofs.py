@@ -74,6 +74,11 @@ FT_FIFO = 5
 FT_SOCK = 6
 FT_SYMLINK = 7
 
+# The dirent file type of each inode type (the S_IFMT bits of a mode).
+FILE_TYPE_OF_MODE = {0o100000: FT_REG_FILE, 0o040000: FT_DIR, 0o020000: FT_CHRDEV,
+                     0o060000: FT_BLKDEV, 0o010000: FT_FIFO, 0o140000: FT_SOCK,
+                     0o120000: FT_SYMLINK}
+
 # h_name_filter, h_shared_count, reserved[7]
 XATTR_IBODY_HEADER = struct.Struct("<IB7x")
 # e_name_len, e_name_index, e_value_size

@@ -29,11 +29,9 @@ from .tree import (
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
-    S_IFIFO,
     S_IFLNK,
     S_IFMT,
     S_IFREG,
-    S_IFSOCK,
     VALID_TYPES,
     Hardlink,
     Inode,
@@ -44,9 +42,6 @@ from .tree import (
 MAX_DEPTH = PATH_MAX // 2
 SYMLINK_MAX = PATH_MAX - 1
 
-_FTYPE_OF_MODE = {S_IFREG: E.FT_REG_FILE, S_IFDIR: E.FT_DIR, S_IFCHR: E.FT_CHRDEV,
-                  S_IFBLK: E.FT_BLKDEV, S_IFIFO: E.FT_FIFO, S_IFSOCK: E.FT_SOCK,
-                  S_IFLNK: E.FT_SYMLINK}
 _FLAT = (E.INODE_FLAT_PLAIN, E.INODE_FLAT_INLINE)
 
 _OVERLAY = b"trusted.overlay."
@@ -430,12 +425,12 @@ def read_image(data: bytes | bytearray | memoryview) -> Image:
                 node, disk_type = known
                 if disk_type == S_IFDIR:
                     raise ImageError(f"{where}: directory loop (directory nid {nid} reached twice)")
-                if _FTYPE_OF_MODE[disk_type] != ftype:
+                if E.FILE_TYPE_OF_MODE[disk_type] != ftype:
                     raise ImageError(f"{where}: file type {ftype} does not match inode nid {nid}")
                 parent.children[name] = Hardlink(node)  # type: ignore[index]
                 continue
             raw = r.inode(nid)
-            if _FTYPE_OF_MODE[raw.type] != ftype:
+            if E.FILE_TYPE_OF_MODE[raw.type] != ftype:
                 raise ImageError(f"{where}: file type {ftype} does not match inode nid {nid} "
                                  f"(mode {raw.mode:#o})")
             new = _node(r, raw)

@@ -28,11 +28,9 @@ from .tree import (
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
-    S_IFIFO,
     S_IFLNK,
     S_IFMT,
     S_IFREG,
-    S_IFSOCK,
     VALID_TYPES,
     Hardlink,
     Inode,
@@ -54,11 +52,6 @@ _USER_WHITEOUT = b"user.overlay.whiteout"
 _USER_WHITEOUTS = b"user.overlay.whiteouts"
 _USER_OPAQUE = b"user.overlay.opaque"
 _ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
-
-_FILE_TYPES = {
-    S_IFREG: E.FT_REG_FILE, S_IFDIR: E.FT_DIR, S_IFCHR: E.FT_CHRDEV, S_IFBLK: E.FT_BLKDEV,
-    S_IFIFO: E.FT_FIFO, S_IFSOCK: E.FT_SOCK, S_IFLNK: E.FT_SYMLINK,
-}
 
 
 class _Node:
@@ -287,7 +280,7 @@ def _encode_dirents(entries: list[tuple[bytes, _Node]]) -> bytes:
     nameoff = 12 * len(entries)
     heads = []
     for name, target in entries:
-        heads.append(E.DIRENT.pack(target.nid, nameoff, _FILE_TYPES[target.mode & S_IFMT]))
+        heads.append(E.DIRENT.pack(target.nid, nameoff, E.FILE_TYPE_OF_MODE[target.mode & S_IFMT]))
         nameoff += len(name)
     return b"".join(heads) + b"".join(name for name, _ in entries)
 

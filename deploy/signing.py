@@ -7,7 +7,6 @@ signature over the commit object without that header, which is what
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 

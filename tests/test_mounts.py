@@ -267,24 +267,24 @@ def test_loop_device_is_freed_after_unmount(small_image: Path, mnt: Path) -> Non
     assert loops_backed_by(small_image) == []
 
 
+def assert_readonly_autoclear_4k(device: str, image: Path) -> None:
+    sysfs = Path("/sys/block") / Path(device).name
+    assert (sysfs / "loop" / "backing_file").read_text().strip() == str(image.resolve())
+    assert (sysfs / "ro").read_text().strip() == "1"
+    assert (sysfs / "loop" / "autoclear").read_text().strip() == "1"
+    assert (sysfs / "queue" / "logical_block_size").read_text().strip() == "4096"
+
+
 def test_attach_loop_configures_readonly_autoclear_4k(small_image: Path) -> None:
     with attach_loop(small_image) as loop:
-        sysfs = Path("/sys/block") / Path(loop.path).name
-        assert (sysfs / "loop" / "backing_file").read_text().strip() == str(small_image.resolve())
-        assert (sysfs / "ro").read_text().strip() == "1"
-        assert (sysfs / "loop" / "autoclear").read_text().strip() == "1"
-        assert (sysfs / "queue" / "logical_block_size").read_text().strip() == "4096"
+        assert_readonly_autoclear_4k(loop.path, small_image)
     assert loops_backed_by(small_image) == []  # closing an unmounted device frees it
 
 
 def test_attach_loop_falls_back_without_loop_configure(small_image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mounts, "LOOP_CONFIGURE", 0x4CFF)  # unknown to the kernel: EINVAL
     with attach_loop(small_image) as loop:
-        sysfs = Path("/sys/block") / Path(loop.path).name
-        assert (sysfs / "loop" / "backing_file").read_text().strip() == str(small_image.resolve())
-        assert (sysfs / "ro").read_text().strip() == "1"
-        assert (sysfs / "loop" / "autoclear").read_text().strip() == "1"
-        assert (sysfs / "queue" / "logical_block_size").read_text().strip() == "4096"
+        assert_readonly_autoclear_4k(loop.path, small_image)
     assert loops_backed_by(small_image) == []
 
 
