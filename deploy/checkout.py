@@ -9,12 +9,11 @@ still be filled.  The tree is built beside the destination and renamed into plac
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tempfile
 
 from .errors import CfsError
-from .fsutil import copy_fd
+from .fsutil import copy_fd, force_rmtree
 from .objects import ObjectStore
 from .tree import Hardlink, Inode, walk
 
@@ -89,16 +88,6 @@ def checkout(root: Inode, store: ObjectStore, dest: str | os.PathLike[str]) -> N
             _finish(path, node)
         os.rename(staging, dest_s)
     except BaseException:
-        _force_rmtree(staging)
+        force_rmtree(staging, ignore_errors=True)
         raise
 
-
-def _force_rmtree(path: bytes) -> None:
-    # Directories may have been made read-only already.
-    for top, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            try:
-                os.chmod(os.path.join(top, d), 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(path, ignore_errors=True)

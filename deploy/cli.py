@@ -18,6 +18,7 @@ from .fsutil import atomic_write_bytes
 if TYPE_CHECKING:
     from .repository import CommitInfo, Repository
     from .scan import ScanStats
+    from .sysroot import Sysroot
 
 EXIT_NOT_IMPLEMENTED = 2
 
@@ -409,6 +410,205 @@ def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
     click.echo(f"{verb} {r.removed} objects ({r.bytes_freed} bytes), kept {r.kept}")
 
 
+# --- sysroot and deployments ------------------------------------------------------------
+
+
+def _default_sysroot() -> str:
+    # In a booted system / is the composed image and the physical root is at /sysroot.
+    return "/sysroot" if os.path.isdir("/sysroot/cfsdeploy") else "/"
+
+
+def sysroot_options(fn: Any) -> Any:
+    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH",
+                      help="The physical root (default /sysroot when booted into a deployment, else /).")(fn)
+    fn = click.option("--os", "os_name", metavar="NAME", help="The os (default: the booted or configured one).")(fn)
+    fn = click.option("--boot-dir", metavar="DIR", help="The boot directory (default: from the sysroot's config).")(fn)
+    fn = click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
+                      help="How long to wait for another cfsdeploy changing deployments.")(fn)
+    return fn
+
+
+def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
+    from .sysroot import Sysroot
+
+    s = Sysroot(sysroot_path or _default_sysroot(), boot_dir=boot_dir)
+    s.lock_wait = wait_lock
+    s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
+    return s
+
+
+@main.group()
+def sysroot() -> None:
+    """Manage a machine's sysroot."""
+
+
+@sysroot.command("init")
+@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True,
+              metavar="PATH", help="The physical root to lay out.")
+@click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot) to add.")
+@click.option("--boot-dir", metavar="DIR", help="The boot directory, relative to the sysroot or absolute "
+              "(default: boot).")
+@click.option("--karg", "karg_list", multiple=True, metavar="ARG",
+              help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")
+def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_list: tuple[str, ...]) -> None:
+    """Lay out a sysroot (repository, deploy dir, shared /var) or add an os to one."""
+    from .sysroot import Sysroot
+
+    s = Sysroot.init(sysroot_path, os_name, boot_dir=boot_dir, karg_list=list(karg_list))
+    click.echo(f"sysroot {s.path} ready for os {os_name} (boot directory {s.boot})")
+
+
+@main.command("deploy")
+@sysroot_options
+@click.argument("rev")
+@click.option("--karg", "append", multiple=True, metavar="ARG", help="Add a kernel argument (repeatable).")
+@click.option("--karg-delete", "delete", multiple=True, metavar="ARG",
+              help="Remove a kernel argument, KEY or KEY=VALUE (repeatable).")
+@click.option("--no-default", is_flag=True, help="Add the deployment after the default instead of before.")
+@click.option("--tries", type=click.IntRange(0, 99), metavar="N",
+              help="Boot counting: the new entry gets N tries (0: off; default from config).")
+@click.option("--verity", type=click.Choice(["require", "try", "off"]),
+              help="cfsdeploy.verity= of the new entry (default from config).")
+def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+               rev: str, append: tuple[str, ...], delete: tuple[str, ...], no_default: bool,
+               tries: int | None, verity: str | None) -> None:
+    """Make commit REV (a branch, tag or commit of the sysroot's repository) bootable."""
+    from . import admin
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    name = s.pick_os(os_name)
+    r = admin.deploy(s, rev, os_name=name, append=append, delete=delete, make_default=not no_default,
+                     tries=tries, verity=verity,
+                     log=lambda m: click.echo(m, err=True))
+    d = r.deployment
+    click.echo(f"deployed {d.commit[:12]} as {d.path}" + (f" (version {d.version})" if d.version else ""))
+    click.echo(f"image {d.image_digest}{' (built)' if r.image_built else ''}")
+    click.echo(f"kernel {d.kernel_version} in {os.path.join(s.boot, r.kernel.relpath)}")
+    src = f" from {r.merged_from.name}" if r.merged_from else ""
+    click.echo(f"etc{src}: {r.etc.summary()}")
+    for path, why in r.etc.conflicts:
+        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    for name_ in r.removed:
+        click.echo(f"removed old deployment {name_}")
+    click.echo("this is now the default: it boots next" if r.index == 0
+               else f"boot entry {r.index} added; the default is unchanged")
+
+
+@main.command("status")
+@sysroot_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+               as_json: bool) -> None:
+    """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
+    from .sysroot import status
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    name = s.pick_os(os_name)
+    rows = status(s, name)
+    if as_json:
+        click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows]}, indent=2))
+        return
+    if not rows:
+        click.echo(f"os {name}: no deployments")
+    for r in rows:
+        d = r.deployment
+        marks = [m for m, on in (("default", r.default), ("rollback", r.rollback), ("booted", r.booted),
+                                 ("pinned", d.pinned)) if on]
+        click.echo(f"{'*' if r.booted else ' '} {r.index}: {name} {d.name}"
+                   + (f" ({', '.join(marks)})" if marks else ""))
+        if d.version:
+            click.echo(f"    Version: {d.version}")
+        click.echo(f"    Commit:  {d.commit}")
+        click.echo(f"    Image:   {d.image_digest}")
+        if d.origin:
+            click.echo(f"    Origin:  {d.origin.refspec}")
+        click.echo(f"    Kernel:  {d.kernel_version}")
+        click.echo(f"    Entry:   {r.entry.filename}")
+        if r.boot_counting:
+            click.echo(f"    Boot:    {r.boot_counting}")
+    booted = next((r for r in rows if r.booted), None)
+    if rows and rows[0].entry.failed:
+        fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
+        click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "
+                   "`cfsdeploy rollback` makes the previous one the default.", err=True)
+
+
+@main.command("rollback")
+@sysroot_options
+def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float) -> None:
+    """Make the previous deployment the default."""
+    from . import admin
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    new, old = admin.rollback(s, s.pick_os(os_name))
+    click.echo(f"default is now {new.name} ({new.commit[:12]}), was {old.name}; reboot to use it")
+
+
+@main.command("undeploy")
+@sysroot_options
+@click.argument("index", type=int)
+def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+                 index: int) -> None:
+    """Remove deployment INDEX (as `status` numbers them)."""
+    from . import admin
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    d = admin.undeploy(s, s.pick_os(os_name), index)
+    click.echo(f"removed deployment {d.name}")
+
+
+@main.command("pin")
+@sysroot_options
+@click.argument("index", type=int)
+@click.option("--unpin", is_flag=True, help="Let cleanup remove it again.")
+def pin_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+            index: int, unpin: bool) -> None:
+    """Keep deployment INDEX whatever the retention says."""
+    from . import admin
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    d = admin.pin(s, s.pick_os(os_name), index, not unpin)
+    click.echo(f"deployment {d.name} {'pinned' if d.pinned else 'unpinned'}")
+
+
+@main.command("cleanup")
+@sysroot_options
+@click.option("--no-prune", is_flag=True, help="Keep the repository's unused objects.")
+def cleanup_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+                no_prune: bool) -> None:
+    """Remove deployments beyond the retention, then unused kernels and objects."""
+    from . import admin
+    from .progress import human_bytes
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    r = admin.cleanup(s, s.pick_os(os_name), prune_objects=not no_prune)
+    click.echo(f"removed {len(r.deployments)} deployments, {len(r.kernels)} kernels, "
+               f"{r.objects} objects ({human_bytes(r.bytes_freed)})")
+
+
+@main.command("kargs")
+@sysroot_options
+@click.option("--append", multiple=True, metavar="ARG", help="Add an argument (repeatable).")
+@click.option("--delete", multiple=True, metavar="ARG", help="Remove KEY or KEY=VALUE (repeatable).")
+@click.option("--replace", multiple=True, metavar="KEY=[OLD=]NEW", help="Change a value (repeatable).")
+def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+              append: tuple[str, ...], delete: tuple[str, ...], replace: tuple[str, ...]) -> None:
+    """Show, or edit, the default deployment's kernel arguments."""
+    from . import admin
+    from .sysroot import status
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    name = s.pick_os(os_name)
+    if append or delete or replace:
+        d = admin.set_kargs(s, name, append=append, delete=delete, replace=replace)
+    else:
+        rows = status(s, name)
+        if not rows:
+            fail(f"os {name} has no deployment")
+        d = rows[0].deployment
+    click.echo(" ".join(d.kargs))
+
+
 # --- commands planned for later issues ------------------------------------------------
 
 
@@ -427,31 +627,17 @@ def remote() -> None:
     """Manage the remotes a repository pulls from."""
 
 
-@main.group()
-def sysroot() -> None:
-    """Manage a machine's sysroot."""
-
-
 _PLANNED: list[tuple[click.Group, str, str]] = [
     (remote, "add", "Add a remote."),
     (remote, "list", "List remotes."),
     (remote, "remove", "Remove a remote."),
     (main, "pull", "Fetch a branch from a remote."),
-    (main, "deploy", "Deploy a commit on the sysroot."),
     (main, "upgrade", "Pull and deploy the newest commit of the tracked branch."),
     (main, "switch", "Track another remote branch and deploy it."),
-    (main, "rollback", "Make the previous deployment the default."),
-    (main, "status", "Show the deployments."),
-    (main, "undeploy", "Remove a deployment."),
-    (main, "pin", "Keep a deployment from cleanup."),
-    (main, "cleanup", "Remove old deployments and unused objects."),
-    (main, "kargs", "Change the kernel arguments of the default deployment."),
-    (sysroot, "init", "Lay out a new sysroot."),
 ]
 
 for _group, _name, _help in _PLANNED:
     _planned(_group, _name, _help)
-
 
 
 if __name__ == "__main__":

@@ -130,7 +130,15 @@ class Repository:
             os.close(fd)
 
     def _clean_tmp(self) -> None:
-        # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.
+        # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.  So are
+        # libgit2's lock and temp files: a killed ref update leaves refs/.../x.lock
+        # behind, which would block every later update of that ref.
+        git = os.path.join(self.path, "git")
+        for top, _, files in os.walk(git):
+            for name in files:
+                if name.endswith(".lock") or name.startswith("tmp_object_git2_"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(top, name))
         tmp = os.path.join(self.path, "tmp")
         for name in os.listdir(tmp):
             p = os.path.join(tmp, name)
@@ -329,12 +337,16 @@ def verify_commit(repo: Repository, rev: str, *, gpg_homedir: str | None = None)
     return signing.verify(payload, signature.decode(), homedir=gpg_homedir)
 
 
+# Deployments hold a ref each, so their commits and objects outlive moved branches.
+ROOT_REFS = ("refs/heads/", "refs/tags/", "refs/remotes/", "refs/deployments/")
+
+
 def reachable_commits(repo: Repository) -> list[pygit2.Commit]:
-    """Every commit reachable from a branch, tag or remote branch."""
+    """Every commit reachable from a branch, tag, remote branch or deployment."""
     seen: set[pygit2.Oid] = set()
     out = []
     stack = [repo.git.references[name].peel(pygit2.Commit) for name in repo.git.references
-             if name.startswith(("refs/heads/", "refs/tags/", "refs/remotes/"))]
+             if name.startswith(ROOT_REFS)]
     while stack:
         commit = stack.pop()
         if commit.id in seen:

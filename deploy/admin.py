@@ -1,0 +1,448 @@
+"""Changing a sysroot's deployments: deploy, rollback, undeploy, pin, kargs, cleanup.
+
+Every change follows one order, so a crash at any point leaves a bootable machine:
+everything a new set of boot entries names (image, kernel, deployment directory) is
+written and synced first, then the entries switch in one atomic exchange, and only
+then is what the old set alone named removed.  Whatever an interrupted run left
+is garbage no entry names, removed by the next run under the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import wraps
+from typing import Callable, Concatenate, ParamSpec, TypeVar
+
+import pygit2
+
+from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs
+from .bootloader import BootEntry, Kernel
+from .checkout import checkout
+from .deployment import Deployment, Origin
+from .errors import CfsError
+from .etcmerge import MergeReport, merge_etc
+from .fsutil import force_rmtree, fsync_dir, syncfs
+from .objects import ObjectStore
+from .repository import (
+    MANIFEST,
+    TRAILER_FORMAT,
+    TRAILER_VERSION,
+    Repository,
+    image_digest_of,
+    objects_of,
+    prune,
+    trailers,
+)
+from .sysroot import State, Sysroot, SysrootError
+from .tree import Inode, lookup, resolve
+
+DEPLOY_REF = "refs/deployments"
+Log = Callable[[str], None]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def locked(fn: Callable[Concatenate[Sysroot, P], R]) -> Callable[Concatenate[Sysroot, P], R]:
+    """Run a change of deployments under the sysroot's lock."""
+    @wraps(fn)
+    def inner(sysroot: Sysroot, *args: P.args, **kw: P.kwargs) -> R:
+        with sysroot.lock(wait=sysroot.lock_wait, on_wait=sysroot.on_lock_wait):
+            return fn(sysroot, *args, **kw)
+    return inner
+
+
+class DeployError(CfsError):
+    pass
+
+
+# --- reading a commit ------------------------------------------------------------------
+
+
+@dataclass
+class Commit:
+    """What deploying needs to know about a commit."""
+    id: str
+    root: Inode
+    image_digest: bytes
+    image_format: int
+    version: str | None
+    kver: str
+    kernel: Inode
+    initramfs: Inode
+
+
+def load_commit(repo: Repository, rev: str) -> Commit:
+    c = repo.resolve(rev)
+    cid = str(c.id)
+    try:
+        data = c.tree[MANIFEST].data
+    except KeyError:
+        raise DeployError(f"commit {cid} has no {MANIFEST}") from None
+    root = dumpfile.parse(data)
+    for d in (b"/etc", b"/var", b"/sysroot"):
+        e = lookup(root, d)
+        if not isinstance(e, Inode) or not e.is_dir():
+            raise DeployError(f"commit {cid[:12]} has no {d.decode()} directory (a root filesystem needs it)")
+    kver, kernel, initramfs = find_kernel(root, cid)
+    t = trailers(c.message)
+    fmt = t.get(TRAILER_FORMAT, "0")
+    return Commit(cid, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
+                  t.get(TRAILER_VERSION), kver, kernel, initramfs)
+
+
+def origin_of(repo: Repository, rev: str) -> Origin | None:
+    """The branch a revision names, which upgrades then follow; None for a commit id."""
+    if f"refs/heads/{rev}" in repo.git.references:
+        return Origin(rev)
+    remote, sep, branch = rev.partition("/")
+    if sep and f"refs/remotes/{rev}" in repo.git.references:
+        return Origin(branch, remote)
+    return None
+
+
+def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
+    """The first /usr/lib/modules/<kver>/ with a vmlinuz, and its initramfs.img."""
+    modules = lookup(root, b"/usr/lib/modules")
+    if isinstance(modules, Inode) and modules.children:
+        for kver in sorted(modules.children):
+            d = modules.children[kver]
+            if not isinstance(d, Inode) or d.children is None or b"vmlinuz" not in d.children:
+                continue
+            kernel = resolve(d.children[b"vmlinuz"])
+            initrd = d.children.get(b"initramfs.img")
+            name = os.fsdecode(kver)
+            if not kernel.is_reg():
+                continue
+            if initrd is None or not resolve(initrd).is_reg():
+                raise DeployError(f"commit {cid[:12]} has a kernel {name} but no "
+                                  f"/usr/lib/modules/{name}/initramfs.img")
+            return name, kernel, resolve(initrd)
+    raise DeployError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
+
+
+def _missing_objects(repo: Repository, root: Inode, cid: str) -> None:
+    missing = sorted(d.hex() for d in objects_of(root) if not repo.objects.has(d))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DeployError(f"commit {cid[:12]} misses {len(missing)} objects: {shown} "
+                          "(run `cfsdeploy fsck`, or pull again)")
+
+
+def content(store: ObjectStore, node: Inode) -> bytes:
+    if node.content is not None or node.size == 0:
+        return node.content or b""
+    assert node.digest is not None
+    with open(store.path_of(node.digest), "rb") as f:
+        return f.read()
+
+
+def ensure_image(repo: Repository, c: Commit) -> bool:
+    """Build the commit's image from its manifest, refuse it unless it has the digest
+    the commit names, and store it unless present; True if it was stored."""
+    built = imagewriter.build(c.root, min_version=c.image_format, max_version=c.image_format).image
+    if fsverity.digest_bytes(built) != c.image_digest:
+        raise DeployError(f"commit {c.id[:12]}: its manifest does not give the image its "
+                          "Composefs-Digest names; refusing to deploy it")
+    path = repo.objects.path_of(c.image_digest)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() != built:
+                raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+        return False
+    with repo.lock(wait=60):
+        repo.objects.add_bytes(built)
+    return True
+
+
+def os_release(store: ObjectStore, root: Inode) -> dict[str, str]:
+    for path in (b"/etc/os-release", b"/usr/lib/os-release"):
+        e = lookup(root, path)
+        if e is None:
+            continue
+        node = resolve(e)
+        if node.is_symlink():
+            target = node.payload or b""
+            base = path.rsplit(b"/", 1)[0]
+            e = lookup(root, target if target.startswith(b"/") else os.path.normpath(base + b"/" + target))
+            node = resolve(e) if e is not None else node
+        if node.is_reg():
+            out = {}
+            for line in content(store, node).decode(errors="replace").splitlines():
+                k, sep, v = line.partition("=")
+                if sep:
+                    out[k.strip()] = v.strip().strip("\"'")
+            return out
+    return {}
+
+
+# --- entries ------------------------------------------------------------------------------
+
+
+def _entry(sysroot: Sysroot, dep: Deployment, kernel: Kernel, title: str, verity: str,
+           tries: tuple[int | None, int | None]) -> BootEntry:
+    own = kargs.Own(dep.path, dep.image_digest, verity)
+    return BootEntry(os=dep.os, index=0, title=title, linux=kernel.linux, initrd=kernel.initrd,
+                     options=" ".join(dep.kargs + own.args()),
+                     tries_left=tries[0], tries_done=tries[1])
+
+
+def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
+             new_entries: dict[str, BootEntry] | None = None) -> list[BootEntry]:
+    """Switch the os's entries to `order`, keeping each kept entry's fields and counters."""
+    by_name = {d.name: e for d, e in zip(state.deployments, state.entries)}
+    if new_entries:
+        by_name.update(new_entries)
+    entries = bootloader.number(_retitle(by_name[d.name], d) for d in order)
+    bootloader.switch_entries(sysroot.boot, state.os, entries)
+    return entries
+
+
+def _retitle(e: BootEntry, dep: Deployment) -> BootEntry:
+    # Options carry the deployment's current kargs (kargs edits the record first).
+    own = kargs.own(kargs.split(e.options))
+    verity = own.verity if own else "require"
+    options = " ".join(dep.kargs + kargs.Own(dep.path, dep.image_digest, verity).args())
+    return BootEntry(e.os, e.index, e.title, e.linux, e.initrd, options, e.tries_left, e.tries_done)
+
+
+def _title(release: dict[str, str], version: str | None, os_name: str) -> str:
+    name = release.get("PRETTY_NAME") or release.get("NAME") or os_name
+    if version and version not in name:
+        name += f" {version}"
+    return f"{name} (cfsdeploy {os_name})"
+
+
+def _kernels(state: State) -> list[Kernel]:
+    return [k for e in state.entries if (k := bootloader.kernel_of(e)) is not None]
+
+
+def _set_ref(repo: Repository, dep: Deployment) -> None:
+    with repo.lock(wait=60):
+        repo.git.references.create(f"{DEPLOY_REF}/{dep.os}/{dep.name}", pygit2.Oid(hex=dep.commit), force=True)
+
+
+def _drop_refs(repo: Repository, os_name: str, keep: set[str]) -> None:
+    prefix = f"{DEPLOY_REF}/{os_name}/"
+    with repo.lock(wait=60):
+        for name in list(repo.git.references):
+            if name.startswith(prefix) and name[len(prefix):] not in keep:
+                repo.git.references.delete(name)
+
+
+def _settle(sysroot: Sysroot, os_name: str) -> tuple[State, list[str]]:
+    """After a switch: remove what no entry names any more; return the new state and
+    the kernels removed."""
+    state = sysroot.state(os_name)
+    sysroot.remove_strays(state)
+    kernels = bootloader.remove_unused_kernels(sysroot.boot, os_name, _kernels(state))
+    _drop_refs(sysroot.repo, os_name, {d.name for d in state.deployments})
+    return state, kernels
+
+
+def _prepare(sysroot: Sysroot, os_name: str) -> State:
+    """Under the lock, before a change: clear leftovers of interrupted runs."""
+    bootloader.clean_staged(sysroot.boot)
+    return _settle(sysroot, os_name)[0]
+
+
+# --- deploy -----------------------------------------------------------------------------
+
+
+@dataclass
+class DeployResult:
+    deployment: Deployment
+    index: int
+    kernel: Kernel
+    image_built: bool
+    etc: MergeReport
+    merged_from: Deployment | None
+    removed: list[str] = field(default_factory=list)
+
+
+def retain(state: State, sysroot: Sysroot, *, new_default: bool) -> list[Deployment]:
+    """Which existing deployments stay (OSTree's rule): the booted one, pinned ones, the
+    rollback (the current default when a new deployment takes its place, else the
+    second), the default unless replaced, and keep-extra more, in boot order."""
+    cfg = sysroot.config
+    rollback_index = 0 if new_default else 1
+    kept = []
+    extra = cfg.keep_extra
+    for i, d in enumerate(state.deployments):
+        if (d.pinned or d == state.booted or (i == 0 and not new_default)
+                or (i == rollback_index and cfg.keep_rollback)):
+            kept.append(d)
+        elif extra > 0:
+            kept.append(d)
+            extra -= 1
+    return kept
+
+
+@locked
+def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] = (),
+           delete: tuple[str, ...] = (), make_default: bool = True, tries: int | None = None,
+           verity: str | None = None, origin: Origin | None = None, log: Log = lambda m: None) -> DeployResult:
+    repo = sysroot.repo
+    c = load_commit(repo, rev)
+    _missing_objects(repo, c.root, c.id)
+    tries = sysroot.config.tries if tries is None else tries
+    verity = verity or sysroot.config.verity
+    state = _prepare(sysroot, os_name)
+    image_built = ensure_image(repo, c)
+    merge_dep = state.booted or state.default
+    base_kargs = merge_dep.kargs if merge_dep else sysroot.config.kargs
+    new_kargs = kargs.edit(base_kargs, append=append, delete=delete)
+    origin = origin or origin_of(repo, rev) or (merge_dep.origin if merge_dep else None)
+
+    kernel = _install_kernel(sysroot, os_name, c)
+    os_dir = sysroot.os_dir(os_name)
+    name = deployment.next_name(c.id, os.listdir(os_dir))
+    dep = Deployment(os=os_name, name=name, commit=c.id, image_digest=c.image_digest.hex(),
+                     kernel_version=c.kver, kargs=new_kargs, origin=origin, version=c.version,
+                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=os_dir)
+    report = _make_etc(sysroot, c, merge_dep, os.path.join(staging, "etc"))
+    deployment.save(staging, dep)
+    _ensure_var(sysroot, os_name, c)
+    _set_ref(repo, dep)
+    syncfs(os_dir)
+    os.rename(staging, os.path.join(os_dir, name))
+    fsync_dir(os_dir)
+    log(f"deployment {name} prepared: {report.summary()}")
+
+    kept = retain(state, sysroot, new_default=make_default)
+    order = [dep] + kept if make_default or not kept else [kept[0], dep] + kept[1:]
+    release = os_release(repo.objects, c.root)
+    entry = _entry(sysroot, dep, kernel, _title(release, c.version, os_name), verity,
+                   (tries, None) if tries else (None, None))
+    _rewrite(sysroot, state, order, {name: entry})
+    new_state, _ = _settle(sysroot, os_name)
+    removed = [d.name for d in state.deployments if d not in new_state.deployments]
+    return DeployResult(dep, order.index(dep), kernel, image_built, report, merge_dep, removed)
+
+
+def _install_kernel(sysroot: Sysroot, os_name: str, c: Commit) -> Kernel:
+    store = sysroot.repo.objects
+    paths = []
+    for node, what in ((c.kernel, "kernel"), (c.initramfs, "initramfs")):
+        if node.digest is None:
+            raise DeployError(f"commit {c.id[:12]}: the {what} is too small to be real")
+        paths.append(store.path_of(node.digest))
+    with open(paths[0], "rb") as k, open(paths[1], "rb") as i:
+        for f, node, what in ((k, c.kernel, "kernel"), (i, c.initramfs, "initramfs")):
+            if fsverity.digest_fd(f.fileno()) != node.digest:
+                raise DeployError(f"the {what} object {node.digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+        return bootloader.install_kernel(sysroot.boot, os_name, c.kver, k, i)
+
+
+def _make_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment | None, dest: str) -> MergeReport:
+    new_etc = lookup(c.root, b"/etc")
+    assert isinstance(new_etc, Inode)
+    if merge_dep is None:
+        return merge_etc(None, None, new_etc, sysroot.repo.objects, os.fsencode(dest))
+    old = load_commit_root(sysroot.repo, merge_dep.commit)
+    orig = lookup(old, b"/etc")
+    local = os.path.join(sysroot.dir_of(merge_dep), "etc")
+    return merge_etc(orig if isinstance(orig, Inode) else None, os.fsencode(local), new_etc,
+                     sysroot.repo.objects, os.fsencode(dest))
+
+
+def load_commit_root(repo: Repository, rev: str) -> Inode:
+    return dumpfile.parse(repo.resolve(rev).tree[MANIFEST].data)
+
+
+def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:
+    """The os's /var takes the first deployed commit's /var while it is empty, and then
+    belongs to the machine: upgrades never touch it (OSTree's rule, as for a
+    container volume)."""
+    var = sysroot.var_dir(os_name)
+    if os.path.isdir(var) and os.listdir(var):
+        return
+    node = lookup(c.root, b"/var")
+    assert isinstance(node, Inode)
+    staging = os.path.join(sysroot.os_dir(os_name), ".var.new")
+    force_rmtree(staging, ignore_errors=True)
+    checkout(node, sysroot.repo.objects, staging)
+    syncfs(staging)
+    os.rename(staging, var)  # replaces the empty directory in one step
+    fsync_dir(os.path.dirname(var))
+
+
+# --- rollback, undeploy, pin, kargs, cleanup ----------------------------------------------
+
+
+@locked
+def rollback(sysroot: Sysroot, os_name: str) -> tuple[Deployment, Deployment]:
+    """Make the previous deployment the default (or the booted one, when an upgrade
+    is pending).  Returns (new default, old default)."""
+    state = _prepare(sysroot, os_name)
+    if len(state.deployments) < 2:
+        raise SysrootError("there is no other deployment to roll back to")
+    old = state.deployments[0]
+    target = state.booted if state.booted is not None and state.booted != old else state.deployments[1]
+    _rewrite(sysroot, state, [target] + [d for d in state.deployments if d != target])
+    return target, old
+
+
+@locked
+def undeploy(sysroot: Sysroot, os_name: str, index: int) -> Deployment:
+    state = _prepare(sysroot, os_name)
+    dep = state.find(index)
+    if dep == state.booted:
+        raise SysrootError(f"deployment {index} ({dep.name}) is the booted one; it stays")
+    if len(state.deployments) == 1:
+        raise SysrootError("refusing to remove the only deployment: nothing would boot")
+    _rewrite(sysroot, state, [d for d in state.deployments if d != dep])
+    _settle(sysroot, os_name)
+    return dep
+
+
+@locked
+def pin(sysroot: Sysroot, os_name: str, index: int, pinned: bool = True) -> Deployment:
+    state = _prepare(sysroot, os_name)
+    dep = state.find(index).with_(pinned=pinned)
+    deployment.save(sysroot.dir_of(dep), dep)
+    return dep
+
+
+@locked
+def set_kargs(sysroot: Sysroot, os_name: str, *, append: tuple[str, ...] = (), delete: tuple[str, ...] = (),
+              replace: tuple[str, ...] = ()) -> Deployment:
+    """Edit the default deployment's kernel arguments (a new entry set, switched atomically)."""
+    state = _prepare(sysroot, os_name)
+    if state.default is None:
+        raise SysrootError(f"os {os_name!r} has no deployment")
+    dep = state.default.with_(kargs=kargs.edit(state.default.kargs, append=append, delete=delete,
+                                               replace=replace))
+    deployment.save(sysroot.dir_of(dep), dep)
+    state.deployments[0] = dep
+    _rewrite(sysroot, state, state.deployments)
+    return dep
+
+
+@dataclass
+class CleanupResult:
+    deployments: list[str]
+    kernels: list[str]
+    objects: int
+    bytes_freed: int
+
+
+@locked
+def cleanup(sysroot: Sysroot, os_name: str, *, prune_objects: bool = True) -> CleanupResult:
+    """Drop deployments beyond the retention (never the default, booted or pinned),
+    then kernels and objects nothing needs."""
+    state = _prepare(sysroot, os_name)
+    kept = retain(state, sysroot, new_default=False)
+    dropped = [d.name for d in state.deployments if d not in kept]
+    if dropped:
+        _rewrite(sysroot, state, kept)
+    _, kernels = _settle(sysroot, os_name)
+    removed, freed = 0, 0
+    if prune_objects:
+        with sysroot.repo.lock(wait=60):
+            r = prune(sysroot.repo)
+        removed, freed = r.removed, r.bytes_freed
+    return CleanupResult(dropped, kernels, removed, freed)

@@ -1,0 +1,311 @@
+"""A machine's sysroot: its repository, the deployments of each os, their shared /var,
+the boot directory, settings and lock.
+
+    SYSROOT/cfsdeploy/config.toml                 settings (TOML, for humans)
+    SYSROOT/cfsdeploy/lock                        flock()ed by whoever changes deployments
+    SYSROOT/cfsdeploy/repo/                       the repository
+    SYSROOT/cfsdeploy/deploy/<os>/var/            the os's shared /var
+    SYSROOT/cfsdeploy/deploy/<os>/<deployment>/   deployment.json and etc/
+
+The boot entries are the truth about which deployments exist and in what order; a
+deployment directory no entry names is what an interrupted deploy left, and goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from . import bootloader, deployment, kargs
+from .bootloader import BootEntry
+from .deployment import Deployment
+from .errors import CfsError
+from .fsutil import atomic_write_bytes, force_rmtree, fsync_dir
+from .repository import Repository
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+TOP = "cfsdeploy"
+_OS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
+CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
+
+
+class SysrootError(CfsError):
+    pass
+
+
+@dataclass
+class Config:
+    """SYSROOT/cfsdeploy/config.toml."""
+    default_os: str | None = None
+    # The boot directory: relative to the sysroot, or absolute.
+    boot_dir: str = "boot"
+    # Kernel arguments of a first deployment (later ones inherit their predecessor's).
+    kargs: list[str] = field(default_factory=list)
+    verity: str = "require"
+    # systemd-boot boot counting: tries of a new entry (0: off).
+    tries: int = 0
+    keep_rollback: bool = True
+    # How many more older deployments a deploy keeps beyond new, booted, rollback, pinned.
+    keep_extra: int = 0
+
+    def render(self) -> str:
+        def q(s: str) -> str:
+            return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["# cfsdeploy sysroot settings", "[sysroot]"]
+        if self.default_os:
+            lines.append(f"default-os = {q(self.default_os)}")
+        lines += [f"boot-dir = {q(self.boot_dir)}", "", "[boot]",
+                  f"kargs = [{', '.join(q(a) for a in self.kargs)}]",
+                  f"verity = {q(self.verity)}        # require | try | off",
+                  f"tries = {self.tries}             # boot counting tries of new entries (0: off)",
+                  "", "[deploy]",
+                  f"keep-rollback = {'true' if self.keep_rollback else 'false'}",
+                  f"keep-extra = {self.keep_extra}        # older deployments kept beyond the rollback"]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Config:
+        try:
+            t = tomllib.loads(data.decode())
+            s, b, d = t.get("sysroot", {}), t.get("boot", {}), t.get("deploy", {})
+            c = cls(default_os=s.get("default-os"), boot_dir=s.get("boot-dir", "boot"),
+                    kargs=list(b.get("kargs", [])), verity=b.get("verity", "require"),
+                    tries=b.get("tries", 0), keep_rollback=d.get("keep-rollback", True),
+                    keep_extra=d.get("keep-extra", 0))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError) as e:
+            raise SysrootError(f"{where}: {e}") from None
+        if c.verity not in kargs.VERITY_MODES:
+            raise SysrootError(f"{where}: verity must be one of {', '.join(kargs.VERITY_MODES)}")
+        if not isinstance(c.tries, int) or not 0 <= c.tries <= bootloader.MAX_TRIES:
+            raise SysrootError(f"{where}: tries must be 0..{bootloader.MAX_TRIES}")
+        if not isinstance(c.keep_extra, int) or c.keep_extra < 0:
+            raise SysrootError(f"{where}: keep-extra must be a number >= 0")
+        for a in c.kargs:
+            kargs.check(a)
+        return c
+
+
+def check_os_name(name: str) -> str:
+    # '-' is kept out: GRUB reads entry file names as name-version-release.
+    if not _OS_NAME.fullmatch(name) or len(name) > 64:
+        raise SysrootError(f"invalid os name {name!r} (letters, digits, '_' and '.')")
+    return name
+
+
+@dataclass
+class State:
+    """An os's deployments in boot order (default first) with their entries."""
+    os: str
+    deployments: list[Deployment]
+    entries: list[BootEntry]
+    booted: Deployment | None
+
+    @property
+    def default(self) -> Deployment | None:
+        return self.deployments[0] if self.deployments else None
+
+    @property
+    def rollback(self) -> Deployment | None:
+        return self.deployments[1] if len(self.deployments) > 1 else None
+
+    def entry_of(self, dep: Deployment) -> BootEntry:
+        return self.entries[self.deployments.index(dep)]
+
+    def find(self, index: int) -> Deployment:
+        if not 0 <= index < len(self.deployments):
+            raise SysrootError(f"no deployment {index} (there are {len(self.deployments)})")
+        return self.deployments[index]
+
+
+class Sysroot:
+    def __init__(self, path: str, *, boot_dir: str | None = None, cmdline: str | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.top = os.path.join(self.path, TOP)
+        config_path = os.path.join(self.top, "config.toml")
+        try:
+            with open(config_path, "rb") as f:
+                self.config = Config.parse(f.read(), config_path)
+        except FileNotFoundError:
+            raise SysrootError(f"not a cfsdeploy sysroot: {self.path} (run `cfsdeploy sysroot init`)") from None
+        self.boot = os.path.join(self.path, boot_dir or self.config.boot_dir)
+        self._cmdline = cmdline
+        self._repo: Repository | None = None
+        # How long changes wait for another process's lock, and whom to tell.
+        self.lock_wait = 0.0
+        self.on_lock_wait: Callable[[], None] | None = None
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository(os.path.join(self.top, "repo"))
+        return self._repo
+
+    @classmethod
+    def init(cls, path: str, os_name: str, *, boot_dir: str | None = None,
+             karg_list: list[str] | None = None) -> Sysroot:
+        """Lay out a sysroot, or add an os to an existing one."""
+        check_os_name(os_name)
+        top = os.path.join(os.path.abspath(path), TOP)
+        config_path = os.path.join(top, "config.toml")
+        if os.path.exists(config_path):
+            with open(config_path, "rb") as f:
+                config = Config.parse(f.read(), config_path)
+            if boot_dir is not None and boot_dir != config.boot_dir:
+                raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
+        else:
+            config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
+                            kargs=[kargs.check(a) for a in karg_list or []])
+            os.makedirs(top, exist_ok=True)
+            if not os.path.exists(os.path.join(top, "repo")):
+                Repository.init(os.path.join(top, "repo"))
+            open(os.path.join(top, "lock"), "a").close()
+            atomic_write_bytes(config_path, config.render().encode())
+        os.makedirs(os.path.join(top, "deploy", os_name, "var"), exist_ok=True)
+        fsync_dir(os.path.join(top, "deploy"))
+        return cls(path)
+
+    # --- paths, lock -------------------------------------------------------------------
+
+    def os_dir(self, os_name: str) -> str:
+        return os.path.join(self.top, "deploy", os_name)
+
+    def dir_of(self, dep: Deployment) -> str:
+        return os.path.join(self.os_dir(dep.os), dep.name)
+
+    def var_dir(self, os_name: str) -> str:
+        return os.path.join(self.os_dir(os_name), "var")
+
+    def os_names(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(n for n in os.listdir(os.path.join(self.top, "deploy"))
+                          if _OS_NAME.fullmatch(n))
+        return []
+
+    def pick_os(self, os_name: str | None) -> str:
+        """The os a command means: as given, else the booted one, else the configured one."""
+        if os_name is None:
+            booted = self.booted_path()
+            if booted is not None and booted.startswith("/cfsdeploy/deploy/"):
+                os_name = booted.split("/")[3]
+        os_name = os_name or self.config.default_os
+        if os_name is None:
+            raise SysrootError("which os? give --os")
+        if os_name not in self.os_names():
+            raise SysrootError(f"no os {os_name!r} in {self.path} (run `cfsdeploy sysroot init --os {os_name}`)")
+        return os_name
+
+    @contextlib.contextmanager
+    def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        fd = os.open(os.path.join(self.top, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                if time.monotonic() >= deadline:
+                    raise SysrootError(f"sysroot {self.path} is locked by another cfsdeploy process")
+                if not told and on_wait is not None:
+                    on_wait()
+                    told = True
+                time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- state -------------------------------------------------------------------------
+
+    def booted_path(self) -> str | None:
+        """The deployment the running system booted (its cfsdeploy= argument)."""
+        text = self._cmdline
+        if text is None:
+            source = os.environ.get(CMDLINE_ENV, "/proc/cmdline")
+            try:
+                with open(source) as f:
+                    text = f.read()
+            except OSError:
+                return None
+        return kargs.value(kargs.split(text), kargs.DEPLOYMENT)
+
+    def state(self, os_name: str) -> State:
+        entries = bootloader.read_entries(self.boot, os_name)
+        deps = []
+        for e in entries:
+            path = e.option(kargs.DEPLOYMENT)
+            prefix = f"/cfsdeploy/deploy/{os_name}/"
+            if path is None or not path.startswith(prefix) or not deployment.is_name(path[len(prefix):]):
+                raise SysrootError(f"boot entry {e.filename} names no deployment of {os_name!r}")
+            dep = deployment.load(os.path.join(self.os_dir(os_name), path[len(prefix):]))
+            # The entry is what boots: its options are the deployment's kernel arguments.
+            deps.append(dep.with_(kargs=[a for a in kargs.split(e.options) if kargs.key(a) not in kargs.OWN]))
+        booted = self.booted_path()
+        return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None))
+
+    def remove_strays(self, state: State) -> list[str]:
+        """Delete deployment directories no entry names: leftovers of an interrupted
+        deploy, or of an undeploy (call under the lock, with the os's current state)."""
+        keep = {d.name for d in state.deployments} | {"var"}
+        removed = []
+        top = self.os_dir(state.os)
+        for name in sorted(os.listdir(top)):
+            if name not in keep:
+                force_rmtree(os.path.join(top, name))
+                removed.append(name)
+        if removed:
+            fsync_dir(top)
+        return removed
+
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    index: int
+    deployment: Deployment
+    entry: BootEntry
+    booted: bool
+
+    @property
+    def default(self) -> bool:
+        return self.index == 0
+
+    @property
+    def rollback(self) -> bool:
+        return self.index == 1
+
+    @property
+    def boot_counting(self) -> str | None:
+        """What systemd-boot's counter in the entry's name says, in words."""
+        left, done = self.entry.tries_left, self.entry.tries_done or 0
+        if left is None:
+            return None
+        if left == 0:
+            return (f"FAILED TO BOOT: all {done} tries used without reaching boot-complete; "
+                    "the boot loader now boots the next entry")
+        return f"on trial: {left} tries left, {done} used (blessed when a boot completes)"
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": self.index, **self.deployment.to_json(), "booted": self.booted,
+                "default": self.default, "rollback": self.rollback, "entry": self.entry.filename,
+                "tries_left": self.entry.tries_left, "tries_done": self.entry.tries_done,
+                "boot_failed": self.entry.failed, "boot_counting": self.boot_counting}
+
+
+def status(sysroot: Sysroot, os_name: str) -> list[DeploymentStatus]:
+    state = sysroot.state(os_name)
+    return [DeploymentStatus(i, d, e, d == state.booted)
+            for i, (d, e) in enumerate(zip(state.deployments, state.entries))]

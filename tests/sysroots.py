@@ -1,0 +1,67 @@
+"""Test sysroots: small OS trees with a kernel, committed, and boot directories that are
+filesystems of their own, as ESPs are."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from cfsdeploy.sysroot import Sysroot
+
+KVER = "6.12.0-test"
+OS = "testos"
+BRANCH = "testos/stable"
+ROOT_KARGS = ["root=UUID=0f0e0d0c-0b0a-0908-0706-050403020100", "rw"]
+
+
+def make_os_tree(top: Path, *, version: str = "1", files: int = 20, kernel_seed: bytes = b"k1") -> Path:
+    """A root filesystem with what deploying needs: a kernel and initramfs in
+    /usr/lib/modules/<kver>/, os-release, /etc, /var and an empty /sysroot."""
+    for d in ("usr/bin", f"usr/lib/modules/{KVER}", "etc/default", "var/lib/app", "sysroot"):
+        (top / d).mkdir(parents=True, exist_ok=True)
+    (top / "usr/lib/os-release").write_text(f'NAME="Test OS"\nPRETTY_NAME="Test OS {version}"\nVERSION_ID={version}\n')
+    with contextlib.suppress(FileNotFoundError):
+        (top / "etc/os-release").unlink()
+    (top / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (top / f"usr/lib/modules/{KVER}/vmlinuz").write_bytes(kernel_seed * 40_000)
+    (top / f"usr/lib/modules/{KVER}/initramfs.img").write_bytes(kernel_seed[::-1] * 60_000)
+    (top / "etc/hostname").write_text("testbox\n")
+    (top / "etc/default/app").write_text(f"SETTING={version}\n")
+    (top / "var/lib/app/state").write_text("initial\n")
+    for i in range(files):
+        (top / f"usr/bin/tool{i}").write_bytes(bytes([i]) * (1000 + i) + version.encode())
+    return top
+
+
+def commit_tree(sysroot: Sysroot, tree: Path, *, version: str = "1", branch: str = BRANCH) -> str:
+    return sysroot.repo.commit(tree, branch, f"build {version}", version=version).commit
+
+
+@contextlib.contextmanager
+def boot_mount(path: Path, *, size_mib: int = 64) -> Iterator[Path]:
+    """A boot directory that is the root of its own filesystem, as an ESP is (tmpfs:
+    this host kernel has no vfat; a small one gives a real ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("a boot filesystem needs root to mount")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "boot", str(path)],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True, capture_output=True)
+
+
+def bootctl_list(boot: Path) -> str:
+    """What systemd's own parser of Type #1 entries makes of a boot directory."""
+    if shutil.which("bootctl") is None:
+        pytest.skip("bootctl missing (Debian package systemd-boot)")
+    env = dict(os.environ, SYSTEMD_RELAX_ESP_CHECKS="1")
+    return subprocess.run(["bootctl", f"--esp-path={boot}", "--no-pager", "--json=short", "list"],
+                           check=True, capture_output=True, text=True, env=env).stdout

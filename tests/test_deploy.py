@@ -1,0 +1,434 @@
+"""Deployments on a sysroot: deploy, status, rollback, undeploy, pin, kargs, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pygit2
+import pytest
+
+from cfsdeploy import admin, bootloader
+from cfsdeploy.deployment import Origin
+from cfsdeploy.fsck import fsck
+from cfsdeploy.sysroot import Sysroot, SysrootError, status
+
+from .sysroots import BRANCH, KVER, OS, ROOT_KARGS, boot_mount, bootctl_list, commit_tree, make_os_tree
+
+
+@pytest.fixture
+def machine(tmp_path):
+    root = tmp_path / "sysroot"
+    with boot_mount(root / "boot"):
+        s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
+        tree = make_os_tree(tmp_path / "tree")
+        yield SimpleNamespace(sysroot=s, tree=tree, root=root, boot=root / "boot", tmp=tmp_path)
+
+
+def deploy(m, rev: str = BRANCH, **kw) -> admin.DeployResult:
+    return admin.deploy(m.sysroot, rev, os_name=OS, **kw)
+
+
+def booted_into(m, index: int = 0) -> Sysroot:
+    """The sysroot as the machine sees it after booting entry `index`."""
+    entry = m.sysroot.state(OS).entries[index]
+    return Sysroot(str(m.root), cmdline=f"BOOT_IMAGE=x {entry.options}")
+
+
+def new_version(m, version: str) -> str:
+    make_os_tree(m.tree, version=version)
+    return commit_tree(m.sysroot, m.tree, version=version)
+
+
+def names(m) -> list[str]:
+    return [d.name for d in m.sysroot.state(OS).deployments]
+
+
+def test_sysroot_init_lays_out_the_contract(machine) -> None:
+    top = machine.root / "cfsdeploy"
+    assert sorted(os.listdir(top)) == ["config.toml", "deploy", "lock", "repo"]
+    assert os.listdir(top / "deploy" / OS) == ["var"]
+    assert machine.sysroot.config.kargs == ROOT_KARGS
+
+
+def test_deploy_lays_out_the_deployment(machine) -> None:
+    cid = commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine)
+    d = r.deployment
+    assert d.name == f"{cid[:12]}.0" and d.commit == cid and d.kernel_version == KVER
+    top = machine.root / "cfsdeploy" / "deploy" / OS / d.name
+    assert sorted(os.listdir(top)) == ["deployment.json", "etc"]
+    assert (top / "etc" / "hostname").read_text() == "testbox\n"
+    assert json.loads((top / "deployment.json").read_text())["image_digest"] == d.image_digest
+    assert machine.sysroot.repo.objects.has(bytes.fromhex(d.image_digest))
+    assert (machine.boot / r.kernel.relpath / "vmlinuz").read_bytes() == (machine.tree / f"usr/lib/modules/{KVER}/vmlinuz").read_bytes()
+
+
+def test_entry_names_kernel_initramfs_and_arguments(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    d = deploy(machine).deployment
+    entry = machine.sysroot.state(OS).entries[0]
+    assert entry.filename == f"cfsdeploy-{OS}-1.conf"
+    assert entry.options.split() == ROOT_KARGS + [
+        f"cfsdeploy=/cfsdeploy/deploy/{OS}/{d.name}", f"cfsdeploy.digest={d.image_digest}",
+        "cfsdeploy.verity=require"]
+    assert entry.title == f"Test OS 1 (cfsdeploy {OS})"
+
+
+def test_bootctl_accepts_the_entries(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    deploy(machine)
+    listed = [json.loads(line) for line in bootctl_list(machine.boot).splitlines()]
+    assert [e["title"] for e in listed] == [f"Test OS 2 (cfsdeploy {OS})", f"Test OS 1 (cfsdeploy {OS})"]
+    for e in listed:
+        assert (machine.boot / e["linux"][1:]).is_file()
+        assert all((machine.boot / i[1:]).is_file() for i in e["initrd"])
+
+
+def test_new_deployment_is_default_and_previous_is_rollback(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    first = deploy(machine).deployment
+    new_version(machine, "2")
+    second = deploy(machine).deployment
+    state = machine.sysroot.state(OS)
+    assert state.default == second and state.rollback == first
+
+
+def test_deploy_keeps_new_rollback_and_booted_only(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    machine.sysroot = booted_into(machine)
+    made = []
+    for v in ("2", "3", "4"):
+        new_version(machine, v)
+        made.append(deploy(machine).deployment.name)
+    assert names(machine) == [made[2], made[1], a.name]
+
+
+def test_pinned_deployment_survives_retention(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    admin.pin(machine.sysroot, OS, 0)
+    for v in ("2", "3", "4"):
+        new_version(machine, v)
+        deploy(machine)
+    assert a.name in names(machine)
+    assert machine.sysroot.state(OS).deployments[-1].pinned
+
+
+def test_keep_extra_keeps_more_deployments(machine) -> None:
+    machine.sysroot.config.keep_extra = 2
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    for v in ("2", "3", "4", "5"):
+        new_version(machine, v)
+        deploy(machine)
+    assert len(names(machine)) == 4
+
+
+def test_same_kernel_is_installed_once(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    deploy(machine)
+    assert len(os.listdir(machine.boot / "cfsdeploy" / OS)) == 1
+
+
+def test_dropped_deployment_takes_its_kernel_and_directory_along(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    for v, seed in (("2", b"k2"), ("3", b"k3")):
+        make_os_tree(machine.tree, version=v, kernel_seed=seed)
+        commit_tree(machine.sysroot, machine.tree, version=v)
+        deploy(machine)
+    assert a.name not in os.listdir(machine.root / "cfsdeploy" / "deploy" / OS)
+    assert len(os.listdir(machine.boot / "cfsdeploy" / OS)) == 2
+    assert f"refs/deployments/{OS}/{a.name}" not in machine.sysroot.repo.git.references
+
+
+def test_no_default_adds_after_the_default(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    new_version(machine, "2")
+    b = deploy(machine, make_default=False).deployment
+    assert names(machine) == [a.name, b.name]
+
+
+def test_rollback_swaps_default_and_previous(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    new_version(machine, "2")
+    b = deploy(machine).deployment
+    new, old = admin.rollback(machine.sysroot, OS)
+    assert (new, old) == (a, b) and names(machine) == [a.name, b.name]
+
+
+def test_rollback_with_pending_upgrade_goes_back_to_booted(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    b = deploy(machine).deployment
+    machine.sysroot = booted_into(machine, 0)
+    new_version(machine, "3")
+    c = deploy(machine).deployment
+    assert admin.rollback(machine.sysroot, OS) == (b, c)
+
+
+def test_rollback_needs_two_deployments(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    with pytest.raises(SysrootError, match="no other deployment"):
+        admin.rollback(machine.sysroot, OS)
+
+
+def test_undeploy_removes_a_deployment(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    new_version(machine, "2")
+    b = deploy(machine).deployment
+    assert admin.undeploy(machine.sysroot, OS, 1) == a
+    assert names(machine) == [b.name]
+    assert a.name not in os.listdir(machine.root / "cfsdeploy" / "deploy" / OS)
+
+
+def test_undeploy_refuses_the_booted_and_the_last(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    with pytest.raises(SysrootError, match="only deployment"):
+        admin.undeploy(machine.sysroot, OS, 0)
+    new_version(machine, "2")
+    deploy(machine)
+    machine.sysroot = booted_into(machine, 1)
+    with pytest.raises(SysrootError, match="booted"):
+        admin.undeploy(machine.sysroot, OS, 1)
+
+
+def test_kargs_edit_the_default_entry(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    d = admin.set_kargs(machine.sysroot, OS, append=("quiet",), delete=("rw",), replace=("root=/dev/vdb",))
+    assert d.kargs == ["root=/dev/vdb", "quiet"]
+    assert machine.sysroot.state(OS).entries[0].options.startswith("root=/dev/vdb quiet cfsdeploy=")
+
+
+def test_kargs_carry_over_to_the_next_deployment(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine, append=("console=ttyS0",))
+    new_version(machine, "2")
+    d = deploy(machine, delete=("rw",)).deployment
+    assert d.kargs == [ROOT_KARGS[0], "console=ttyS0"]
+
+
+def test_cfsdeploy_arguments_cannot_be_set_by_hand(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(Exception, match="set by cfsdeploy"):
+        deploy(machine, append=("cfsdeploy.verity=off",))
+
+
+def test_boot_counting_tries_name_the_new_entry(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    deploy(machine, tries=3)
+    files = sorted(os.listdir(machine.boot / "loader" / "entries"))
+    assert files == [f"cfsdeploy-{OS}-1.conf", f"cfsdeploy-{OS}-2+3.conf"]
+    assert "3 tries left" in status(machine.sysroot, OS)[0].boot_counting
+
+
+def test_boot_counter_state_survives_a_rewrite(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine, tries=3)
+    entries = machine.boot / "loader" / "entries"
+    # The boot loader counted one failed attempt.
+    os.rename(entries / f"cfsdeploy-{OS}-1+3.conf", entries / f"cfsdeploy-{OS}-1+2-1.conf")
+    new_version(machine, "2")
+    deploy(machine)
+    assert f"cfsdeploy-{OS}-1+2-1.conf" in os.listdir(entries)
+
+
+def test_status_says_loudly_that_an_entry_failed(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    deploy(machine, tries=2)
+    entries = machine.boot / "loader" / "entries"
+    os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
+    rows = status(booted_into(machine, 1), OS)
+    assert rows[0].entry.failed and "FAILED TO BOOT" in rows[0].boot_counting
+    assert rows[1].booted and rows[1].rollback
+
+
+def test_var_is_made_once_and_never_touched_by_upgrades(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    var = machine.root / "cfsdeploy" / "deploy" / OS / "var"
+    assert (var / "lib/app/state").read_text() == "initial\n"
+    (var / "lib/app/state").write_text("machine data\n")
+    (machine.tree / "var/lib/app/state").write_text("new default\n")
+    new_version(machine, "2")
+    deploy(machine)
+    assert (var / "lib/app/state").read_text() == "machine data\n"
+
+
+def test_local_etc_edit_survives_an_upgrade(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    machine.sysroot = booted_into(machine)
+    (machine.root / "cfsdeploy/deploy" / OS / a.name / "etc/hostname").write_text("mine\n")
+    new_version(machine, "2")
+    r = deploy(machine)
+    etc = machine.root / "cfsdeploy/deploy" / OS / r.deployment.name / "etc"
+    assert (etc / "hostname").read_text() == "mine\n"
+    assert (etc / "default/app").read_text() == "SETTING=2\n"
+    assert r.etc.modified == [b"/etc/hostname"] and r.merged_from == a
+
+
+def test_origin_is_the_branch_deployed(machine) -> None:
+    cid = commit_tree(machine.sysroot, machine.tree)
+    assert deploy(machine, origin=Origin(BRANCH)).deployment.origin == Origin(BRANCH)
+    # A commit id keeps the origin the machine follows.
+    assert deploy(machine, cid).deployment.origin == Origin(BRANCH)
+
+
+def test_prune_keeps_objects_of_deployments_whose_branch_moved(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    repo = machine.sysroot.repo
+    repo.git.references.delete(f"refs/heads/{BRANCH}")
+    r = admin.cleanup(machine.sysroot, OS)
+    assert r.objects == 0 and fsck(repo).ok
+
+
+def test_cleanup_applies_the_retention(machine) -> None:
+    machine.sysroot.config.keep_extra = 5
+    commit_tree(machine.sysroot, machine.tree)
+    for v in ("2", "3", "4"):
+        deploy(machine)
+        new_version(machine, v)
+    machine.sysroot.config.keep_extra = 0
+    r = admin.cleanup(machine.sysroot, OS)
+    assert len(r.deployments) == 1 and len(names(machine)) == 2
+
+
+# --- errors: clear, and nothing half-written -------------------------------------------
+
+
+def snapshot(m) -> list[str]:
+    out = []
+    for top in (m.root, m.boot):
+        for dirpath, dirnames, files in os.walk(top):
+            if "repo" in Path(dirpath).parts:
+                continue
+            out += [os.path.join(dirpath, n) for n in dirnames + files]
+    return sorted(out)
+
+
+def test_unknown_revision_is_a_clear_error(machine) -> None:
+    with pytest.raises(Exception, match="unknown revision 'nope'"):
+        deploy(machine, "nope")
+
+
+def test_commit_without_kernel_is_refused(machine) -> None:
+    for f in (machine.tree / f"usr/lib/modules/{KVER}").iterdir():
+        f.unlink()
+    commit_tree(machine.sysroot, machine.tree)
+    before = snapshot(machine)
+    with pytest.raises(admin.DeployError, match="has no kernel"):
+        deploy(machine)
+    assert snapshot(machine) == before
+
+
+def test_commit_without_sysroot_dir_is_refused(machine) -> None:
+    (machine.tree / "sysroot").rmdir()
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(admin.DeployError, match="no /sysroot directory"):
+        deploy(machine)
+
+
+def test_missing_objects_are_named(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    objects = machine.sysroot.repo.objects
+    victim = next(p for p in Path(objects.path).rglob("*") if p.is_file() and p.stat().st_size == 1006)
+    victim.unlink()
+    before = snapshot(machine)
+    with pytest.raises(admin.DeployError, match=f"misses 1 objects: {victim.parent.name}{victim.name}.*fsck"):
+        deploy(machine)
+    assert snapshot(machine) == before
+
+
+def test_manifest_that_does_not_give_its_image_is_refused(machine) -> None:
+    cid = commit_tree(machine.sysroot, machine.tree)
+    repo = machine.sysroot.repo
+    c = repo.resolve(cid)
+    digest = c.message.split("Composefs-Digest: ")[1][:64]
+    message = c.message.replace(digest, "11" * 32)
+    forged = repo.git.create_commit(None, c.author, c.committer, message, c.tree_id, [])
+    with pytest.raises(admin.DeployError, match="does not give the image"):
+        deploy(machine, str(forged))
+
+
+def test_full_boot_directory_leaves_old_state(tmp_path) -> None:
+    root = tmp_path / "sysroot"
+    with boot_mount(root / "boot", size_mib=1) as boot:
+        s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
+        tree = make_os_tree(tmp_path / "tree")
+        (tree / f"usr/lib/modules/{KVER}/initramfs.img").write_bytes(os.urandom(2 << 20))
+        commit_tree(s, tree)
+        with pytest.raises(bootloader.BootError, match="boot directory .* is full"):
+            admin.deploy(s, BRANCH, os_name=OS)
+        assert s.state(OS).deployments == []
+        assert os.listdir(boot) in ([], ["cfsdeploy"]) and not list((boot).rglob("*.img"))
+        assert os.listdir(root / "cfsdeploy/deploy" / OS) == ["var"]
+
+
+def test_concurrent_deploy_waits_for_the_lock_or_fails_clearly(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    with machine.sysroot.lock():
+        env = dict(os.environ, CFSDEPLOY_SYSROOT=str(machine.root))
+        p = subprocess.run([sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS,
+                            "--wait-lock", "0.3"], env=env, capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
+    assert machine.sysroot.state(OS).deployments == []
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def cli(m, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CFSDEPLOY_SYSROOT=str(m.root), CFSDEPLOY_CMDLINE=str(m.tmp / "cmdline"))
+    return subprocess.run([sys.executable, "-m", "cfsdeploy.cli", *args], env=env, capture_output=True, text=True)
+
+
+def test_cli_deploy_status_rollback(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    (machine.tmp / "cmdline").write_text("quiet\n")
+    assert cli(machine, "deploy", BRANCH).returncode == 0
+    new_version(machine, "2")
+    out = cli(machine, "deploy", BRANCH, "--tries", "2")
+    assert out.returncode == 0 and "this is now the default" in out.stdout, out.stderr
+    (machine.tmp / "cmdline").write_text(machine.sysroot.state(OS).entries[1].options)
+    rows = json.loads(cli(machine, "status", "--json").stdout)["deployments"]
+    assert [(r["default"], r["rollback"], r["booted"], r["tries_left"]) for r in rows] == [
+        (True, False, False, 2), (False, True, True, None)]
+    assert "on trial: 2 tries left" in cli(machine, "status").stdout
+    assert cli(machine, "rollback").returncode == 0
+    assert json.loads(cli(machine, "status", "--json").stdout)["deployments"][0]["booted"]
+
+
+def test_cli_errors_are_one_line(machine) -> None:
+    p = cli(machine, "deploy", "nope")
+    assert p.returncode == 1 and p.stderr == "cfsdeploy: unknown revision 'nope'\n"
+
+
+def test_deployment_refs_keep_commits_for_git(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    d = deploy(machine).deployment
+    ref = machine.sysroot.repo.git.references[f"refs/deployments/{OS}/{d.name}"]
+    assert ref.target == pygit2.Oid(hex=d.commit)
