@@ -32,7 +32,6 @@ from .repository import (
     TRAILER_VERSION,
     Repository,
     image_digest_of,
-    objects_of,
     prune,
     trailers,
 )
@@ -61,10 +60,18 @@ class DeployError(CfsError):
 # --- reading a commit ------------------------------------------------------------------
 
 
+# What deploying reads of a manifest; the rest is never parsed (see load_commit).
+DEPLOY_PATHS = (rb"/(?:etc|var)(?:/[^ \n]*)?|/sysroot|/usr/lib/os-release"
+                rb"|/usr/lib/modules/[^/ \n]+/(?:vmlinuz|initramfs\.img)")
+ETC_PATHS = rb"/etc(?:/[^ \n]*)?"
+
+
 @dataclass
 class Commit:
     """What deploying needs to know about a commit."""
     id: str
+    manifest: bytes
+    # A partial tree: DEPLOY_PATHS and their ancestors only.
     root: Inode
     image_digest: bytes
     image_format: int
@@ -75,13 +82,15 @@ class Commit:
 
 
 def load_commit(repo: Repository, rev: str) -> Commit:
+    """Read a commit for deploying.  Only the paths deploying uses are parsed, so
+    the time taken hardly grows with the size of the tree."""
     c = repo.resolve(rev)
     cid = str(c.id)
     try:
         data = c.tree[MANIFEST].data
     except KeyError:
         raise DeployError(f"commit {cid} has no {MANIFEST}") from None
-    root = dumpfile.parse(data)
+    root = dumpfile.parse_paths(data, DEPLOY_PATHS)
     for d in (b"/etc", b"/var", b"/sysroot"):
         e = lookup(root, d)
         if not isinstance(e, Inode) or not e.is_dir():
@@ -89,7 +98,7 @@ def load_commit(repo: Repository, rev: str) -> Commit:
     kver, kernel, initramfs = find_kernel(root, cid)
     t = trailers(c.message)
     fmt = t.get(TRAILER_FORMAT, "0")
-    return Commit(cid, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
+    return Commit(cid, data, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
                   t.get(TRAILER_VERSION), kver, kernel, initramfs)
 
 
@@ -123,11 +132,11 @@ def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
     raise DeployError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
 
 
-def _missing_objects(repo: Repository, root: Inode, cid: str) -> None:
-    missing = sorted(d.hex() for d in objects_of(root) if not repo.objects.has(d))
+def _missing_objects(repo: Repository, c: Commit) -> None:
+    missing = sorted(d.hex() for d in repo.objects.missing(dumpfile.external_digests(c.manifest)))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DeployError(f"commit {cid[:12]} misses {len(missing)} objects: {shown} "
+        raise DeployError(f"commit {c.id[:12]} misses {len(missing)} objects: {shown} "
                           "(run `cfsdeploy fsck`, or pull again)")
 
 
@@ -139,21 +148,32 @@ def content(store: ObjectStore, node: Inode) -> bytes:
         return f.read()
 
 
-def ensure_image(repo: Repository, c: Commit) -> bool:
-    """Build the commit's image from its manifest, refuse it unless it has the digest
-    the commit names, and store it unless present; True if it was stored."""
-    built = imagewriter.build(c.root, min_version=c.image_format, max_version=c.image_format).image
+def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool:
+    """Make sure the commit's image object exists and is the image of its manifest;
+    True if it had to be built.
+
+    A commit whose manifest was built into its image here before (at commit, pull or
+    an earlier deploy) needs only the image object's digest checked.  Any other is
+    built from its whole manifest and refused unless that gives the digest it names."""
+    path = repo.objects.path_of(c.image_digest)
+    if repo.is_verified(c.id, c.image_digest) and os.path.exists(path):
+        if fsverity.digest_file(path) != c.image_digest:
+            raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+        return False
+    log(f"building the image of commit {c.id[:12]} from its manifest")
+    built = imagewriter.build(dumpfile.parse(c.manifest), min_version=c.image_format,
+                              max_version=c.image_format).image
     if fsverity.digest_bytes(built) != c.image_digest:
         raise DeployError(f"commit {c.id[:12]}: its manifest does not give the image its "
                           "Composefs-Digest names; refusing to deploy it")
-    path = repo.objects.path_of(c.image_digest)
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read() != built:
-                raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
-        return False
     with repo.lock(wait=60):
-        repo.objects.add_bytes(built)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if f.read() != built:
+                    raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+        else:
+            repo.objects.add_bytes(built)
+        repo.mark_verified(c.id, c.image_digest)
     return True
 
 
@@ -286,11 +306,11 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
            verity: str | None = None, origin: Origin | None = None, log: Log = lambda m: None) -> DeployResult:
     repo = sysroot.repo
     c = load_commit(repo, rev)
-    _missing_objects(repo, c.root, c.id)
+    _missing_objects(repo, c)
     tries = sysroot.config.tries if tries is None else tries
     verity = verity or sysroot.config.verity
     state = _prepare(sysroot, os_name)
-    image_built = ensure_image(repo, c)
+    image_built = ensure_image(repo, c, log)
     merge_dep = state.booted or state.default
     base_kargs = merge_dep.kargs if merge_dep else sysroot.config.kargs
     new_kargs = kargs.edit(base_kargs, append=append, delete=delete)
@@ -310,7 +330,6 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     syncfs(os_dir)
     os.rename(staging, os.path.join(os_dir, name))
     fsync_dir(os_dir)
-    log(f"deployment {name} prepared: {report.summary()}")
 
     kept = retain(state, sysroot, new_default=make_default)
     order = [dep] + kept if make_default or not kept else [kept[0], dep] + kept[1:]
@@ -342,15 +361,11 @@ def _make_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment | None, dest: s
     assert isinstance(new_etc, Inode)
     if merge_dep is None:
         return merge_etc(None, None, new_etc, sysroot.repo.objects, os.fsencode(dest))
-    old = load_commit_root(sysroot.repo, merge_dep.commit)
+    old = dumpfile.parse_paths(sysroot.repo.resolve(merge_dep.commit).tree[MANIFEST].data, ETC_PATHS)
     orig = lookup(old, b"/etc")
     local = os.path.join(sysroot.dir_of(merge_dep), "etc")
     return merge_etc(orig if isinstance(orig, Inode) else None, os.fsencode(local), new_etc,
                      sysroot.repo.objects, os.fsencode(dest))
-
-
-def load_commit_root(repo: Repository, rev: str) -> Inode:
-    return dumpfile.parse(repo.resolve(rev).tree[MANIFEST].data)
 
 
 def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:

@@ -420,3 +420,39 @@ def dumps(root: Inode) -> bytes:
 def dump(root: Inode, out: IO[bytes]) -> None:
     for line in lines(root):
         out.write(line)
+
+
+def parse_paths(data: bytes, pattern: bytes) -> Inode:
+    """Parse only the entries whose path (as written, escaped) matches the regular
+    expression `pattern`, with their ancestors and hardlink targets: a partial tree,
+    for when reading a few paths should not cost a parse of the whole manifest (the
+    regular expression engine finds the lines without Python touching the others)."""
+    found: dict[bytes, tuple[int, bytes]] = {}
+    for m in re.finditer(rb"^(?:" + pattern + rb") [^\n]*\n", data, re.M):
+        found[m.group().split(b" ", 1)[0]] = (m.start(), m.group())
+    todo = list(found)
+    while todo:
+        p = todo.pop()
+        fields = found[p][1].split(b" ", 9)
+        needs = [p.rpartition(b"/")[0] or b"/"] if p != b"/" else []
+        if len(fields) > 8 and fields[2].startswith(b"@"):
+            needs.append(fields[8])
+        for q in needs:
+            if q not in found:
+                m = re.search(rb"^" + re.escape(q) + rb" [^\n]*\n", data, re.M)
+                if m is not None:  # else parse() names what is missing
+                    found[q] = (m.start(), m.group())
+                    todo.append(q)
+    # The file's order is pre-order: ancestors come before their descendants.
+    return parse(b"".join(line for _, line in sorted(found.values())))
+
+
+def external_digests(data: bytes) -> set[bytes]:
+    """The digests of the objects a manifest's regular files name, read straight from
+    its lines (the same set as tree.objects_of(parse(data)), without building a tree)."""
+    out = set()
+    for line in data.splitlines():
+        fields = line.split(b" ", 11)
+        if len(fields) > 10 and fields[10] != b"-" and fields[9] == b"-" and not fields[2].startswith(b"@"):
+            out.add(bytes.fromhex(fields[10].decode()))
+    return out

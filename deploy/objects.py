@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import fsverity
 from .fsutil import atomic_write, copy_fd, fsync_dir
@@ -30,6 +30,21 @@ class ObjectStore:
 
     def has(self, digest: bytes) -> bool:
         return os.path.exists(self.path_of(digest))
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Those of `digests` not in the store: one directory listing per XX/ instead of
+        a lookup per object."""
+        by_dir: dict[str, list[bytes]] = {}
+        for d in digests:
+            by_dir.setdefault(d[:1].hex(), []).append(d)
+        out = []
+        for sub, wanted in by_dir.items():
+            try:
+                present = set(os.listdir(os.path.join(self.path, sub)))
+            except FileNotFoundError:
+                present = set()
+            out += [d for d in wanted if d[1:].hex() not in present]
+        return out
 
     def add_fd(self, src: int, digest: bytes) -> bool:
         """Store the content of `src` (whose digest the caller computed) unless present.

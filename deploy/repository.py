@@ -13,8 +13,6 @@ naming the image digest and format (see ARCHITECTURE.md, "Commit").
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import shutil
 import tempfile
@@ -24,9 +22,9 @@ from typing import Callable, Iterator
 
 import pygit2
 
-from . import dumpfile, fsverity, imagewriter, signing
+from . import dumpfile, fsverity, imagewriter, lockfile, signing
 from .errors import CfsError
-from .fsutil import fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir
 from .objects import ObjectStore
 from .scan import ScanStats, scan
 from .tarscan import scan_tar
@@ -49,10 +47,6 @@ pygit2.option(pygit2.enums.Option.ENABLE_FSYNC_GITDIR, True)
 
 
 class RepositoryError(CfsError):
-    pass
-
-
-class LockedError(RepositoryError):
     pass
 
 
@@ -107,27 +101,11 @@ class Repository:
     @contextlib.contextmanager
     def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """Hold the repository's writer lock; wait up to `wait` seconds for it."""
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            deadline = time.monotonic() + wait
-            told = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                if time.monotonic() >= deadline:
-                    raise LockedError(f"repository {self.path} is locked by another cfsdeploy process")
-                if not told and on_wait is not None:
-                    on_wait()
-                    told = True
-                time.sleep(0.1)
+        with lockfile.hold(os.path.join(self.path, "lock"),
+                           f"repository {self.path} is locked by another cfsdeploy process",
+                           wait=wait, on_wait=on_wait):
             self._clean_tmp()
             yield
-        finally:
-            os.close(fd)
 
     def _clean_tmp(self) -> None:
         # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.  So are
@@ -147,6 +125,20 @@ class Repository:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
+
+    def mark_verified(self, commit_id: str, image_digest: bytes) -> None:
+        """Record that the commit's manifest was built into the image its trailer names
+        (so deploying it needs no rebuild: the image object's own digest is then enough)."""
+        directory = os.path.join(self.path, "verified")
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_bytes(os.path.join(directory, commit_id), image_digest.hex().encode() + b"\n")
+
+    def is_verified(self, commit_id: str, image_digest: bytes) -> bool:
+        try:
+            with open(os.path.join(self.path, "verified", commit_id), "rb") as f:
+                return f.read().strip() == image_digest.hex().encode()
+        except FileNotFoundError:
+            return False
 
     def resolve(self, rev: str) -> pygit2.Commit:
         try:
@@ -205,6 +197,7 @@ class Repository:
             content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
             signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
             commit_id = self.git.create_commit_with_signature(content, signature)
+        self.mark_verified(str(commit_id), image_digest)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
         return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
 

@@ -14,15 +14,12 @@ deployment directory no entry names is what an interrupted deploy left, and goes
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import re
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
-from . import bootloader, deployment, kargs
+from . import bootloader, deployment, kargs, lockfile
 from .bootloader import BootEntry
 from .deployment import Deployment
 from .errors import CfsError
@@ -205,28 +202,11 @@ class Sysroot:
             raise SysrootError(f"no os {os_name!r} in {self.path} (run `cfsdeploy sysroot init --os {os_name}`)")
         return os_name
 
-    @contextlib.contextmanager
-    def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        fd = os.open(os.path.join(self.top, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            deadline = time.monotonic() + wait
-            told = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                if time.monotonic() >= deadline:
-                    raise SysrootError(f"sysroot {self.path} is locked by another cfsdeploy process")
-                if not told and on_wait is not None:
-                    on_wait()
-                    told = True
-                time.sleep(0.1)
-            yield
-        finally:
-            os.close(fd)
+    def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None
+             ) -> contextlib.AbstractContextManager[None]:
+        return lockfile.hold(os.path.join(self.top, "lock"),
+                             f"sysroot {self.path} is locked by another cfsdeploy process",
+                             wait=wait, on_wait=on_wait)
 
     # --- state -------------------------------------------------------------------------
 

@@ -432,3 +432,27 @@ def test_deployment_refs_keep_commits_for_git(machine) -> None:
     d = deploy(machine).deployment
     ref = machine.sysroot.repo.git.references[f"refs/deployments/{OS}/{d.name}"]
     assert ref.target == pygit2.Oid(hex=d.commit)
+
+
+def test_commit_never_verified_here_gets_its_image_built_and_checked(machine) -> None:
+    cid = commit_tree(machine.sysroot, machine.tree)
+    repo = machine.sysroot.repo
+    c = repo.resolve(cid)
+    os.unlink(os.path.join(repo.path, "verified", cid))
+    os.unlink(repo.objects.path_of(bytes.fromhex(c.message.split("Composefs-Digest: ")[1][:64])))
+    r = deploy(machine)
+    assert r.image_built and repo.is_verified(cid, bytes.fromhex(r.deployment.image_digest))
+    assert not deploy(machine).image_built
+
+
+def test_corrupt_image_object_is_refused(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    d = deploy(machine).deployment
+    path = machine.sysroot.repo.objects.path_of(bytes.fromhex(d.image_digest))
+    data = bytearray(open(path, "rb").read())
+    data[2000] ^= 1
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(admin.DeployError, match="corrupt"):
+        deploy(machine)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -147,3 +149,24 @@ def test_lookup_finds_nested_entries() -> None:
     root = parse(ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/d/f 0 100644 1 0 0 0 0.0 - - -\n")
     assert lookup(root, b"/d/f") is root.children[b"d"].children[b"f"]
     assert lookup(root, b"/d/f/x") is None
+
+
+@pytest.mark.parametrize("vector", [v for v in VALID if v.strict], ids=lambda v: v.name)
+def test_external_digests_are_those_of_the_parsed_tree(vector) -> None:
+    from cfsdeploy.repository import objects_of
+
+    assert dumpfile.external_digests(vector.data) == objects_of(dumpfile.parse(vector.data))
+
+
+@pytest.mark.parametrize("vector", [v for v in VALID if v.strict], ids=lambda v: v.name)
+def test_partial_parse_keeps_wanted_entries_ancestors_and_link_targets(vector) -> None:
+    from cfsdeploy.tree import walk
+
+    full = {p: e for p, e in walk(dumpfile.parse(vector.data))}
+    wanted = sorted(full)[len(full) // 2:]
+    pattern = b"|".join(re.escape(dumpfile.escape(p)) for p in wanted)
+    part = {p: e for p, e in walk(dumpfile.parse_paths(vector.data, pattern))}
+    assert set(wanted) <= set(part)
+    for p, e in part.items():
+        a, b = (x.target if hasattr(x, "target") else x for x in (e, full[p]))
+        assert (a.mode, a.size, a.digest, a.payload, a.xattrs) == (b.mode, b.size, b.digest, b.payload, b.xattrs)

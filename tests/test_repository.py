@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from cfsdeploy import dumpfile, fsverity
 from cfsdeploy.cli import main
+from cfsdeploy.lockfile import LockedError
 from cfsdeploy.repository import (
-    LockedError,
     Repository,
     RepositoryError,
     history,
