@@ -452,7 +452,7 @@ def cleanup(sysroot: Sysroot, os_name: str, *, prune_objects: bool = True) -> Cl
     state = _prepare(sysroot, os_name)
     kept = retain(state, sysroot, new_default=False)
     dropped = [d.name for d in state.deployments if d not in kept]
-    if dropped:
+    if dropped or state.broken:
         _rewrite(sysroot, state, kept)
     _, kernels = _settle(sysroot, os_name)
     removed, freed = 0, 0

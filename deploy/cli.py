@@ -505,9 +505,15 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
     rows = status(s, name)
+    broken = s.state(name).broken
     if as_json:
-        click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows]}, indent=2))
+        click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
+                               "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken]},
+                              indent=2))
         return
+    for e, why in broken:
+        click.echo(f"WARNING: boot entry {e.filename} cannot boot: {why}; "
+                   "the next deploy or cleanup drops it", err=True)
     if not rows:
         click.echo(f"os {name}: no deployments")
     for r in rows:

@@ -107,6 +107,9 @@ class State:
     deployments: list[Deployment]
     entries: list[BootEntry]
     booted: Deployment | None
+    # Entries that name no usable deployment, and why: they cannot boot, and the next
+    # change of entries drops them.
+    broken: list[tuple[BootEntry, str]] = field(default_factory=list)
 
     @property
     def default(self) -> Deployment | None:
@@ -223,18 +226,23 @@ class Sysroot:
         return kargs.value(kargs.split(text), kargs.DEPLOYMENT)
 
     def state(self, os_name: str) -> State:
-        entries = bootloader.read_entries(self.boot, os_name)
-        deps = []
-        for e in entries:
+        deps, entries, broken = [], [], []
+        prefix = f"/cfsdeploy/deploy/{os_name}/"
+        for e in bootloader.read_entries(self.boot, os_name):
             path = e.option(kargs.DEPLOYMENT)
-            prefix = f"/cfsdeploy/deploy/{os_name}/"
             if path is None or not path.startswith(prefix) or not deployment.is_name(path[len(prefix):]):
-                raise SysrootError(f"boot entry {e.filename} names no deployment of {os_name!r}")
-            dep = deployment.load(os.path.join(self.os_dir(os_name), path[len(prefix):]))
+                broken.append((e, f"names no deployment of os {os_name!r}"))
+                continue
+            try:
+                dep = deployment.load(os.path.join(self.os_dir(os_name), path[len(prefix):]))
+            except deployment.DeploymentError as err:
+                broken.append((e, str(err)))
+                continue
             # The entry is what boots: its options are the deployment's kernel arguments.
             deps.append(dep.with_(kargs=[a for a in kargs.split(e.options) if kargs.key(a) not in kargs.OWN]))
+            entries.append(e)
         booted = self.booted_path()
-        return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None))
+        return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None), broken)
 
     def remove_strays(self, state: State) -> list[str]:
         """Delete deployment directories no entry names: leftovers of an interrupted

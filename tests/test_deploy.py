@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -456,3 +457,17 @@ def test_corrupt_image_object_is_refused(machine) -> None:
         f.write(data)
     with pytest.raises(admin.DeployError, match="corrupt"):
         deploy(machine)
+
+
+def test_entry_of_a_vanished_deployment_is_reported_and_dropped(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine).deployment
+    new_version(machine, "2")
+    deploy(machine)
+    shutil.rmtree(machine.root / "cfsdeploy/deploy" / OS / a.name)
+    state = machine.sysroot.state(OS)
+    assert [d.name for d in state.deployments] != [] and "missing its deployment.json" in state.broken[0][1]
+    p = cli(machine, "status")
+    assert p.returncode == 0 and "cannot boot" in p.stderr
+    admin.cleanup(machine.sysroot, OS, prune_objects=False)
+    assert machine.sysroot.state(OS).broken == [] and len(names(machine)) == 1
