@@ -683,14 +683,16 @@ def _say_waiting() -> None:
 @click.argument("branch", required=False)
 @click.option("--depth", type=click.IntRange(min=1), metavar="N",
               help="Fetch only the last N commits of the history (default: all).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Accept a head older than the one the remote branch names now.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Objects fetched at once.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the server at any one time.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
-def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, jobs: int, timeout: float,
-             wait_lock: float) -> None:
+def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, allow_downgrade: bool,
+             jobs: int, timeout: float, wait_lock: float) -> None:
     """Fetch BRANCH (default: the remote's) of REMOTE into refs/remotes/REMOTE/BRANCH."""
     from .progress import Progress, human_bytes
     from .pull import PullOptions, PullProgress, pull
@@ -708,7 +710,8 @@ def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, j
 
     options = PullOptions(jobs=jobs, limits=Limits(timeout=timeout), lock_wait=wait_lock,
                           on_lock_wait=_say_waiting)
-    r = pull(_open_repo(repo_path), name, branch, depth=depth, progress=show, options=options)
+    r = pull(_open_repo(repo_path), name, branch, depth=depth, allow_downgrade=allow_downgrade, progress=show,
+             options=options)
     fetched = (f"{r.objects_fetched} objects, {human_bytes(r.bytes_fetched)}; "
                f"{human_bytes(r.wire_bytes)} received in {r.elapsed:.1f} s")
     bar.done(fetched)

@@ -79,6 +79,7 @@ class CommitData:
     tree: str
     parents: list[str]
     message: str
+    time: int                 # the committer's timestamp
     signature: str | None     # the gpgsig header, armored
     signed_payload: bytes     # the commit without it: what the signature covers
     data: bytes               # the whole commit object's data
@@ -88,6 +89,7 @@ def parse_commit(oid: str, data: bytes) -> CommitData:
     head, _, body = data.partition(b"\n\n")
     tree = None
     parents = []
+    when = 0
     kept: list[bytes] = []
     sig: list[bytes] | None = None
     in_sig = False
@@ -107,12 +109,16 @@ def parse_commit(oid: str, data: bytes) -> CommitData:
             tree = line[5:].decode("ascii", "replace")
         elif line.startswith(b"parent "):
             parents.append(line[7:].decode("ascii", "replace"))
+        elif line.startswith(b"committer "):
+            # "committer Name <email> 1700000000 +0000"
+            stamp = line.rsplit(b" ", 2)[-2:][0]
+            when = int(stamp) if stamp.isdigit() else 0
         kept.append(line)
     if tree is None:
         raise GitObjectError(f"commit {oid}: no tree")
     for x in (tree, *parents):
         check_oid(x)
-    return CommitData(oid, tree, parents, body.decode("utf-8", "replace"),
+    return CommitData(oid, tree, parents, body.decode("utf-8", "replace"), when,
                       None if sig is None else (b"\n".join(sig) + b"\n").decode("ascii", "replace"),
                       b"\n".join(kept) + b"\n\n" + body, data)
 

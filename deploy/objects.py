@@ -75,9 +75,10 @@ class ObjectStore:
                 os.unlink(tmp)
             raise
 
-    def adopt(self, path: str, digest: bytes) -> bool:
-        """Move a complete, fsynced file in the store's tmpdir into place as object
-        `digest` (which the caller checked it is), or drop it if that object exists.
+    def adopt(self, path: str, digest: bytes, *, sync_dir: bool = True) -> bool:
+        """Move a complete file, already on disk (fsynced), from the store's filesystem
+        into place as object `digest` (which the caller checked it is), or drop it if
+        that object exists.  Without sync_dir the caller makes the rename durable.
 
         Returns True if a new object was added."""
         dest = self.path_of(digest)
@@ -87,7 +88,8 @@ class ObjectStore:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         _enable_verity(path)
         os.rename(path, dest)
-        fsync_dir(os.path.dirname(dest))
+        if sync_dir:
+            fsync_dir(os.path.dirname(dest))
         return True
 
     def _add(self, digest: bytes, fill: Callable[[int], None]) -> bool:

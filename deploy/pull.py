@@ -9,8 +9,8 @@
  4. The history below the head (all of it, or `depth` commits with the head), with
     manifests; where it stops, the last commit is listed in git/shallow.
  5. The objects the head's manifest needs and the repository lacks, in parallel:
-    downloaded into tmp/resume/, checked against their fs-verity digests, fsynced
-    and renamed into objects/.  An interrupted pull resumes partial files there.
+    downloaded into tmp/resume/, checked against their fs-verity digests, synced
+    to disk and renamed into objects/.  An interrupted pull resumes partial files there.
  6. The image, then the commits (parents first), then refs/remotes/REMOTE/BRANCH.
 All of it under the repository lock.
 """
@@ -31,7 +31,7 @@ import pygit2
 
 from . import dumpfile, fsverity, imagewriter, keyring, remote, serve
 from .errors import CfsError
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, syncfs
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
 from .repository import (
     MANIFEST,
@@ -52,6 +52,10 @@ class PullError(CfsError):
 
 class ObjectMismatchError(PullError):
     """A downloaded object is not the one its digest names."""
+
+
+class DowngradeError(PullError):
+    """The remote offers a commit older than the one its ref already names."""
 
 
 class ManifestError(PullError):
@@ -102,10 +106,14 @@ class PullResult:
 
 
 def pull(repo: Repository, remote_name: str, branch: str | None = None, *, depth: int | None = None,
-         progress: Callable[[PullProgress], None] | None = None,
+         allow_downgrade: bool = False, progress: Callable[[PullProgress], None] | None = None,
          options: PullOptions | None = None) -> PullResult:
     """Fetch `branch` (default: the remote's branch setting) of a remote and move
-    refs/remotes/REMOTE/BRANCH to its head once everything is checked."""
+    refs/remotes/REMOTE/BRANCH to its head once everything is checked.
+
+    A head older than the one the ref names (an ancestor of it, or committed
+    earlier) is refused unless allow_downgrade: a mirror must not be able to bring
+    back an old release by serving its (validly signed) commit."""
     options = options or PullOptions()
     rem = remote.get(repo, remote_name)
     branch = branch or rem.branch
@@ -125,7 +133,7 @@ def pull(repo: Repository, remote_name: str, branch: str | None = None, *, depth
     transport = open_transport(rem.url, options.limits)
     try:
         with repo.lock(wait=options.lock_wait, on_wait=options.on_lock_wait):
-            return _Pull(repo, rem, branch, depth, trusted, transport, options, progress).run()
+            return _Pull(repo, rem, branch, depth, trusted, transport, options, progress).run(allow_downgrade)
     finally:
         transport.close()
 
@@ -177,8 +185,9 @@ class _Pull:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.objects_total = self.objects_done = self.bytes_total = self.bytes_done = 0
+        self.checked: list[tuple[str, bytes]] = []  # (file in tmp/resume, its digest), to adopt
 
-    def run(self) -> PullResult:
+    def run(self, allow_downgrade: bool) -> PullResult:
         name = self.remote.name
         refs = self.git.refs(self.options.max_refs)
         head = refs.get(f"refs/heads/{self.branch}")
@@ -190,6 +199,8 @@ class _Pull:
 
         commit, head_is_new = self._commit(head)
         signer = self._verify(commit)
+        if previous is not None and previous != head and not allow_downgrade:
+            self._refuse_downgrade(previous, commit, head_is_new)
         needed, image = self._content(commit, head_is_new)
         new_commits = [commit] if head_is_new else []
         shallow_add, shallow_drop = self._history(commit, new_commits)
@@ -227,6 +238,14 @@ class _Pull:
             return keyring.verify(self.trusted, commit.signed_payload, commit.signature)
         except SignatureError as e:
             raise SignatureError(f"{where}: {e}") from None
+
+    def _refuse_downgrade(self, previous: str, commit: CommitData, is_new: bool) -> None:
+        old = self.repo.git[previous].peel(pygit2.Commit)
+        older = commit.time < old.commit_time
+        if older or (not is_new and self.repo.git.descendant_of(previous, commit.id)):
+            raise DowngradeError(f"remote {self.remote.name} offers {commit.id[:12]}, older than "
+                                 f"{previous[:12]} which {self.remote.name}/{self.branch} names: "
+                                 "refusing a downgrade (allow it explicitly to go back)")
 
     def _manifest(self, commit: CommitData) -> tuple[bytes, str, bytes]:
         """(tree data, manifest id, manifest data) of a commit, each checked against its id."""
@@ -341,6 +360,9 @@ class _Pull:
     # --- objects -----------------------------------------------------------------------
 
     def _objects(self, todo: dict[bytes, int]) -> None:
+        """Workers download and check objects into tmp/resume/; every so often this
+        thread makes their content durable with one syncfs and renames them into
+        objects/ (an fsync per object would cost more than the transfer)."""
         self.objects_total = len(todo)
         self.bytes_total = sum(todo.values())
         if not todo:
@@ -348,19 +370,25 @@ class _Pull:
         os.makedirs(self.resume_dir, exist_ok=True)
         # Largest first, so that no big transfer starts last and runs alone.
         order = sorted(todo.items(), key=lambda item: -item[1])
-        with ThreadPoolExecutor(max_workers=self.options.jobs, thread_name_prefix="pull") as pool:
-            pending = {pool.submit(self._object, digest, size) for digest, size in order}
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                    self._report("objects")
-                    for future in done:
-                        future.result()
-            except BaseException:
-                self.stop.set()
-                for future in pending:
-                    future.cancel()
-                raise
+        try:
+            with ThreadPoolExecutor(max_workers=self.options.jobs, thread_name_prefix="pull") as pool:
+                pending = {pool.submit(self._object, digest, size) for digest, size in order}
+                try:
+                    while pending:
+                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                        self._adopt_checked()
+                        self._report("objects")
+                        for future in done:
+                            future.result()
+                except BaseException:
+                    self.stop.set()
+                    for future in pending:
+                        future.cancel()
+                    raise
+        finally:
+            # Checked objects are kept even when the pull fails: the next one needs them.
+            self._adopt_checked()
+            syncfs(self.repo.objects.path)  # their names are durable before any commit names them
 
     def _object(self, digest: bytes, size: int) -> None:
         path = f"objects/{os.fsdecode(digest_to_path(digest))}"
@@ -374,9 +402,19 @@ class _Pull:
                 raise ObjectMismatchError(f"{self.transport.url}/{path}: content does not match its "
                                           "fs-verity digest (corrupt or tampered)")
             # The part kept from an earlier pull may have been the wrong one: once more from 0.
-        self.repo.objects.adopt(part, digest)
         with self.lock:
-            self.objects_done += 1
+            self.checked.append((part, digest))
+
+    def _adopt_checked(self) -> None:
+        with self.lock:
+            batch, self.checked = self.checked, []
+        if not batch:
+            return
+        syncfs(self.resume_dir)  # the content of each is on disk before it gets its name
+        for part, digest in batch:
+            self.repo.objects.adopt(part, digest, sync_dir=False)
+        with self.lock:
+            self.objects_done += len(batch)
 
     def _download(self, path: str, part: str, size: int) -> tuple[bool, bytes]:
         """Complete the partial file `part` (or start it) from the remote's `path`;
@@ -406,7 +444,6 @@ class _Pull:
             if have < size:
                 self.transport.fetch(path, sink, limit=size, offset=have)
             f.flush()
-            os.fsync(f.fileno())
             got = os.fstat(f.fileno()).st_size
         if got != size:
             raise PullError(f"{self.transport.url}/{path}: the server sent {got} of its {size} bytes")

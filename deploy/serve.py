@@ -4,6 +4,19 @@ Clients need only GETs (git's "dumb HTTP" layout): git/info/refs lists every ref
 with its commit, git/objects/info/packs lists the packs, and the objects are files
 at their names.  Like `git update-server-info`, and byte for byte the same output:
 call update_server_info() under the repository lock after any ref changes.
+
+Compression is the server's business, as HTTP content encoding: clients ask for
+gzip (except for git objects, which are deflated already) and count what arrives.
+Measured on a Debian 12 rootfs (13.5k files, 878 MB; benchmarks/bench_pull.py), a
+full pull moves 878 MB uncompressed, 408 MB with nginx `gzip on; gzip_types *;` at
+its default level 1, 386 MB at level 6 (ostree pull from an archive repository: 387
+MB), 385 MB with gzip -9 copies made ahead for `gzip_static on`.  Level 1 costs the
+server least CPU per byte and keeps the repository servable as it is, so:
+
+    gzip on; gzip_types *; gzip_min_length 256;    # gzip_comp_level 1 (the default)
+
+Precompressed copies (gzip_static) suit a mirror that serves many clients, but
+belong in a published copy of the repository, not beside the objects.
 """
 
 from __future__ import annotations

@@ -95,6 +95,8 @@ class Transport:
         """The error for a failed network operation: final once the deadline passed."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TransportError(f"{what}: gave up after {self.limits.total:g} s (the time limit)")
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return TransportError(f"{what}: TLS certificate not trusted: {e.verify_message}")
         return _Retryable(f"{what}: {_reason(e)}")
 
     def _remaining(self, what: str) -> float:
@@ -348,6 +350,8 @@ def _range_start(content_range: str) -> int:
 def _reason(e: BaseException) -> str:
     if isinstance(e, (socket.timeout, TimeoutError)):
         return "timed out waiting for the server"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {e.reason or e}"
     if isinstance(e, http.client.RemoteDisconnected):
         return "the server closed the connection"
     if isinstance(e, OSError) and e.errno is not None:

@@ -25,6 +25,17 @@ class Handler(BaseHTTPRequestHandler):
         self.server.owner.connections += 1
 
     def do_GET(self) -> None:
+        owner = self.server.owner
+        with owner.lock:
+            owner.in_flight += 1
+            owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+        try:
+            self.serve()
+        finally:
+            with owner.lock:
+                owner.in_flight -= 1
+
+    def serve(self) -> None:
         path = self.path.split("?")[0]
         self.server.owner.log.append((path, self.headers.get("Range"), self.headers.get("Accept-Encoding")))
         file = self.server.owner.root / path.lstrip("/")
@@ -75,6 +86,8 @@ class HostileServer:
         self.hooks: dict[str, Hook] = {}
         self.delay = 0.0
         self.connections = 0
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
         self.log: list[tuple[str, str | None, str | None]] = []
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.owner = self

@@ -38,7 +38,7 @@ http {{
     keepalive_requests 100000;
 {compression}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         root {root};
         location / {{ }}
     }}
@@ -77,13 +77,18 @@ def _free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, root: Path, work: Path, *, compression: str = "gzip", level: int = 6) -> None:
-        self.root = Path(root)
-        self.work = Path(work)
+    def __init__(self, root: Path, work: Path, *, compression: str = "gzip", level: int = 1,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """tls: (certificate, key) files to serve HTTPS instead of HTTP."""
+        self.root = Path(root).absolute()
+        self.work = Path(work).absolute()
         self.port = _free_port()
+        self.scheme = "https" if tls else "http"
         self.work.mkdir(parents=True, exist_ok=True)
         config = CONFIG.format(user="user root root;" if os.geteuid() == 0 else "", work=self.work,
                                port=self.port, root=self.root,
+                               tls=f" ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]}"
+                               if tls else "",
                                compression=COMPRESSION[compression].format(level=level))
         (self.work / "nginx.conf").write_text(config)
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -105,7 +110,7 @@ class Nginx:
                 time.sleep(0.05)
 
     def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
     def requests(self) -> list[Request]:
         """The requests logged so far (nginx logs each as it ends: wait until it settles)."""

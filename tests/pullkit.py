@@ -66,7 +66,7 @@ def stranger_key():
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory):
-    """A real nginx serving its `root` directory, gzip on."""
+    """A real nginx serving its `root` directory, gzip on (level 1, as serve.py advises)."""
     reason = missing_reason()
     if reason:
         pytest.skip(reason)

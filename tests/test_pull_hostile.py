@@ -17,7 +17,7 @@ import pytest
 from cfsdeploy import fsverity, imagewriter, serve, signing
 from cfsdeploy.dumpfile import dumps, parse
 from cfsdeploy.errors import CfsError
-from cfsdeploy.pull import PullOptions, pull
+from cfsdeploy.pull import DowngradeError, PullOptions, pull
 from cfsdeploy.repository import MANIFEST, Repository, image_digest_of, manifest_of, objects_of
 from cfsdeploy.transport import Limits
 from cfsdeploy.tree import Inode, walk
@@ -103,7 +103,7 @@ def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | No
         digest = fsverity.digest_bytes(imagewriter.build(parse(manifest)).image).hex()
     builder = src.git.TreeBuilder()
     builder.insert(MANIFEST, src.git.create_blob(manifest), pygit2.enums.FileMode.BLOB)
-    sig = pygit2.Signature("Mallory", "m@example.com", 1700000000, 0)
+    sig = pygit2.Signature("Mallory", "m@example.com", int(time.time()), 0)
     message = f"forged\n\nComposefs-Digest: {digest}\nComposefs-Format: 0\n"
     parents = [src.resolve(BRANCH).id]
     content = src.git.create_commit_string(sig, sig, message, builder.write(), parents)
@@ -262,6 +262,29 @@ def test_a_redirect_loop(origin) -> None:
     src, server, repo = origin
     server.hooks["/git/info/refs"] = hostile.redirect_to_itself
     attempt(repo, CfsError, "more than 5 redirects")
+
+
+def test_an_older_signed_commit_is_refused_as_a_downgrade(origin) -> None:
+    src, server, repo = origin
+    pull(repo, "origin", BRANCH, options=FAST)
+    src.git.references.create(f"refs/heads/{BRANCH}", src.resolve(f"{BRANCH}~1").id, force=True)
+    serve.update_server_info(src)
+    attempt(repo, DowngradeError, "refusing a downgrade")
+    back = pull(repo, "origin", BRANCH, allow_downgrade=True, options=FAST)
+    assert back.commit == str(src.resolve(BRANCH).id)
+
+
+def test_a_commit_dated_before_the_current_one_is_refused(origin, builder_key) -> None:  # noqa: F811
+    src, server, repo = origin
+    builder = src.git.TreeBuilder()
+    builder.insert(MANIFEST, src.resolve(BRANCH).tree[MANIFEST].id, pygit2.enums.FileMode.BLOB)
+    old = pygit2.Signature("Builder", builder_key.email, 1_000_000_000, 0)
+    content = src.git.create_commit_string(old, old, src.resolve(BRANCH).message, builder.write(), [])
+    oid = src.git.create_commit_with_signature(
+        content, signing.sign(content.encode(), builder_key.email, homedir=builder_key.home))
+    src.git.references.create(f"refs/heads/{BRANCH}", oid, force=True)
+    serve.update_server_info(src)
+    attempt(repo, DowngradeError, "older than")
 
 
 def test_a_server_error_is_retried(origin) -> None:
