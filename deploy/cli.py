@@ -712,9 +712,9 @@ def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, a
                           on_lock_wait=_say_waiting)
     r = pull(_open_repo(repo_path), name, branch, depth=depth, allow_downgrade=allow_downgrade, progress=show,
              options=options)
+    bar.done(f"{r.objects_fetched} objects")
     fetched = (f"{r.objects_fetched} objects, {human_bytes(r.bytes_fetched)}; "
                f"{human_bytes(r.wire_bytes)} received in {r.elapsed:.1f} s")
-    bar.done(fetched)
     if r.signer is not None:
         click.echo(f"good signature from {r.signer.username or r.signer.key_id} (key {r.signer.fingerprint})")
     if r.updated:

@@ -287,12 +287,15 @@ class HttpTransport(Transport):
                 conn.close()
                 raise self._failure(url, e) from None
         try:
-            return self._response(url, resp, sock, sink, limit, offset)
+            location = self._response(url, resp, sock, sink, limit, offset)
         except BaseException:
             conn.close()
             raise
         finally:
             resp.close()
+        if location is not None:
+            conn.close()  # the redirect's body was not read: the connection can carry nothing more
+        return location
 
     def _response(self, url: str, resp: http.client.HTTPResponse, sock: socket.socket, sink: Sink,
                   limit: int, offset: int) -> str | None:

@@ -76,8 +76,10 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading(server) -> N
 
 
 def test_redirects_are_followed(server) -> None:
-    server.hooks["/moved"] = lambda h, data: h.send(301, b"", {"Location": "/dir/file"})
-    assert open_transport(server.url, LIMITS).get("moved", limit=len(DATA)) == DATA
+    server.hooks["/moved"] = lambda h, data: h.send(301, b"<html>moved</html>" * 100, {"Location": "/dir/file"})
+    t = open_transport(server.url, LIMITS)
+    assert t.get("moved", limit=len(DATA)) == DATA
+    assert t.get("moved", limit=len(DATA)) == DATA
 
 
 def test_redirects_to_other_schemes_are_refused(server) -> None:
