@@ -657,11 +657,104 @@ def remote() -> None:
     """Manage the remotes a repository pulls from."""
 
 
+@remote.command("add")
+@repo_option
+@click.argument("name")
+@click.argument("url")
+@click.option("--gpg-import", "key_files", multiple=True, metavar="KEYFILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Trust the OpenPGP public keys in KEYFILE for this remote (repeatable).")
+@click.option("--no-gpg-verify", is_flag=True, help="Accept unsigned commits from this remote.")
+@click.option("--branch", help="The branch `pull` fetches when none is named.")
+def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], no_gpg_verify: bool,
+               branch: str | None) -> None:
+    """Add remote NAME at URL (http://, https://, file:// or a path)."""
+    from . import remote as remotes
+
+    repo = _open_repo(repo_path)
+    r = remotes.add(repo, name, url, key_files=key_files, gpg_verify=not no_gpg_verify, branch=branch,
+                    on_lock_wait=_say_waiting)
+    keys = remotes.trusted_keys(repo, name)
+    click.echo(f"added remote {r.name} {r.url}" + (f", trusting {', '.join(keys)}" if keys else ""))
+
+
+@remote.command("list")
+@repo_option
+def remote_list(repo_path: str) -> None:
+    """List remotes: name, URL, default branch, whether signatures are required."""
+    from . import remote as remotes
+
+    repo = _open_repo(repo_path)
+    for r in remotes.list_remotes(repo):
+        verify = "no gpg-verify"
+        if r.gpg_verify:
+            verify = f"gpg-verify, trusted keys: {len(remotes.trusted_keys(repo, r.name))}"
+        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}")
+
+
+@remote.command("remove")
+@repo_option
+@click.argument("name")
+def remote_remove(repo_path: str, name: str) -> None:
+    """Forget remote NAME: its settings, trusted keys and remote branches."""
+    from . import remote as remotes
+
+    remotes.remove(_open_repo(repo_path), name, on_lock_wait=_say_waiting)
+    click.echo(f"removed remote {name}")
+
+
+def _say_waiting() -> None:
+    click.echo("waiting for the repository lock...", err=True)
+
+
+@main.command("pull")
+@repo_option
+@click.argument("name", metavar="REMOTE")
+@click.argument("branch", required=False)
+@click.option("--depth", type=click.IntRange(min=1), metavar="N",
+              help="Fetch only the last N commits of the history (default: all).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Accept a head older than the one the remote branch names now.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Objects fetched at once.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the server at any one time.")
+@click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for another writer.")
+def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, allow_downgrade: bool,
+             jobs: int, timeout: float, wait_lock: float) -> None:
+    """Fetch BRANCH (default: the remote's) of REMOTE into refs/remotes/REMOTE/BRANCH."""
+    from .progress import Progress, human_bytes
+    from .pull import PullOptions, PullProgress, pull
+    from .transport import Limits
+
+    bar = Progress("pull")
+
+    def show(p: PullProgress) -> None:
+        rate = human_bytes(p.wire_bytes / p.elapsed if p.elapsed > 0 else 0)
+        if p.phase == "metadata":
+            bar.update(f"commits and manifests, {human_bytes(p.wire_bytes)}")
+        else:
+            bar.update(f"{p.objects_done}/{p.objects_total} objects, {human_bytes(p.bytes_done)}/"
+                       f"{human_bytes(p.bytes_total)}, {rate}/s")
+
+    options = PullOptions(jobs=jobs, limits=Limits(timeout=timeout), lock_wait=wait_lock,
+                          on_lock_wait=_say_waiting)
+    r = pull(_open_repo(repo_path), name, branch, depth=depth, allow_downgrade=allow_downgrade, progress=show,
+             options=options)
+    bar.done(f"{r.objects_fetched} objects")
+    fetched = (f"{r.objects_fetched} objects, {human_bytes(r.bytes_fetched)}; "
+               f"{human_bytes(r.wire_bytes)} received in {r.elapsed:.1f} s")
+    if r.signer is not None:
+        click.echo(f"good signature from {r.signer.username or r.signer.key_id} (key {r.signer.fingerprint})")
+    if r.updated:
+        was = f"was {r.previous[:12]}" if r.previous else "new branch"
+        click.echo(f"{r.remote}/{r.branch}: new {r.commit[:12]} ({was}); {fetched}")
+    else:
+        click.echo(f"{r.remote}/{r.branch}: up to date at {r.commit[:12]}; {fetched}")
+
+
 _PLANNED: list[tuple[click.Group, str, str]] = [
-    (remote, "add", "Add a remote."),
-    (remote, "list", "List remotes."),
-    (remote, "remove", "Remove a remote."),
-    (main, "pull", "Fetch a branch from a remote."),
     (main, "upgrade", "Pull and deploy the newest commit of the tracked branch."),
     (main, "switch", "Track another remote branch and deploy it."),
 ]

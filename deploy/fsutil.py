@@ -55,14 +55,15 @@ def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o
     fsync_dir(directory)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644,
+                       tmpdir: PathLike | None = None) -> None:
     def write(fd: int) -> None:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
 
-    atomic_write(path, write, mode=mode)
+    atomic_write(path, write, mode=mode, tmpdir=tmpdir)
 
 
 def copy_fd(src: int, dst: int) -> None:

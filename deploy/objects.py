@@ -83,19 +83,29 @@ class ObjectStore:
             finally:
                 os.close(fd)
             digest = hasher.digest()
-            dest = self.path_of(digest)
-            if os.path.exists(dest):
-                os.unlink(tmp)
-                return digest
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _enable_verity(tmp)
-            os.rename(tmp, dest)
-            fsync_dir(os.path.dirname(dest))
+            self.adopt(tmp, digest)
             return digest
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def adopt(self, path: str, digest: bytes, *, sync_dir: bool = True) -> bool:
+        """Move a complete file, already on disk (fsynced), from the store's filesystem
+        into place as object `digest` (which the caller checked it is), or drop it if
+        that object exists.  Without sync_dir the caller makes the rename durable.
+
+        Returns True if a new object was added."""
+        dest = self.path_of(digest)
+        if os.path.exists(dest):
+            os.unlink(path)
+            return False
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _enable_verity(path)
+        os.rename(path, dest)
+        if sync_dir:
+            fsync_dir(os.path.dirname(dest))
+        return True
 
     def _add(self, digest: bytes, fill: Callable[[int], None]) -> bool:
         dest = self.path_of(digest)

@@ -36,6 +36,8 @@ TRAILER_DIGEST = "Composefs-Digest"
 TRAILER_FORMAT = "Composefs-Format"
 TRAILER_VERSION = "Cfsdeploy-Version"
 DEFAULT_AUTHOR = ("cfsdeploy", "cfsdeploy@localhost")
+# tmp/resume/ keeps partial downloads for the next pull to resume (it checks them in full).
+RESUME_DIR = "resume"
 CONFIG_TEMPLATE = """\
 # cfsdeploy repository settings
 [core]
@@ -119,6 +121,8 @@ class Repository:
                         os.unlink(os.path.join(top, name))
         tmp = os.path.join(self.path, "tmp")
         for name in os.listdir(tmp):
+            if name == RESUME_DIR:
+                continue
             p = os.path.join(tmp, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
