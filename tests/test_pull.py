@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from cfsdeploy import fsck, fsverity, remote, serve
 from cfsdeploy.cli import main
+from cfsdeploy.lockfile import LockedError
 from cfsdeploy.pull import PullError, PullOptions, pull
 from cfsdeploy.repository import (
     RESUME_DIR,
-    LockedError,
     Repository,
     history,
     image_digest_of,
@@ -194,6 +194,9 @@ def test_a_later_full_pull_fetches_the_rest_of_the_history(tmp_path, served) -> 
     assert [c.subject for c in history(repo, REF)] == ["build 2", "build 1", "build 0"]
     assert not os.path.exists(os.path.join(repo.path, "git", "shallow"))
     assert git(repo, "fsck", "--strict").returncode == 0
+    # The older commits came for their history: fsck knows they have no objects.
+    report = fsck.fsck(repo)
+    assert report.ok and report.history_only == 2, report.problems
 
 
 def test_by_default_the_whole_history_comes_with_the_head(tmp_path, served) -> None:
