@@ -299,7 +299,7 @@ def test_nothing_else_is_left_mounted(booted: Boot) -> None:
 def test_says_how_long_it_took_on_one_line(booted: Boot, sysroot: Sysroot) -> None:
     (line,) = booted.output.splitlines()
     assert re.fullmatch(rf"cfsdeploy: root prepared in \d+\.\d\d s: {sysroot.good.path}, "
-                        rf"image {sysroot.good.digest} computed, verity=off", line)
+                        rf"image {sysroot.good.digest} \(computed\), verity=off", line)
 
 
 def test_physical_root_can_be_unmounted_and_its_filesystem_made_read_only(booted: Boot) -> None:
@@ -325,7 +325,7 @@ def test_new_root_may_be_another_directory(sysroot: Sysroot, tmp_path: Path) -> 
 def test_verity_try_without_fs_verity_checks_the_computed_digest(sysroot: Sysroot, tmp_path: Path) -> None:
     with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="try")) as b:
         assert b.status == 0, b.output
-        assert "computed (no fs-verity here), verity=try" in b.output
+        assert "(computed: no fs-verity here), verity=try" in b.output
         assert "verity=" not in b.mounts()[b.new].super_options
 
 
