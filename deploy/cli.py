@@ -169,9 +169,11 @@ def init(repo_path: str) -> None:
 @click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Files read at once, by as many processes (default: one per CPU).")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
-           gpg_homedir: str | None, wait_lock: float) -> None:
+           gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
@@ -187,7 +189,7 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             warn=lambda m: click.echo(m, err=True), progress=show)
+                             threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
     st = result.stats
     bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
