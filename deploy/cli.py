@@ -16,7 +16,7 @@ from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .repository import CommitInfo, Repository
+    from .repository import CommitInfo, Repository, SignatureInfo
     from .scan import ScanStats
 
 EXIT_NOT_IMPLEMENTED = 2
@@ -211,6 +211,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Version: {info.version}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
+    if info.signature:
+        click.echo(f"Signed:  {_signature_line(info.signature)}")
     click.echo(f"\n    {info.subject}")
     if full and info.body:
         click.echo("")
@@ -219,16 +221,29 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
     click.echo("")
 
 
+def _signature_line(sig: SignatureInfo) -> str:
+    key = f" (key {sig.fingerprint or sig.key_id})" if sig.key_id else ""
+    if sig.verified:
+        return f"good signature from {sig.signer or sig.key_id}{key}"
+    if sig.verified is False:
+        return f"NOT VERIFIED: {sig.problem}{key}"
+    return f"key {sig.fingerprint or sig.key_id} (not verified)" if sig.key_id else str(sig.problem)
+
+
 @main.command()
 @repo_option
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def log(repo_path: str, rev: str, max_count: int | None, as_json: bool) -> None:
-    """Show the history of REV (a branch, tag or commit), newest first."""
+@click.option("--gpg-homedir", metavar="DIR",
+              help="Check signatures against the keys in this gpg home directory.")
+def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
+        gpg_homedir: str | None) -> None:
+    """Show the history of REV (a branch, tag or commit), newest first, with who
+    signed each signed commit."""
     from .repository import history
 
-    commits = history(_open_repo(repo_path), rev, max_count)
+    commits = history(_open_repo(repo_path), rev, max_count, gpg_homedir=gpg_homedir)
     if as_json:
         click.echo(json.dumps([c.to_json() for c in commits], indent=2))
         return

@@ -265,6 +265,21 @@ def image_digest_of(commit: pygit2.Commit) -> bytes:
 
 
 @dataclass(frozen=True)
+class SignatureInfo:
+    """Who signed a commit, as its signature says; with a keyring, whether it verifies."""
+
+    key_id: str | None  # None when the signature cannot be read
+    fingerprint: str | None
+    verified: bool | None = None  # None: not checked (no keyring given)
+    signer: str | None = None  # the signer's user id, once verified
+    problem: str | None = None  # why it does not verify
+
+    def to_json(self) -> dict[str, object]:
+        return {"key_id": self.key_id, "fingerprint": self.fingerprint, "verified": self.verified,
+                "signer": self.signer, "problem": self.problem}
+
+
+@dataclass(frozen=True)
 class CommitInfo:
     id: str
     subject: str
@@ -275,14 +290,37 @@ class CommitInfo:
     parents: list[str]
     image_digest: str | None
     image_format: int | None
+    signature: SignatureInfo | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"commit": self.id, "subject": self.subject, "version": self.version,
                 "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
-                "image_digest": self.image_digest, "image_format": self.image_format}
+                "image_digest": self.image_digest, "image_format": self.image_format,
+                "signature": self.signature.to_json() if self.signature else None}
 
 
-def commit_info(commit: pygit2.Commit) -> CommitInfo:
+def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> SignatureInfo | None:
+    """The signer a commit's gpgsig names (None if unsigned); checked against the
+    keyring in gpg_homedir when one is given."""
+    signature, payload = commit.gpg_signature
+    if not signature:
+        return None
+    armored = signature.decode("ascii", "replace")
+    try:
+        who = signing.issuer(armored)
+    except signing.SignatureError as e:
+        return SignatureInfo(None, None, verified=False if gpg_homedir else None, problem=str(e))
+    if gpg_homedir is None:
+        return SignatureInfo(who.key_id, who.fingerprint)
+    try:
+        signer = signing.verify(payload, armored, homedir=gpg_homedir)
+    except signing.SignatureError as e:
+        return SignatureInfo(who.key_id, who.fingerprint, verified=False, problem=str(e))
+    return SignatureInfo(who.key_id, who.fingerprint or signer.fingerprint, verified=True,
+                         signer=signer.username)
+
+
+def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> CommitInfo:
     t = trailers(commit.message)
     paragraphs = commit.message.rstrip("\n").split("\n\n")
     body = "\n\n".join(paragraphs[1:-1]) if t and len(paragraphs) > 2 else ""
@@ -291,15 +329,18 @@ def commit_info(commit: pygit2.Commit) -> CommitInfo:
         id=str(commit.id), subject=paragraphs[0], body=body, version=t.get(TRAILER_VERSION),
         timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
         parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
-        image_format=int(fmt) if fmt and fmt.isdigit() else None)
+        image_format=int(fmt) if fmt and fmt.isdigit() else None,
+        signature=signature_info(commit, gpg_homedir=gpg_homedir))
 
 
-def history(repo: Repository, rev: str, limit: int | None = None) -> list[CommitInfo]:
-    """Commits reachable from rev, newest first (first-parent order)."""
+def history(repo: Repository, rev: str, limit: int | None = None, *,
+            gpg_homedir: str | None = None) -> list[CommitInfo]:
+    """Commits reachable from rev, newest first (first-parent order); signatures are
+    checked against the keyring in gpg_homedir when one is given."""
     out = []
     commit: pygit2.Commit | None = repo.resolve(rev)
     while commit is not None and (limit is None or len(out) < limit):
-        out.append(commit_info(commit))
+        out.append(commit_info(commit, gpg_homedir=gpg_homedir))
         commit = commit.parents[0] if commit.parents else None
     return out
 
