@@ -11,6 +11,8 @@ bookworm` from the mirror in /etc/apt/sources.list.d, /dev emptied (about 880 MB
 (or $CFSDEPLOY_BENCH_DIR/rootfs-bookworm).  It is built in a sibling directory and
 renamed into place, so the path exists only once it is whole; a lock lets several
 benchmarks ask for it at once.  Delete it to rebuild.  Needs root and debootstrap.
+Treat it as read-only and commit a copy (cp -a) where timings matter: a hardlink
+to its files (cp -al) changes their ctime and link count under a running scan.
 """
 
 from __future__ import annotations
