@@ -203,12 +203,13 @@ class Repository:
         (what fsck checks), so building it again would give the same bytes."""
         if parents:
             parent = self.git[parents[0]].peel(pygit2.Commit)
-            entry = parent.tree[MANIFEST] if MANIFEST in parent.tree else None
-            if entry is not None and entry.id == pygit2.hash(manifest):
-                digest = image_digest_of(parent)
-                fmt = trailers(parent.message).get(TRAILER_FORMAT, "")
-                if fmt.isdigit() and self.objects.has(digest):
-                    return digest, int(fmt)
+            fmt = trailers(parent.message).get(TRAILER_FORMAT, "")
+            if (MANIFEST in parent.tree and parent.tree[MANIFEST].id == pygit2.hash(manifest)
+                    and fmt.isdigit()):
+                with contextlib.suppress(RepositoryError):  # no valid digest trailer: build
+                    digest = image_digest_of(parent)
+                    if self.objects.has(digest):
+                        return digest, int(fmt)
         built = imagewriter.build(root)
         return self.objects.add_bytes(built.image), built.version
 

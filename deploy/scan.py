@@ -89,9 +89,9 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
     (they cannot be stored); anything unreadable raises TreeError naming the path.
 
     `threads` is how many files are read at once, by as many processes (default:
-    one per CPU; one when this process has threads, which forking could deadlock).  A digest
-    from `cache` is used only if `store` (when given) holds its object; digests
-    computed are put into the cache."""
+    one per CPU; one when this process has threads, which forking could deadlock).
+    A digest from `cache` is used only if `store` (when given) holds its object;
+    digests computed are put into the cache."""
     if threads is None:
         threads = len(os.sched_getaffinity(0))
     if threads < 1:
