@@ -5,8 +5,8 @@ Objects are immutable, and a valid name never points at data that a crash could
 lose or tear.  Alone, each new object is written to a temp file, fsynced and
 renamed into place.  Inside a transaction (many objects at once, as a commit
 writes), new objects go unsynced into a staging directory; when it ends, one
-syncfs(2) makes them all durable before any is renamed into objects/, then a
-second makes the renames durable, all before the caller moves a ref (OSTree's
+syncfs(2) makes them all durable before any is renamed into objects/, then the
+directories renamed into are fsynced, all before the caller moves a ref (OSTree's
 pattern: one flush instead of thousands of fsyncs).  A crash leaves staged
 files in tmp/, which nothing names.  The staging directory itself is the record
 of what was staged, so forked workers can add objects too.
@@ -62,15 +62,22 @@ class ObjectStore:
         for src, _ in staged:
             _enable_verity(src)
         syncfs(self._staging)
-        made: set[str] = set()
+        parents: set[str] = set()
+        created = False
         for src, dest in staged:
             parent = os.path.dirname(dest)
-            if parent not in made:
-                os.makedirs(parent, exist_ok=True)
-                made.add(parent)
+            if parent not in parents:
+                parents.add(parent)
+                try:
+                    os.mkdir(parent)
+                    created = True
+                except FileExistsError:
+                    pass
             os.rename(src, dest)
-        if staged:
-            syncfs(self.path)
+        # The renames (and new XX/ directories) durable too; fsyncs of just these
+        # directories, not a second syncfs that would wait for others' writes.
+        for parent in sorted(parents) + ([self.path] if created else []):
+            fsync_dir(parent)
 
     def add_fd(self, src: int, digest: bytes) -> bool:
         """Store the content of `src` (whose digest the caller computed) unless present.
