@@ -59,6 +59,8 @@ class ObjectStore:
         assert self._staging is not None
         staged = [(os.path.join(self._staging, name), self.path_of(bytes.fromhex(name)))
                   for name in os.listdir(self._staging) if not name.startswith(".")]
+        if not staged:
+            return  # nothing to flush: a syncfs would only wait for others' writes
         for src, _ in staged:
             _enable_verity(src)
         syncfs(self._staging)
