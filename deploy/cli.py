@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .deployment import Origin
     from .progress import Progress
     from .pull import PullProgress
-    from .repository import CommitInfo, Repository
+    from .repository import CommitInfo, Repository, SignatureInfo
     from .scan import ScanStats
     from .sysroot import Sysroot
 
@@ -171,9 +171,11 @@ def init(repo_path: str) -> None:
 @click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Files read at once, by as many processes (default: one per CPU).")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
-           gpg_homedir: str | None, wait_lock: float) -> None:
+           gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
@@ -190,7 +192,7 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             warn=lambda m: click.echo(m, err=True), progress=show)
+                             threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
         update_server_info(repo)
     st = result.stats
     bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
@@ -213,6 +215,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Version: {info.version}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
+    if info.signature:
+        click.echo(f"Signed:  {_signature_line(info.signature)}")
     click.echo(f"\n    {info.subject}")
     if full and info.body:
         click.echo("")
@@ -221,16 +225,29 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
     click.echo("")
 
 
+def _signature_line(sig: SignatureInfo) -> str:
+    key = f" (key {sig.fingerprint or sig.key_id})" if sig.key_id else ""
+    if sig.verified:
+        return f"good signature from {sig.signer or sig.key_id}{key}"
+    if sig.verified is False:
+        return f"NOT VERIFIED: {sig.problem}{key}"
+    return f"key {sig.fingerprint or sig.key_id} (not verified)" if sig.key_id else str(sig.problem)
+
+
 @main.command()
 @repo_option
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def log(repo_path: str, rev: str, max_count: int | None, as_json: bool) -> None:
-    """Show the history of REV (a branch, tag or commit), newest first."""
+@click.option("--gpg-homedir", metavar="DIR",
+              help="Check signatures against the keys in this gpg home directory.")
+def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
+        gpg_homedir: str | None) -> None:
+    """Show the history of REV (a branch, tag or commit), newest first, with who
+    signed each signed commit."""
     from .repository import history
 
-    commits = history(_open_repo(repo_path), rev, max_count)
+    commits = history(_open_repo(repo_path), rev, max_count, gpg_homedir=gpg_homedir)
     if as_json:
         click.echo(json.dumps([c.to_json() for c in commits], indent=2))
         return

@@ -206,7 +206,8 @@ class _Pull:
         shallow_add, shallow_drop = self._history(commit, new_commits)
         self._objects({d: s for d, s in needed.items() if not self.repo.objects.has(d)})
         if image is not None:
-            self.repo.objects.add_bytes(image)
+            digest = self.repo.objects.add_bytes(image)
+            self.repo.mark_verified(head, digest)
         self._store_commits(new_commits, shallow_add, shallow_drop)
         if previous != head:
             self.repo.git.references.create(ref, head, force=True)
