@@ -6,43 +6,29 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 
 import pytest
 
 from cfsdeploy.repository import Repository, verify_commit
 from cfsdeploy.signing import SignatureError, issuer
 
+from .pullkit import drop_key, make_key
+
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
-
-
-def _keyring(name: str) -> str:
-    # Short path: gpg-agent's socket path must fit in a sockaddr_un.
-    home = tempfile.mkdtemp(prefix="cfsgpg-", dir="/tmp")
-    os.chmod(home, 0o700)
-    subprocess.run(["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback",
-                    "--passphrase", "", "--quick-gen-key", f"{name} <{name.lower()}@example.com>",
-                    "ed25519", "sign", "never"], check=True, capture_output=True)
-    return home
-
-
-def _drop(home: str) -> None:
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def signer_home():
-    home = _keyring("Builder")
-    yield home
-    _drop(home)
+    key = make_key("Builder")
+    yield key.home
+    drop_key(key)
 
 
 @pytest.fixture(scope="module")
 def stranger_home():
-    home = _keyring("Stranger")
-    yield home
-    _drop(home)
+    key = make_key("Stranger")
+    yield key.home
+    drop_key(key)
 
 
 @pytest.fixture
