@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import wraps
-from typing import Callable, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Callable, Concatenate, ParamSpec, TypeVar
 
 import pygit2
 
@@ -26,7 +26,6 @@ from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
 from .fsutil import force_rmtree, fsync_dir, syncfs
 from .objects import ObjectStore
-from .pull import PullOptions, PullProgress, PullResult, pull
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -39,6 +38,9 @@ from .repository import (
 from .sysroot import State, Sysroot, SysrootError
 from .tree import Inode, lookup, resolve
 from .treediff import TreeDiff, diff
+
+if TYPE_CHECKING:
+    from .pull import PullProgress, PullResult
 
 DEPLOY_REF = "refs/deployments"
 Log = Callable[[str], None]
@@ -589,6 +591,8 @@ def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, che
     if origin is None:
         which = f"deployment {current.name} follows" if current else f"os {os_name!r} has no deployment and"
         raise SysrootError(f"{which} no branch: `cfsdeploy switch REMOTE:BRANCH` chooses one")
+    from .pull import PullOptions, pull  # only here: HTTP and TLS cost every other command time
+
     repo = sysroot.repo
     pulled = None
     if origin.remote is not None:
