@@ -25,7 +25,6 @@ from .deployment import Deployment, Origin
 from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
 from .fsutil import force_rmtree, fsync_dir, syncfs
-from .objects import ObjectStore
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -33,6 +32,7 @@ from .repository import (
     Repository,
     image_digest_of,
     prune,
+    read_content,
     trailers,
 )
 from .sysroot import State, Sysroot, SysrootError
@@ -151,14 +151,6 @@ def _missing_objects(repo: Repository, c: Commit) -> None:
                           "(run `cfsdeploy fsck`, or pull again)")
 
 
-def content(store: ObjectStore, node: Inode) -> bytes:
-    if node.content is not None or node.size == 0:
-        return node.content or b""
-    assert node.digest is not None
-    with open(store.path_of(node.digest), "rb") as f:
-        return f.read()
-
-
 def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool:
     """Make sure the commit's image object exists and is the image of its manifest;
     True if it had to be built.
@@ -188,7 +180,7 @@ def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool
     return True
 
 
-def os_release(store: ObjectStore, root: Inode) -> dict[str, str]:
+def os_release(repo: Repository, root: Inode) -> dict[str, str]:
     for path in (b"/etc/os-release", b"/usr/lib/os-release"):
         e = lookup(root, path)
         if e is None:
@@ -201,7 +193,7 @@ def os_release(store: ObjectStore, root: Inode) -> dict[str, str]:
             node = resolve(e) if e is not None else node
         if node.is_reg():
             out = {}
-            for line in content(store, node).decode(errors="replace").splitlines():
+            for line in read_content(repo, node, os.fsdecode(path)).decode(errors="replace").splitlines():
                 k, sep, v = line.partition("=")
                 if sep:
                     out[k.strip()] = v.strip().strip("\"'")
@@ -212,12 +204,15 @@ def os_release(store: ObjectStore, root: Inode) -> dict[str, str]:
 # --- entries ------------------------------------------------------------------------------
 
 
-def _entry(sysroot: Sysroot, dep: Deployment, kernel: Kernel, title: str, verity: str,
+def _options(dep: Deployment, verity: str) -> str:
+    """An entry's options: the deployment's kernel arguments, then cfsdeploy's own."""
+    return " ".join(dep.kargs + kargs.Own(dep.path, dep.image_digest, verity).args())
+
+
+def _entry(dep: Deployment, kernel: Kernel, title: str, verity: str,
            tries: tuple[int | None, int | None]) -> BootEntry:
-    own = kargs.Own(dep.path, dep.image_digest, verity)
     return BootEntry(os=dep.os, index=0, title=title, linux=kernel.linux, initrd=kernel.initrd,
-                     options=" ".join(dep.kargs + own.args()),
-                     tries_left=tries[0], tries_done=tries[1])
+                     options=_options(dep, verity), tries_left=tries[0], tries_done=tries[1])
 
 
 def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
@@ -236,8 +231,8 @@ def _refresh(e: BootEntry, dep: Deployment, verity: str | None) -> BootEntry:
     """The entry with the deployment's current kernel arguments."""
     own = kargs.own(kargs.split(e.options))
     verity = verity or (own.verity if own else "require")
-    options = " ".join(dep.kargs + kargs.Own(dep.path, dep.image_digest, verity).args())
-    return BootEntry(e.os, e.index, e.title, e.linux, e.initrd, options, e.tries_left, e.tries_done)
+    return BootEntry(e.os, e.index, e.title, e.linux, e.initrd, _options(dep, verity),
+                     e.tries_left, e.tries_done)
 
 
 def _title(release: dict[str, str], version: str | None, os_name: str) -> str:
@@ -349,8 +344,8 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
 
     kept = retain(state, sysroot, new_default=make_default)
     order = [dep] + kept if make_default or not kept else [kept[0], dep] + kept[1:]
-    release = os_release(repo.objects, c.root)
-    entry = _entry(sysroot, dep, kernel, _title(release, c.version, os_name), verity,
+    release = os_release(repo, c.root)
+    entry = _entry(dep, kernel, _title(release, c.version, os_name), verity,
                    (tries, None) if tries else (None, None))
     _rewrite(sysroot, state, order, {name: entry})
     new_state, _ = _settle(sysroot, os_name)

@@ -527,8 +527,9 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
-    rows = status(s, name)
-    broken = s.state(name).broken
+    state = s.state(name)
+    rows = status(state)
+    broken = state.broken
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken]},
@@ -624,17 +625,16 @@ def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | Non
               append: tuple[str, ...], delete: tuple[str, ...], replace: tuple[str, ...]) -> None:
     """Show, or edit, the default deployment's kernel arguments."""
     from . import admin
-    from .sysroot import status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
     if append or delete or replace:
         d = admin.set_kargs(s, name, append=append, delete=delete, replace=replace)
     else:
-        rows = status(s, name)
-        if not rows:
+        default = s.state(name).default
+        if default is None:
             fail(f"os {name} has no deployment")
-        d = rows[0].deployment
+        d = default
     click.echo(" ".join(d.kargs))
 
 

@@ -386,7 +386,11 @@ def read_file(repo: Repository, rev: str, path: str) -> bytes:
     entry = lookup(manifest_of(repo, rev), os.fsencode(path))
     if entry is None:
         raise RepositoryError(f"{path}: no such file in {rev}")
-    node = resolve_entry(entry)
+    return read_content(repo, resolve_entry(entry), path)
+
+
+def read_content(repo: Repository, node: Inode, path: str) -> bytes:
+    """The content of a regular file of a manifest, checked against its digest."""
     if not node.is_reg():
         raise RepositoryError(f"{path}: not a regular file")
     if node.content is not None or node.size == 0:

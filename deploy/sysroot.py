@@ -311,7 +311,6 @@ class DeploymentStatus:
                 "boot_failed": self.entry.failed, "boot_counting": self.boot_counting}
 
 
-def status(sysroot: Sysroot, os_name: str) -> list[DeploymentStatus]:
-    state = sysroot.state(os_name)
+def status(state: State) -> list[DeploymentStatus]:
     return [DeploymentStatus(i, d, e, d == state.booted)
             for i, (d, e) in enumerate(zip(state.deployments, state.entries))]

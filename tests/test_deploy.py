@@ -239,7 +239,7 @@ def test_boot_counting_tries_name_the_new_entry(machine) -> None:
     deploy(machine, tries=3)
     files = sorted(os.listdir(machine.boot / "loader" / "entries"))
     assert files == [f"cfsdeploy-{OS}-1.conf", f"cfsdeploy-{OS}-2+3.conf"]
-    assert "3 tries left" in status(machine.sysroot, OS)[0].boot_counting
+    assert "3 tries left" in status(machine.sysroot.state(OS))[0].boot_counting
 
 
 def test_boot_counter_state_survives_a_rewrite(machine) -> None:
@@ -260,7 +260,7 @@ def test_status_says_loudly_that_an_entry_failed(machine) -> None:
     deploy(machine, tries=2)
     entries = machine.boot / "loader" / "entries"
     os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
-    rows = status(booted_into(machine, 1), OS)
+    rows = status(booted_into(machine, 1).state(OS))
     assert rows[0].entry.failed and "FAILED TO BOOT" in rows[0].boot_counting
     assert rows[1].booted and rows[1].rollback
 
