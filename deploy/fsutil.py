@@ -38,11 +38,10 @@ def syncfs(path: PathLike) -> None:
 
 
 def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644,
-                 tmpdir: PathLike | None = None,
-                 before_rename: Callable[[str], None] | None = None) -> None:
+                 tmpdir: PathLike | None = None) -> None:
     """Create `path` atomically: `write(fd)` fills a temp file (beside it, or in
-    `tmpdir` on the same filesystem), which is fsynced, handed to `before_rename`
-    (e.g. to enable fs-verity), renamed over `path`, and the directory fsynced.
+    `tmpdir` on the same filesystem), which is fsynced, renamed over `path`, and the
+    directory fsynced.
     On any error the temp file is removed and `path` is untouched."""
     path = os.fsdecode(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -55,8 +54,6 @@ def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o
             os.fsync(fd)
         finally:
             os.close(fd)
-        if before_rename is not None:
-            before_rename(tmp)
         os.rename(tmp, path)
     except BaseException:
         try:
