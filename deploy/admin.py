@@ -22,7 +22,7 @@ from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs
 from .bootloader import BootEntry, Kernel
 from .checkout import checkout
 from .deployment import Deployment, Origin
-from .errors import CfsError
+from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
 from .fsutil import force_rmtree, fsync_dir, syncfs
 from .objects import ObjectStore
@@ -210,20 +210,21 @@ def _entry(sysroot: Sysroot, dep: Deployment, kernel: Kernel, title: str, verity
 
 
 def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
-             new_entries: dict[str, BootEntry] | None = None) -> list[BootEntry]:
-    """Switch the os's entries to `order`, keeping each kept entry's fields and counters."""
+             new_entries: dict[str, BootEntry] | None = None,
+             verity: dict[str, str] | None = None) -> list[BootEntry]:
+    """Switch the os's entries to `order`, keeping each kept entry's fields and
+    counters; `verity` changes the cfsdeploy.verity= of deployments it names."""
     by_name = {d.name: e for d, e in zip(state.deployments, state.entries)}
-    if new_entries:
-        by_name.update(new_entries)
-    entries = bootloader.number(_retitle(by_name[d.name], d) for d in order)
+    by_name.update(new_entries or {})
+    entries = bootloader.number(_refresh(by_name[d.name], d, (verity or {}).get(d.name)) for d in order)
     bootloader.switch_entries(sysroot.boot, state.os, entries)
     return entries
 
 
-def _retitle(e: BootEntry, dep: Deployment) -> BootEntry:
-    # Options carry the deployment's current kargs (kargs edits the record first).
+def _refresh(e: BootEntry, dep: Deployment, verity: str | None) -> BootEntry:
+    """The entry with the deployment's current kernel arguments."""
     own = kargs.own(kargs.split(e.options))
-    verity = own.verity if own else "require"
+    verity = verity or (own.verity if own else "require")
     options = " ".join(dep.kargs + kargs.Own(dep.path, dep.image_digest, verity).args())
     return BootEntry(e.os, e.index, e.title, e.linux, e.initrd, options, e.tries_left, e.tries_done)
 
@@ -311,6 +312,10 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     verity = verity or sysroot.config.verity
     state = _prepare(sysroot, os_name)
     image_built = ensure_image(repo, c, log)
+    if verity == "require" and not _has_verity(repo.objects.path_of(c.image_digest), c.image_digest):
+        raise DeployError("cfsdeploy.verity=require, but the image object has no fs-verity here, so "
+                          "the boot would stop: deploy with --verity try (or off), then run "
+                          "`cfsdeploy verity enable` on the machine itself")
     merge_dep = state.booted or state.default
     base_kargs = merge_dep.kargs if merge_dep else sysroot.config.kargs
     new_kargs = kargs.edit(base_kargs, append=append, delete=delete)
@@ -461,3 +466,76 @@ def cleanup(sysroot: Sysroot, os_name: str, *, prune_objects: bool = True) -> Cl
             r = prune(sysroot.repo)
         removed, freed = r.removed, r.bytes_freed
     return CleanupResult(dropped, kernels, removed, freed)
+
+
+# --- fs-verity ----------------------------------------------------------------------------
+
+
+def _has_verity(path: str, digest: bytes) -> bool:
+    """Whether the kernel holds fs-verity for the object, with the digest of its name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return fsverity.measure_verity(fd) == digest
+    except VerityError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class VerityResult:
+    objects: int
+    enabled: int
+    problems: list[str]
+    # Deployments whose entries now say cfsdeploy.verity=require.
+    required: list[str]
+
+
+@locked
+def enable_verity(sysroot: Sysroot, os_name: str, *, progress: Callable[[int, int], None] | None = None
+                  ) -> VerityResult:
+    """Enable fs-verity on every object of the repository (for a sysroot written where
+    the kernel could not, e.g. a disk image made on another machine), then make the
+    entries of deployments whose image and objects all measure right require it."""
+    repo = sysroot.repo
+    paths = []
+    for sub in sorted(os.listdir(repo.objects.path)):
+        subdir = os.path.join(repo.objects.path, sub)
+        if len(sub) == 2 and os.path.isdir(subdir):
+            paths += [(sub + name, os.path.join(subdir, name)) for name in sorted(os.listdir(subdir))]
+    good: set[bytes] = set()
+    problems = []
+    with repo.lock(wait=60):
+        for i, (name, path) in enumerate(paths):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fsverity.enable_verity(fd)
+                measured = fsverity.measure_verity(fd)
+            except VerityError as e:
+                problems.append(f"{name}: {e}")
+                if len(problems) >= 10:
+                    break
+                continue
+            finally:
+                os.close(fd)
+            if measured.hex() != name:
+                problems.append(f"{name}: corrupt object (its content has digest {measured.hex()}; run fsck)")
+            else:
+                good.add(measured)
+            if progress is not None:
+                progress(i + 1, len(paths))
+    state = _prepare(sysroot, os_name)
+    switch = {}
+    for d in state.deployments:
+        manifest = repo.resolve(d.commit).tree[MANIFEST].data
+        if bytes.fromhex(d.image_digest) in good and dumpfile.external_digests(manifest) <= good:
+            switch[d.name] = "require"
+    if switch:
+        _rewrite(sysroot, state, state.deployments, verity=switch)
+    if not problems and sysroot.config.verity != "require":
+        sysroot.config.verity = "require"
+        sysroot.save_config()
+    return VerityResult(len(paths), len(good), problems, sorted(switch))

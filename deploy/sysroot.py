@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import bootloader, deployment, kargs, lockfile
+from . import bootloader, deployment, fsverity, kargs, lockfile
 from .bootloader import BootEntry
 from .deployment import Deployment
 from .errors import CfsError
@@ -93,6 +94,18 @@ class Config:
         return c
 
 
+def _verity_works(directory: str) -> bool:
+    fd, path = tempfile.mkstemp(dir=directory)
+    try:
+        os.write(fd, b"probe")
+        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fsverity.try_enable_verity(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def check_os_name(name: str) -> str:
     # '-' is kept out: GRUB reads entry file names as name-version-release.
     if not _OS_NAME.fullmatch(name) or len(name) > 64:
@@ -145,6 +158,9 @@ class Sysroot:
         self.lock_wait = 0.0
         self.on_lock_wait: Callable[[], None] | None = None
 
+    def save_config(self) -> None:
+        atomic_write_bytes(os.path.join(self.top, "config.toml"), self.config.render().encode())
+
     @property
     def repo(self) -> Repository:
         if self._repo is None:
@@ -169,6 +185,10 @@ class Sysroot:
             os.makedirs(top, exist_ok=True)
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))
+            # Where this kernel cannot give objects fs-verity, deployments start out
+            # with cfsdeploy.verity=try; `cfsdeploy verity enable` moves them on.
+            if not _verity_works(os.path.join(top, "repo", "tmp")):
+                config.verity = "try"
             open(os.path.join(top, "lock"), "a").close()
             atomic_write_bytes(config_path, config.render().encode())
         os.makedirs(os.path.join(top, "deploy", os_name, "var"), exist_ok=True)

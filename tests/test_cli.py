@@ -12,7 +12,8 @@ from cfsdeploy.cli import main
 from .vectors import SHOULD_FAIL, VALID
 
 PLANNED = ["pull", "upgrade", "switch", "remote add", "remote list", "remote remove"]
-SYSROOT_COMMANDS = ["sysroot init", "deploy", "status", "rollback", "undeploy", "pin", "cleanup", "kargs"]
+SYSROOT_COMMANDS = ["sysroot init", "deploy", "status", "rollback", "undeploy", "pin", "cleanup", "kargs",
+                    "verity enable"]
 
 
 def invoke(*args: str, input: bytes | None = None):

@@ -76,7 +76,7 @@ def test_entry_names_kernel_initramfs_and_arguments(machine) -> None:
     assert entry.filename == f"cfsdeploy-{OS}-1.conf"
     assert entry.options.split() == ROOT_KARGS + [
         f"cfsdeploy=/cfsdeploy/deploy/{OS}/{d.name}", f"cfsdeploy.digest={d.image_digest}",
-        "cfsdeploy.verity=require"]
+        "cfsdeploy.verity=try"]
     assert entry.title == f"Test OS 1 (cfsdeploy {OS})"
 
 
@@ -471,3 +471,49 @@ def test_entry_of_a_vanished_deployment_is_reported_and_dropped(machine) -> None
     assert p.returncode == 0 and "cannot boot" in p.stderr
     admin.cleanup(machine.sysroot, OS, prune_objects=False)
     assert machine.sysroot.state(OS).broken == [] and len(names(machine)) == 1
+
+
+# --- fs-verity: this host's kernel has none, so these show the path of a machine without it
+
+
+def host_has_verity(directory: Path) -> bool:
+    from cfsdeploy import fsverity
+
+    f = directory / "probe"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        return fsverity.try_enable_verity(fd)
+    finally:
+        os.close(fd)
+
+
+def test_sysroot_without_verity_starts_deployments_with_try(machine) -> None:
+    expected = "require" if host_has_verity(machine.tmp) else "try"
+    assert machine.sysroot.config.verity == expected
+
+
+def test_deploy_refuses_require_where_the_image_has_no_verity(machine) -> None:
+    if host_has_verity(machine.tmp):
+        pytest.skip("this kernel has fs-verity: the refusal cannot happen")
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(admin.DeployError, match="verity enable"):
+        deploy(machine, verity="require")
+    assert machine.sysroot.state(OS).deployments == []
+
+
+def test_verity_enable_reports_why_it_cannot_and_changes_nothing(machine) -> None:
+    if host_has_verity(machine.tmp):
+        pytest.skip("this kernel has fs-verity: see the VM test for the journey")
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    before = entries_files(machine)
+    p = cli(machine, "verity", "enable")
+    assert p.returncode == 1 and "fs-verity" in p.stderr
+    assert "0 deployments now boot with cfsdeploy.verity=require" in p.stdout
+    assert entries_files(machine) == before
+
+
+def entries_files(m) -> dict[str, bytes]:
+    d = m.boot / "loader/entries"
+    return {n: (d / n).read_bytes() for n in os.listdir(d)}
