@@ -23,8 +23,10 @@ pytestmark = pytest.mark.vm
 
 
 def report(request: pytest.FixtureRequest, text: str) -> None:
-    """Say it on the terminal, whatever pytest captures."""
-    request.config.pluginmanager.getplugin("terminalreporter").write_line(text)
+    """Say it on the terminal now, whatever pytest captures."""
+    plugins = request.config.pluginmanager
+    with plugins.getplugin("capturemanager").global_and_fixture_disabled():
+        plugins.getplugin("terminalreporter").write_line(text)
 
 
 @pytest.fixture(scope="module")

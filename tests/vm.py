@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cfsdeploy import lockfile
+from cfsdeploy import fsverity, lockfile
 from cfsdeploy.errors import CommandError
 from cfsdeploy.run import run, which
 
@@ -107,9 +106,10 @@ def rootfs(log: Log = print) -> Path:
         log(f"debootstrap {SUITE} from {mirror()} into {dest} (once; about 2 minutes)")
         run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
              building, mirror()], capture=True)
-        # apt's lists and caches are not part of an OS image
-        for junk in ("var/lib/apt/lists", "var/cache/apt"):
-            for p in (building / junk).glob("*"):
+        # apt's lists and caches, and the packages debootstrap installed from, are not
+        # part of an OS image
+        for junk in ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb"):
+            for p in building.glob(junk):
                 if p.is_file():
                     p.unlink()
         os.rename(building, dest)
@@ -145,8 +145,9 @@ CANARIES = ("canary-a", "canary-b")
 class Tree:
     path: Path
     kver: str
-    # sha256 of each canary file's content
+    # sha256 of each canary file's content, and the object that holds it
     canaries: dict[str, str]
+    canary_objects: dict[str, str]
 
 
 def put(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -199,11 +200,12 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
     put(dest / "etc/hostname", b"cfsdeploy-vm\n")
     # Each machine makes its own at first boot (empty: without first-boot prompts)
     put(dest / "etc/machine-id", b"", 0o444)
-    canaries = {}
+    canaries, objects = {}, {}
     for name in CANARIES:
         data = os.urandom(65536)
         put(dest / "usr/share/cfsdeploy-vm" / name, data)
         canaries[name] = hashlib.sha256(data).hexdigest()
+        objects[name] = fsverity.digest_bytes(data).hex()
 
     log(f"update-initramfs for {kver} with the cfsdeploy hooks")
     boot = dest / "boot"
@@ -221,7 +223,7 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
             p.unlink()
     for d in ("sysroot", "efi"):
         (dest / d).mkdir(exist_ok=True)
-    return Tree(dest, kver, canaries)
+    return Tree(dest, kver, canaries, objects)
 
 
 # --- the disk ----------------------------------------------------------------------------
@@ -306,12 +308,14 @@ def make_disk(tree: Tree, work: Path, *, verity: str = "try", log: Log = print) 
                   "-m", "Debian 13 for the cfsdeploy VM test", "--version", "13.vm1")
         log(f"  commit took {time.monotonic() - t:.1f} s")
         t = time.monotonic()
-        log("  " + cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity, BRANCH)
-            .replace("\n", "\n  ").rstrip())
+        for line in cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity,
+                              BRANCH).splitlines():
+            log(f"  {line}")
         log(f"  deploy took {time.monotonic() - t:.1f} s")
         status = json.loads(cfsdeploy("status", "--json", "--sysroot", mnt, "--boot-dir", staging))
     (staging / "loader/loader.conf").write_bytes(LOADER_CONF)
-    # The ESP: made apart (mkfs.vfat --offset into the disk gave a broken FAT32 here),
+    # The ESP: made apart (mkfs.vfat --offset into the disk image gave a FAT32 mtools
+    # could not make directories in),
     # filled without mounting (this host has no vfat), then copied in.
     esp = work / "esp.img"
     with open(esp, "wb") as f:
@@ -404,14 +408,14 @@ def accel() -> str:
             with contextlib.suppress(CommandError):
                 run(["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-m", "512", "-nic", "none",
                      "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{log}",
-                     "-kernel", kernels[-1], "-append", "console=ttyS0 panic=-1"], timeout=30, capture=True)
+                     "-kernel", kernels[-1], "-append", "console=ttyS0 panic=-1"], timeout=20, capture=True)
             if log.exists() and b"Kernel panic" in log.read_bytes():
                 result = "kvm"
     memo.write_text(result + "\n")
     return result
 
 
-def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeout: float = 600,
+def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeout: float = 900,
          name: str = "boot") -> Boot:
     """Power the machine on with OVMF (no network), let the check unit run the steps
     and power it off; the serial console's log and the facts the guest reported."""
@@ -482,10 +486,7 @@ def first_boot(disk: Disk, work: Path) -> Boot:
 
 def second_boot(disk: Disk, work: Path) -> Boot:
     """Corrupt the object of one canary file on the disk, then boot again."""
-    from cfsdeploy.fsverity import digest_file
-
-    digest = digest_file(disk.tree.path / "usr/share/cfsdeploy-vm" / CORRUPTED).hex()
-    corrupt(disk, object_path(digest))
+    corrupt(disk, object_path(disk.tree.canary_objects[CORRUPTED]))
     return boot(disk, work, name="boot2")
 
 
@@ -515,7 +516,7 @@ def describe(b: Boot, disk: Disk) -> str:
     for name, got in (r.get("canaries") or {}).items():  # type: ignore[union-attr]
         lines.append(f"{name}: " + ("content as committed" if got == disk.tree.canaries[name] else got))
     for s in b.steps:
-        lines.append(f"$ {' '.join(s['argv'])}  (exit status {s['rc']})")  # type: ignore[arg-type]
+        lines.append(f"$ {' '.join(s['argv'])}  (exit status {s['rc']}, {s['seconds']} s)")  # type: ignore[arg-type]
         lines += ["  " + line for line in (str(s["stdout"]) + str(s["stderr"])).splitlines()]
     if "error" in r:
         lines.append(f"CHECK ERROR: {r['error']}")

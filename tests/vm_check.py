@@ -149,9 +149,11 @@ def run_steps() -> None:
     except FileNotFoundError:
         steps = []
     for i, argv in enumerate(steps):
+        started = uptime()
         r = sh(*argv)
         show(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}")
-        say(f"step.{i}", {"argv": argv, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr})
+        say(f"step.{i}", {"argv": argv, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
+                          "seconds": round(uptime() - started, 1)})
 
 
 def main() -> None:
