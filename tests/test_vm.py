@@ -110,10 +110,11 @@ def test_usr_is_read_only(first: vm.Boot) -> None:
     assert first["writable./usr"] == "EROFS"
 
 
-def test_sysroot_is_the_physical_root_and_boot_the_esp(first: vm.Boot) -> None:
+def test_sysroot_is_the_physical_root_and_boot_the_writable_esp(first: vm.Boot) -> None:
     assert first["mount./sysroot"]["fstype"] == "ext4"  # type: ignore[index]
     assert first["mount./sysroot"]["root"] == "/"  # type: ignore[index]
     assert first["mount./boot"]["fstype"] == "vfat"  # type: ignore[index]
+    assert first["writable./boot"] == "yes"
 
 
 def test_status_in_the_guest_names_the_booted_deployment(first: vm.Boot, disk: vm.Disk) -> None:
@@ -163,6 +164,7 @@ def test_kernel_measures_the_digest_the_command_line_names(second: vm.Boot, disk
 
 def test_object_corrupted_on_the_disk_reads_as_an_error_not_wrong_data(second: vm.Boot) -> None:
     assert second["canaries"][vm.CORRUPTED] == "EIO"  # type: ignore[index]
+    assert "FILE CORRUPTED!" in second.log  # fs-verity's own word on it
 
 
 def test_intact_objects_still_read_back(second: vm.Boot, disk: vm.Disk) -> None:

@@ -95,7 +95,7 @@ def check_root(args: dict[str, str], m: dict[str, dict[str, str]]) -> None:
     for d in ("/etc", "/var", "/sysroot", "/boot"):
         mi = m.get(d)
         say(f"mount.{d}", {"fstype": mi["fstype"], "root": mi["root"], "source": mi["source"]} if mi else None)
-    for d in ("/etc", "/var", "/usr", "/sysroot"):
+    for d in ("/etc", "/var", "/usr", "/sysroot", "/boot"):
         say(f"writable.{d}", writable(d))
 
 
