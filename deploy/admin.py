@@ -26,6 +26,7 @@ from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
 from .fsutil import force_rmtree, fsync_dir, syncfs
 from .objects import ObjectStore
+from .pull import PullOptions, PullProgress, PullResult, pull
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -37,6 +38,7 @@ from .repository import (
 )
 from .sysroot import State, Sysroot, SysrootError
 from .tree import Inode, lookup, resolve
+from .treediff import TreeDiff, diff
 
 DEPLOY_REF = "refs/deployments"
 Log = Callable[[str], None]
@@ -45,11 +47,18 @@ R = TypeVar("R")
 
 
 def locked(fn: Callable[Concatenate[Sysroot, P], R]) -> Callable[Concatenate[Sysroot, P], R]:
-    """Run a change of deployments under the sysroot's lock."""
+    """Run a change of deployments under the sysroot's lock (taken once: a locked
+    change may call another)."""
     @wraps(fn)
     def inner(sysroot: Sysroot, *args: P.args, **kw: P.kwargs) -> R:
-        with sysroot.lock(wait=sysroot.lock_wait, on_wait=sysroot.on_lock_wait):
+        if sysroot.locked:
             return fn(sysroot, *args, **kw)
+        with sysroot.lock(wait=sysroot.lock_wait, on_wait=sysroot.on_lock_wait):
+            sysroot.locked = True
+            try:
+                return fn(sysroot, *args, **kw)
+            finally:
+                sysroot.locked = False
     return inner
 
 
@@ -539,3 +548,78 @@ def enable_verity(sysroot: Sysroot, os_name: str, *, progress: Callable[[int, in
         sysroot.config.verity = "require"
         sysroot.save_config()
     return VerityResult(len(paths), len(good), problems, sorted(switch))
+
+
+# --- upgrade, switch --------------------------------------------------------------------------
+
+
+@dataclass
+class UpgradeResult:
+    origin: Origin
+    current: Deployment | None       # the booted (or default) deployment before
+    commit: str                      # the origin's head after the pull
+    pulled: PullResult | None        # None for an origin that is a local branch
+    deployed: DeployResult | None    # None when there was nothing new (or only a check)
+    changes: TreeDiff | None
+
+    @property
+    def available(self) -> bool:
+        """Something newer than the running deployment exists (deployed or not)."""
+        return self.current is None or self.commit != self.current.commit
+
+
+def _check_not_older(repo: Repository, current: str, new: str) -> None:
+    """A commit that is an ancestor of the deployed one, or older than it, is a
+    downgrade: a mirror must not bring back an old (validly signed) release."""
+    a, b = repo.resolve(current), repo.resolve(new)
+    if repo.git.descendant_of(a.id, b.id) or b.commit_time < a.commit_time:
+        raise DeployError(f"the origin's head {new[:12]} is older than the deployed {current[:12]}: "
+                          "refusing to downgrade (--allow-downgrade to do it anyway)")
+
+
+@locked
+def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, check: bool = False,
+            allow_downgrade: bool = False, progress: Callable[[PullProgress], None] | None = None,
+            log: Log = lambda m: None) -> UpgradeResult:
+    """Pull the newest commit of the booted (or default) deployment's origin, or of a
+    new origin (switch), and deploy it as the default, keeping the rollback."""
+    state = _prepare(sysroot, os_name)
+    current = state.booted or state.default
+    origin = origin or (current.origin if current else None)
+    if origin is None:
+        which = f"deployment {current.name} follows" if current else f"os {os_name!r} has no deployment and"
+        raise SysrootError(f"{which} no branch: `cfsdeploy switch REMOTE:BRANCH` chooses one")
+    repo = sysroot.repo
+    pulled = None
+    if origin.remote is not None:
+        # Only the head: a machine needs what it deploys, not the history's manifests.
+        pulled = pull(repo, origin.remote, origin.branch, depth=1, allow_downgrade=allow_downgrade, progress=progress,
+                      options=PullOptions(lock_wait=sysroot.lock_wait, on_lock_wait=sysroot.on_lock_wait))
+        rev = f"{origin.remote}/{origin.branch}"
+    else:
+        rev = origin.branch
+    head = str(repo.resolve(rev).id)
+    result = UpgradeResult(origin, current, head, pulled, None, None)
+    if current is not None:
+        same_origin = origin == current.origin
+        if same_origin and head in (current.commit, state.default.commit if state.default else None):
+            return result
+        if same_origin and not allow_downgrade:
+            _check_not_older(repo, current.commit, head)
+        result.changes = diff(_full_manifest(repo, current.commit), _full_manifest(repo, head))
+    if check:
+        return result
+    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, log=log)
+    return result
+
+
+def _full_manifest(repo: Repository, rev: str) -> Inode:
+    return dumpfile.parse(repo.resolve(rev).tree[MANIFEST].data)
+
+
+def parse_refspec(refspec: str) -> Origin:
+    """REMOTE:BRANCH, or BRANCH of the machine's own repository."""
+    remote, sep, branch = refspec.rpartition(":")
+    if not branch or (sep and not remote):
+        raise SysrootError(f"expected REMOTE:BRANCH or BRANCH, not {refspec!r}")
+    return Origin(branch, remote or None)

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
@@ -16,11 +16,12 @@ from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .repository import CommitInfo, Repository
+    from .deployment import Origin
+    from .progress import Progress
+    from .pull import PullProgress
+    from .repository import CommitInfo, Repository, SignatureInfo
     from .scan import ScanStats
     from .sysroot import Sysroot
-
-EXIT_NOT_IMPLEMENTED = 2
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -170,14 +171,17 @@ def init(repo_path: str) -> None:
 @click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Files read at once, by as many processes (default: one per CPU).")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
-           gpg_homedir: str | None, wait_lock: float) -> None:
+           gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
     from .progress import Progress, human_bytes
+    from .serve import update_server_info
 
     bar = Progress("commit")
 
@@ -188,7 +192,8 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
         result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             warn=lambda m: click.echo(m, err=True), progress=show)
+                             threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
+        update_server_info(repo)
     st = result.stats
     bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
@@ -210,6 +215,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Version: {info.version}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
+    if info.signature:
+        click.echo(f"Signed:  {_signature_line(info.signature)}")
     click.echo(f"\n    {info.subject}")
     if full and info.body:
         click.echo("")
@@ -218,16 +225,29 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
     click.echo("")
 
 
+def _signature_line(sig: SignatureInfo) -> str:
+    key = f" (key {sig.fingerprint or sig.key_id})" if sig.key_id else ""
+    if sig.verified:
+        return f"good signature from {sig.signer or sig.key_id}{key}"
+    if sig.verified is False:
+        return f"NOT VERIFIED: {sig.problem}{key}"
+    return f"key {sig.fingerprint or sig.key_id} (not verified)" if sig.key_id else str(sig.problem)
+
+
 @main.command()
 @repo_option
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def log(repo_path: str, rev: str, max_count: int | None, as_json: bool) -> None:
-    """Show the history of REV (a branch, tag or commit), newest first."""
+@click.option("--gpg-homedir", metavar="DIR",
+              help="Check signatures against the keys in this gpg home directory.")
+def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
+        gpg_homedir: str | None) -> None:
+    """Show the history of REV (a branch, tag or commit), newest first, with who
+    signed each signed commit."""
     from .repository import history
 
-    commits = history(_open_repo(repo_path), rev, max_count)
+    commits = history(_open_repo(repo_path), rev, max_count, gpg_homedir=gpg_homedir)
     if as_json:
         click.echo(json.dumps([c.to_json() for c in commits], indent=2))
         return
@@ -268,10 +288,12 @@ def refs(repo_path: str) -> None:
 def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
     """Tag the commit REV as NAME."""
     from .repository import create_tag
+    from .serve import update_server_info
 
     repo = _open_repo(repo_path)
     with repo.lock(wait=60):
         click.echo(create_tag(repo, name, rev, force=force))
+        update_server_info(repo)
 
 
 @main.command("ls")
@@ -342,13 +364,14 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 
     report = fsck(_open_repo(repo_path), quick=quick)
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, "commits": report.commits,
+        click.echo(json.dumps({"ok": report.ok, "commits": report.commits, "history_only": report.history_only,
                                "objects_checked": report.objects_checked,
                                "problems": report.problems}, indent=2))
     else:
         for problem in report.problems:
             click.echo(problem)
-        click.echo(f"{report.commits} commits, {report.objects_checked} objects verified: "
+        history = f" ({report.history_only} of them history only)" if report.history_only else ""
+        click.echo(f"{report.commits} commits{history}, {report.objects_checked} objects verified: "
                    f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
     if not report.ok:
         sys.exit(1)
@@ -615,6 +638,88 @@ def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | Non
     click.echo(" ".join(d.kargs))
 
 
+EXIT_NO_UPDATE = 77  # `upgrade --check` with nothing new, as rpm-ostree says it
+
+
+def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
+    """A progress line for a pull, and the callback that feeds it."""
+    from .progress import Progress, human_bytes
+
+    bar = Progress("pull")
+
+    def show(p: PullProgress) -> None:
+        rate = human_bytes(p.wire_bytes / p.elapsed if p.elapsed > 0 else 0)
+        if p.phase == "metadata":
+            bar.update(f"commits and manifests, {human_bytes(p.wire_bytes)}")
+        else:
+            bar.update(f"{p.objects_done}/{p.objects_total} objects, {human_bytes(p.bytes_done)}/"
+                       f"{human_bytes(p.bytes_total)}, {rate}/s")
+    return bar, show
+
+
+def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+             origin: Origin | None, check: bool, allow_downgrade: bool) -> None:
+    from . import admin
+    from .progress import human_bytes
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    bar, show = _pull_progress()
+    r = admin.upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
+                      progress=show, log=lambda m: click.echo(m, err=True))
+    if r.pulled is not None:
+        p = r.pulled
+        bar.done(f"{p.objects_fetched} objects, {human_bytes(p.bytes_fetched)} "
+                 f"({human_bytes(p.wire_bytes)} on the wire)")
+    if r.changes is None and r.deployed is None and not (check and r.available):
+        pending = r.available
+        click.echo(f"{r.origin.refspec}: {r.commit[:12]} " + (
+            "is already deployed: reboot to use it" if pending else "is what runs: no update"))
+        if check:
+            sys.exit(0 if pending else EXIT_NO_UPDATE)
+        return
+    if r.changes is not None and r.current is not None:
+        c = r.changes
+        click.echo(f"{r.origin.refspec}: {r.current.commit[:12]} -> {r.commit[:12]}: {len(c.added)} added, "
+                   f"{len(c.removed)} removed, {len(c.modified)} modified")
+        for p_ in c.added[:5]:
+            click.echo(f"  A {os.fsdecode(p_)}")
+        for p_ in c.removed[:5]:
+            click.echo(f"  D {os.fsdecode(p_)}")
+        for p_, what in list(c.modified.items())[:5]:
+            click.echo(f"  M {os.fsdecode(p_)} ({','.join(what)})")
+    if check:
+        click.echo("an update is available")
+        return
+    assert r.deployed is not None
+    d = r.deployed
+    click.echo(f"deployed {r.commit[:12]} as {d.deployment.name}; etc: {d.etc.summary()}")
+    for path, why in d.etc.conflicts:
+        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    click.echo("reboot to activate it (`cfsdeploy rollback` goes back)")
+
+
+@main.command("upgrade")
+@sysroot_options
+@click.option("--check", is_flag=True, help="Only say whether an update exists (exit 77 if not).")
+@click.option("--allow-downgrade", is_flag=True, help="Deploy the origin's head even if it is older.")
+def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+                check: bool, allow_downgrade: bool) -> None:
+    """Pull the newest commit of the deployment's origin and deploy it."""
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade)
+
+
+@main.command("switch")
+@sysroot_options
+@click.argument("refspec", metavar="REMOTE:BRANCH")
+@click.option("--allow-downgrade", is_flag=True, help="Accept a head older than the pulled ref.")
+def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
+               refspec: str, allow_downgrade: bool) -> None:
+    """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
+    from .admin import parse_refspec
+
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade)
+
+
 @main.group()
 def verity() -> None:
     """fs-verity of the sysroot's objects."""
@@ -639,17 +744,7 @@ def verity_enable(sysroot_path: str | None, os_name: str | None, boot_dir: str |
         sys.exit(1)
 
 
-# --- commands planned for later issues ------------------------------------------------
-
-
-def _planned(group: click.Group, name: str, help_text: str) -> None:
-    def callback(**_: object) -> None:
-        fail(f"{group.name + ' ' if group is not main else ''}{name}: not implemented yet",
-             EXIT_NOT_IMPLEMENTED)
-
-    group.command(name, help=help_text, context_settings={"ignore_unknown_options": True},
-                  add_help_option=True)(
-        click.argument("args", nargs=-1, type=click.UNPROCESSED)(callback))
+# --- remotes and pulls ------------------------------------------------------------------
 
 
 @main.group()
@@ -657,17 +752,92 @@ def remote() -> None:
     """Manage the remotes a repository pulls from."""
 
 
-_PLANNED: list[tuple[click.Group, str, str]] = [
-    (remote, "add", "Add a remote."),
-    (remote, "list", "List remotes."),
-    (remote, "remove", "Remove a remote."),
-    (main, "pull", "Fetch a branch from a remote."),
-    (main, "upgrade", "Pull and deploy the newest commit of the tracked branch."),
-    (main, "switch", "Track another remote branch and deploy it."),
-]
+@remote.command("add")
+@repo_option
+@click.argument("name")
+@click.argument("url")
+@click.option("--gpg-import", "key_files", multiple=True, metavar="KEYFILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Trust the OpenPGP public keys in KEYFILE for this remote (repeatable).")
+@click.option("--no-gpg-verify", is_flag=True, help="Accept unsigned commits from this remote.")
+@click.option("--branch", help="The branch `pull` fetches when none is named.")
+def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], no_gpg_verify: bool,
+               branch: str | None) -> None:
+    """Add remote NAME at URL (http://, https://, file:// or a path)."""
+    from . import remote as remotes
 
-for _group, _name, _help in _PLANNED:
-    _planned(_group, _name, _help)
+    repo = _open_repo(repo_path)
+    r = remotes.add(repo, name, url, key_files=key_files, gpg_verify=not no_gpg_verify, branch=branch,
+                    on_lock_wait=_say_waiting)
+    keys = remotes.trusted_keys(repo, name)
+    click.echo(f"added remote {r.name} {r.url}" + (f", trusting {', '.join(keys)}" if keys else ""))
+
+
+@remote.command("list")
+@repo_option
+def remote_list(repo_path: str) -> None:
+    """List remotes: name, URL, default branch, whether signatures are required."""
+    from . import remote as remotes
+
+    repo = _open_repo(repo_path)
+    for r in remotes.list_remotes(repo):
+        verify = "no gpg-verify"
+        if r.gpg_verify:
+            verify = f"gpg-verify, trusted keys: {len(remotes.trusted_keys(repo, r.name))}"
+        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}")
+
+
+@remote.command("remove")
+@repo_option
+@click.argument("name")
+def remote_remove(repo_path: str, name: str) -> None:
+    """Forget remote NAME: its settings, trusted keys and remote branches."""
+    from . import remote as remotes
+
+    remotes.remove(_open_repo(repo_path), name, on_lock_wait=_say_waiting)
+    click.echo(f"removed remote {name}")
+
+
+def _say_waiting() -> None:
+    click.echo("waiting for the repository lock...", err=True)
+
+
+@main.command("pull")
+@repo_option
+@click.argument("name", metavar="REMOTE")
+@click.argument("branch", required=False)
+@click.option("--depth", type=click.IntRange(min=1), metavar="N",
+              help="Fetch only the last N commits of the history (default: all).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Accept a head older than the one the remote branch names now.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Objects fetched at once.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the server at any one time.")
+@click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for another writer.")
+def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, allow_downgrade: bool,
+             jobs: int, timeout: float, wait_lock: float) -> None:
+    """Fetch BRANCH (default: the remote's) of REMOTE into refs/remotes/REMOTE/BRANCH."""
+    from .progress import human_bytes
+    from .pull import PullOptions, pull
+    from .transport import Limits
+
+    bar, show = _pull_progress()
+    options = PullOptions(jobs=jobs, limits=Limits(timeout=timeout), lock_wait=wait_lock,
+                          on_lock_wait=_say_waiting)
+    r = pull(_open_repo(repo_path), name, branch, depth=depth, allow_downgrade=allow_downgrade, progress=show,
+             options=options)
+    bar.done(f"{r.objects_fetched} objects")
+    fetched = (f"{r.objects_fetched} objects, {human_bytes(r.bytes_fetched)}; "
+               f"{human_bytes(r.wire_bytes)} received in {r.elapsed:.1f} s")
+    if r.signer is not None:
+        click.echo(f"good signature from {r.signer.username or r.signer.key_id} (key {r.signer.fingerprint})")
+    if r.updated:
+        was = f"was {r.previous[:12]}" if r.previous else "new branch"
+        click.echo(f"{r.remote}/{r.branch}: new {r.commit[:12]} ({was}); {fetched}")
+    else:
+        click.echo(f"{r.remote}/{r.branch}: up to date at {r.commit[:12]}; {fetched}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import pygit2
+
 from . import dumpfile, fsverity, imagewriter
 from .errors import CfsError
 from .repository import (
     MANIFEST,
+    ROOT_REFS,
     TRAILER_FORMAT,
     Repository,
     image_digest_of,
@@ -28,6 +31,8 @@ from .run import run
 @dataclass
 class FsckReport:
     commits: int = 0
+    # Commits kept for their history only, without their objects.
+    history_only: int = 0
     objects_checked: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -39,6 +44,8 @@ class FsckReport:
 def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
     report = FsckReport()
     needed: dict[bytes, str] = {}
+    tips = {repo.git.references[name].peel(pygit2.Commit).id for name in repo.git.references
+            if name.startswith(ROOT_REFS)}
     for commit in reachable_commits(repo):
         report.commits += 1
         cid = str(commit.id)[:12]
@@ -47,6 +54,11 @@ def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
             image_digest = image_digest_of(commit)
         except (KeyError, CfsError) as e:
             report.problems.append(f"commit {cid}: bad manifest or trailers: {e}")
+            continue
+        # An older commit pulled for its history alone (its image was never built
+        # here) has metadata but no objects, and that is no fault.
+        if commit.id not in tips and not repo.objects.has(image_digest):
+            report.history_only += 1
             continue
         needed.setdefault(image_digest, f"image of commit {cid}")
         for digest in objects_of(root):

@@ -25,6 +25,18 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def syncfs(path: PathLike) -> None:
+    """Flush everything written to the filesystem holding `path` (syncfs(2)): one
+    call instead of an fsync per file, for many files written at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644,
                  tmpdir: PathLike | None = None,
                  before_rename: Callable[[str], None] | None = None) -> None:
@@ -55,14 +67,15 @@ def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o
     fsync_dir(directory)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, *, mode: int = 0o644,
+                       tmpdir: PathLike | None = None) -> None:
     def write(fd: int) -> None:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
 
-    atomic_write(path, write, mode=mode)
+    atomic_write(path, write, mode=mode, tmpdir=tmpdir)
 
 
 def copy_fd(src: int, dst: int) -> None:
@@ -117,17 +130,6 @@ def _copy_range(src: int, dst: int, offset: int, end: int) -> None:
                 raise OSError(errno.EIO, "file shrank while it was copied")
             n = os.pwrite(dst, chunk, offset)
         offset += n
-
-
-def syncfs(path: PathLike) -> None:
-    """Flush the whole filesystem holding `path` (one call instead of an fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fsdecode(path))
-    finally:
-        os.close(fd)
 
 
 def force_rmtree(path: PathLike, *, ignore_errors: bool = False) -> None:

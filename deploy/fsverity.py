@@ -239,7 +239,7 @@ def _produce(hasher: _RangeHasher, pieces: list[tuple[int, int]], out: BinaryIO)
             out.write(hasher(start, end))
 
 
-def _can_fork() -> bool:
+def can_fork() -> bool:
     # Forking a process that has other threads can deadlock the child on a lock
     # one of them held.
     try:
@@ -263,7 +263,7 @@ def _level0(fd: int, size: int, pieces: list[tuple[int, int]], workers: int) -> 
     each block's 4, so two threads reach 1.5x, two processes 1.9x), or threads
     when this process has other threads and so cannot fork safely."""
     hasher = _RangeHasher(fd, size)
-    fork = workers > 1 and _can_fork()
+    fork = workers > 1 and can_fork()
     pipes: list[BinaryIO] = []
     stops: list[Callable[[], None]] = []
     try:

@@ -1,21 +1,27 @@
 """The object store: file contents named by their fs-verity digest (objects/XX/YYYY...).
 
 This is the composefs "basedir": an image's regular files redirect into it.
-Objects are immutable; a new one is written to a temp file on the same filesystem,
-fsynced, and renamed into place, so a crash never leaves a half-written object
-under a valid name.
+Objects are immutable, and a valid name never points at data that a crash could
+lose or tear.  Alone, each new object is written to a temp file, fsynced and
+renamed into place.  Inside a transaction (many objects at once, as a commit
+writes), new objects go unsynced into a staging directory; when it ends, one
+syncfs(2) makes them all durable before any is renamed into objects/, then the
+directories renamed into are fsynced, all before the caller moves a ref (OSTree's
+pattern: one flush instead of thousands of fsyncs).  A crash leaves staged
+files in tmp/, which nothing names.  The staging directory itself is the record
+of what was staged, so forked workers can add objects too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import fsverity
-from .fsutil import atomic_write, copy_fd, fsync_dir
-from .tree import digest_to_path
+from .fsutil import copy_fd, fsync_dir, syncfs
 
 PathLike = str | bytes | os.PathLike[str]
 
@@ -24,12 +30,156 @@ class ObjectStore:
     def __init__(self, path: PathLike, tmpdir: PathLike | None = None) -> None:
         self.path = os.fsdecode(path)
         self.tmpdir = os.fsdecode(tmpdir) if tmpdir is not None else self.path
+        self._staging: str | None = None
 
     def path_of(self, digest: bytes) -> str:
-        return os.path.join(self.path, os.fsdecode(digest_to_path(digest)))
+        h = digest.hex()  # as tree.digest_to_path, without the bytes round trip (hot)
+        return f"{self.path}/{h[:2]}/{h[2:]}"
 
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self.path_of(digest))
+        """Present, or staged in the current transaction."""
+        return os.path.exists(self.path_of(digest)) or (
+            self._staging is not None and os.path.exists(os.path.join(self._staging, digest.hex())))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Stage the objects added inside; publish them durably when the block ends
+        normally, drop them if it raises."""
+        if self._staging is not None:
+            raise RuntimeError("an object store transaction is already open")
+        self._staging = tempfile.mkdtemp(prefix="staging-", dir=self.tmpdir)
+        try:
+            yield
+            self._publish()
+        finally:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _publish(self) -> None:
+        assert self._staging is not None
+        staged = [(os.path.join(self._staging, name), self.path_of(bytes.fromhex(name)))
+                  for name in os.listdir(self._staging) if not name.startswith(".")]
+        if not staged:
+            return  # nothing to flush: a syncfs would only wait for others' writes
+        for src, _ in staged:
+            _enable_verity(src)
+        syncfs(self._staging)
+        parents: set[str] = set()
+        created = False
+        for src, dest in staged:
+            parent = os.path.dirname(dest)
+            if parent not in parents:
+                parents.add(parent)
+                try:
+                    os.mkdir(parent)
+                    created = True
+                except FileExistsError:
+                    pass
+            os.rename(src, dest)
+        # The renames (and new XX/ directories) durable too; fsyncs of just these
+        # directories, not a second syncfs that would wait for others' writes.
+        for parent in sorted(parents) + ([self.path] if created else []):
+            fsync_dir(parent)
+
+    def add_fd(self, src: int, digest: bytes) -> bool:
+        """Store the content of `src` (whose digest the caller computed) unless present.
+
+        Returns True if a new object was written."""
+        if self.has(digest):
+            return False
+        return self._place(self._write_temp(lambda fd: copy_fd(src, fd)), digest)
+
+    def add_bytes(self, data: bytes) -> bytes:
+        """Store a buffer (e.g. an image) and return its digest."""
+        digest = fsverity.digest_bytes(data)
+        if not self.has(digest):
+
+            def fill(fd: int) -> None:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+
+            self._place(self._write_temp(fill), digest)
+        return digest
+
+    def add_stream(self, read: Callable[[int], bytes], size: int) -> bytes:
+        """Store `size` bytes from `read` (hashed as they are written); return the digest."""
+        hasher = fsverity.Hasher()
+
+        def fill(fd: int) -> None:
+            left = size
+            while left:
+                chunk = read(min(1 << 20, left))
+                if not chunk:
+                    raise EOFError("input ended early")
+                hasher.update(chunk)
+                os.write(fd, chunk)
+                left -= len(chunk)
+
+        tmp = self._write_temp(fill)
+        digest = hasher.digest()
+        self._place(tmp, digest)
+        return digest
+
+    def _write_temp(self, fill: Callable[[int], None]) -> str:
+        """A new temp file (in the staging directory during a transaction) filled by
+        `fill`, read-only for everyone, fsynced unless staged."""
+        # The dot keeps temp files apart from staged objects (named by digest).
+        directory = self._staging or self.tmpdir
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
+        except FileNotFoundError:  # a new store: its directory comes with the first object
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
+        try:
+            try:
+                fill(fd)
+                os.fchmod(fd, 0o644)
+                if self._staging is None:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def _place(self, tmp: str, digest: bytes) -> bool:
+        """Give the temp file its name (staged, or in objects/); False, and the temp
+        file removed, if that object already exists."""
+        try:
+            if self.has(digest):
+                os.unlink(tmp)
+                return False
+            if self._staging is None:
+                return self.adopt(tmp, digest)
+            try:  # link, not rename: exactly one of two writers of the same object wins
+                os.link(tmp, os.path.join(self._staging, digest.hex()))
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def adopt(self, path: str, digest: bytes, *, sync_dir: bool = True) -> bool:
+        """Move a complete file, already durable on the store's filesystem and checked
+        to be object `digest`, into place (or drop it if that object exists).  Without
+        sync_dir the caller makes the rename durable.  True if a new object was added."""
+        dest = self.path_of(digest)
+        if os.path.exists(dest):
+            os.unlink(path)
+            return False
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _enable_verity(path)
+        os.rename(path, dest)
+        if sync_dir:
+            fsync_dir(os.path.dirname(dest))
+        return True
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         """Those of `digests` not in the store: one directory listing per XX/ instead of
@@ -45,65 +195,6 @@ class ObjectStore:
                 present = set()
             out += [d for d in wanted if d[1:].hex() not in present]
         return out
-
-    def add_fd(self, src: int, digest: bytes) -> bool:
-        """Store the content of `src` (whose digest the caller computed) unless present.
-
-        Returns True if a new object was written."""
-        return self._add(digest, lambda fd: copy_fd(src, fd))
-
-    def add_bytes(self, data: bytes) -> bytes:
-        """Store a buffer (e.g. an image) and return its digest."""
-        digest = fsverity.digest_bytes(data)
-
-        def fill(fd: int) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-
-        self._add(digest, fill)
-        return digest
-
-    def add_stream(self, read: Callable[[int], bytes], size: int) -> bytes:
-        """Store `size` bytes from `read` (hashed as they are written); return the digest."""
-        hasher = fsverity.Hasher()
-        fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=self.tmpdir)
-        try:
-            try:
-                left = size
-                while left:
-                    chunk = read(min(1 << 20, left))
-                    if not chunk:
-                        raise EOFError("input ended early")
-                    hasher.update(chunk)
-                    os.write(fd, chunk)
-                    left -= len(chunk)
-                os.fchmod(fd, 0o644)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            digest = hasher.digest()
-            dest = self.path_of(digest)
-            if os.path.exists(dest):
-                os.unlink(tmp)
-                return digest
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _enable_verity(tmp)
-            os.rename(tmp, dest)
-            fsync_dir(os.path.dirname(dest))
-            return digest
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def _add(self, digest: bytes, fill: Callable[[int], None]) -> bool:
-        dest = self.path_of(digest)
-        if os.path.exists(dest):
-            return False
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        atomic_write(dest, fill, tmpdir=self.tmpdir, before_rename=_enable_verity)
-        return True
 
 
 def _enable_verity(path: str) -> None:

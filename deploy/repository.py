@@ -4,6 +4,7 @@
     REPO/git/          bare git repository: commits, manifests, refs, tags
     REPO/objects/      file contents and images, XX/YYYY... by digest
     REPO/tmp/          staging on the same filesystem, so renames are atomic
+    REPO/cache/        local hints (digests of files already read), never needed
     REPO/lock          flock()ed by writers
 
 A commit's tree holds one file, manifest.dump; its message ends in trailers
@@ -23,6 +24,7 @@ from typing import Callable, Iterator
 import pygit2
 
 from . import dumpfile, fsverity, imagewriter, lockfile, signing
+from .digestcache import DigestCache
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir
 from .objects import ObjectStore
@@ -32,10 +34,14 @@ from .tree import Inode, lookup, walk
 from .tree import resolve as resolve_entry
 
 MANIFEST = "manifest.dump"
+# Digests of the files last committed from a directory (a hint; see digestcache.py).
+DIGEST_CACHE = "cache/digests"
 TRAILER_DIGEST = "Composefs-Digest"
 TRAILER_FORMAT = "Composefs-Format"
 TRAILER_VERSION = "Cfsdeploy-Version"
 DEFAULT_AUTHOR = ("cfsdeploy", "cfsdeploy@localhost")
+# tmp/resume/ keeps partial downloads for the next pull to resume (it checks them in full).
+RESUME_DIR = "resume"
 CONFIG_TEMPLATE = """\
 # cfsdeploy repository settings
 [core]
@@ -119,6 +125,8 @@ class Repository:
                         os.unlink(os.path.join(top, name))
         tmp = os.path.join(self.path, "tmp")
         for name in os.listdir(tmp):
+            if name == RESUME_DIR:
+                continue
             p = os.path.join(tmp, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -156,21 +164,16 @@ class Repository:
                body: str | None = None, version: str | None = None, parent: str | None = None,
                orphan: bool = False, author: tuple[str, str] = DEFAULT_AUTHOR,
                sign_key: str | None = None, gpg_homedir: str | None = None,
+               threads: int | None = None,
                warn: Callable[[str], None] | None = None,
                progress: Callable[[ScanStats], None] | None = None) -> CommitResult:
-        """Store a tree's objects, its manifest and image, and move `branch` to a new commit."""
+        """Store a tree's objects, its manifest and image, and move `branch` to a new commit.
+
+        The new objects are published durably (one transaction) before the ref moves;
+        if anything fails first, nothing new is named and the branch stays."""
         _check_branch(branch)
         if not subject.strip() or "\n" in subject:
             raise RepositoryError("the subject must be one non-empty line")
-        kw = {"warn": warn} if warn is not None else {}
-        source = os.fspath(tree)
-        if source.startswith("tar:"):
-            root, stats = scan_tar(source[4:], store=self.objects, progress=progress, **kw)
-        else:
-            root, stats = scan(source, store=self.objects, progress=progress, **kw)
-        manifest = dumpfile.dumps(root)
-        built = imagewriter.build(root)
-        image_digest = self.objects.add_bytes(built.image)
         if orphan:
             parents = []
         elif parent is not None:
@@ -178,7 +181,49 @@ class Repository:
         else:
             head = self.branch_head(branch)
             parents = [head.id] if head is not None else []
-        trailers = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {built.version}"]
+        kw = {"warn": warn} if warn is not None else {}
+        source = os.fspath(tree)
+        cache_path = os.path.join(self.path, DIGEST_CACHE)
+        with self.objects.transaction():
+            if source.startswith("tar:"):
+                cache = None
+                root, stats = scan_tar(source[4:], store=self.objects, progress=progress, **kw)
+            else:
+                cache = DigestCache.load(cache_path)
+                root, stats = scan(source, store=self.objects, progress=progress, threads=threads,
+                                   cache=cache, **kw)
+            manifest = dumpfile.dumps(root)
+            image_digest, image_format = self._image_of(manifest, root, parents)
+            commit_id = self._create_commit(manifest, image_digest, image_format, subject, body,
+                                            version, parents, author, sign_key, gpg_homedir)
+        if cache is not None:
+            cache.save(cache_path)
+        self.mark_verified(str(commit_id), image_digest)
+        self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
+        return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
+
+    def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[bytes, int]:
+        """The digest and format of the manifest's image, stored.  An unchanged tree
+        reuses its parent's image: the image is a function of the manifest alone
+        (what fsck checks), so building it again would give the same bytes."""
+        if parents:
+            parent = self.git[parents[0]].peel(pygit2.Commit)
+            fmt = trailers(parent.message).get(TRAILER_FORMAT, "")
+            if (MANIFEST in parent.tree and parent.tree[MANIFEST].id == pygit2.hash(manifest)
+                    and fmt.isdigit()):
+                with contextlib.suppress(RepositoryError):  # no valid digest trailer: build
+                    digest = image_digest_of(parent)
+                    if self.objects.has(digest):
+                        return digest, int(fmt)
+        built = imagewriter.build(root)
+        return self.objects.add_bytes(built.image), built.version
+
+    def _create_commit(self, manifest: bytes, image_digest: bytes, image_format: int, subject: str,
+                       body: str | None, version: str | None, parents: list[pygit2.Oid],
+                       author: tuple[str, str], sign_key: str | None,
+                       gpg_homedir: str | None) -> pygit2.Oid:
+        """The git commit of a manifest (signed if asked), not yet on any ref."""
+        trailers = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {image_format}"]
         if version:
             trailers.append(f"{TRAILER_VERSION}: {version}")
         message = subject.strip() + "\n\n"
@@ -192,14 +237,10 @@ class Repository:
         when = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
         sig = pygit2.Signature(author[0], author[1], when, 0)
         if sign_key is None:
-            commit_id = self.git.create_commit(None, sig, sig, message, tree_id, parents)
-        else:
-            content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
-            signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
-            commit_id = self.git.create_commit_with_signature(content, signature)
-        self.mark_verified(str(commit_id), image_digest)
-        self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
-        return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
+            return self.git.create_commit(None, sig, sig, message, tree_id, parents)
+        content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
+        signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
+        return self.git.create_commit_with_signature(content, signature)
 
 
 def _check_branch(branch: str) -> None:
@@ -230,6 +271,21 @@ def image_digest_of(commit: pygit2.Commit) -> bytes:
 
 
 @dataclass(frozen=True)
+class SignatureInfo:
+    """Who signed a commit, as its signature says; with a keyring, whether it verifies."""
+
+    key_id: str | None  # None when the signature cannot be read
+    fingerprint: str | None
+    verified: bool | None = None  # None: not checked (no keyring given)
+    signer: str | None = None  # the signer's user id, once verified
+    problem: str | None = None  # why it does not verify
+
+    def to_json(self) -> dict[str, object]:
+        return {"key_id": self.key_id, "fingerprint": self.fingerprint, "verified": self.verified,
+                "signer": self.signer, "problem": self.problem}
+
+
+@dataclass(frozen=True)
 class CommitInfo:
     id: str
     subject: str
@@ -240,14 +296,37 @@ class CommitInfo:
     parents: list[str]
     image_digest: str | None
     image_format: int | None
+    signature: SignatureInfo | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"commit": self.id, "subject": self.subject, "version": self.version,
                 "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
-                "image_digest": self.image_digest, "image_format": self.image_format}
+                "image_digest": self.image_digest, "image_format": self.image_format,
+                "signature": self.signature.to_json() if self.signature else None}
 
 
-def commit_info(commit: pygit2.Commit) -> CommitInfo:
+def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> SignatureInfo | None:
+    """The signer a commit's gpgsig names (None if unsigned); checked against the
+    keyring in gpg_homedir when one is given."""
+    signature, payload = commit.gpg_signature
+    if not signature:
+        return None
+    armored = signature.decode("ascii", "replace")
+    try:
+        who = signing.issuer(armored)
+    except signing.SignatureError as e:
+        return SignatureInfo(None, None, verified=False if gpg_homedir else None, problem=str(e))
+    if gpg_homedir is None:
+        return SignatureInfo(who.key_id, who.fingerprint)
+    try:
+        signer = signing.verify(payload, armored, homedir=gpg_homedir)
+    except signing.SignatureError as e:
+        return SignatureInfo(who.key_id, who.fingerprint, verified=False, problem=str(e))
+    return SignatureInfo(who.key_id, who.fingerprint or signer.fingerprint, verified=True,
+                         signer=signer.username)
+
+
+def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> CommitInfo:
     t = trailers(commit.message)
     paragraphs = commit.message.rstrip("\n").split("\n\n")
     body = "\n\n".join(paragraphs[1:-1]) if t and len(paragraphs) > 2 else ""
@@ -256,15 +335,18 @@ def commit_info(commit: pygit2.Commit) -> CommitInfo:
         id=str(commit.id), subject=paragraphs[0], body=body, version=t.get(TRAILER_VERSION),
         timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
         parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
-        image_format=int(fmt) if fmt and fmt.isdigit() else None)
+        image_format=int(fmt) if fmt and fmt.isdigit() else None,
+        signature=signature_info(commit, gpg_homedir=gpg_homedir))
 
 
-def history(repo: Repository, rev: str, limit: int | None = None) -> list[CommitInfo]:
-    """Commits reachable from rev, newest first (first-parent order)."""
+def history(repo: Repository, rev: str, limit: int | None = None, *,
+            gpg_homedir: str | None = None) -> list[CommitInfo]:
+    """Commits reachable from rev, newest first (first-parent order); signatures are
+    checked against the keyring in gpg_homedir when one is given."""
     out = []
     commit: pygit2.Commit | None = repo.resolve(rev)
     while commit is not None and (limit is None or len(out) < limit):
-        out.append(commit_info(commit))
+        out.append(commit_info(commit, gpg_homedir=gpg_homedir))
         commit = commit.parents[0] if commit.parents else None
     return out
 

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import bootloader, deployment, fsverity, kargs, lockfile
+from . import bootloader, deployment, fsverity, kargs, lockfile, tomlfile
 from .bootloader import BootEntry
 from .deployment import Deployment
 from .errors import CfsError
@@ -57,20 +57,17 @@ class Config:
     keep_extra: int = 0
 
     def render(self) -> str:
-        def q(s: str) -> str:
-            return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-        lines = ["# cfsdeploy sysroot settings", "[sysroot]"]
-        if self.default_os:
-            lines.append(f"default-os = {q(self.default_os)}")
-        lines += [f"boot-dir = {q(self.boot_dir)}", "", "[boot]",
-                  f"kargs = [{', '.join(q(a) for a in self.kargs)}]",
-                  f"verity = {q(self.verity)}        # require | try | off",
-                  f"tries = {self.tries}             # boot counting tries of new entries (0: off)",
-                  "", "[deploy]",
-                  f"keep-rollback = {'true' if self.keep_rollback else 'false'}",
-                  f"keep-extra = {self.keep_extra}        # older deployments kept beyond the rollback"]
-        return "\n".join(lines) + "\n"
+        sysroot: dict[str, object] = {"default-os": self.default_os} if self.default_os else {}
+        sysroot["boot-dir"] = self.boot_dir
+        doc = {"sysroot": sysroot,
+               "boot": {"kargs": self.kargs, "verity": self.verity, "tries": self.tries},
+               "deploy": {"keep-rollback": self.keep_rollback, "keep-extra": self.keep_extra}}
+        return tomlfile.dumps(doc, header="cfsdeploy sysroot settings", comments={
+            "sysroot.boot-dir": "relative to the sysroot, or absolute",
+            "boot.kargs": "kernel arguments of a first deployment; later ones inherit theirs",
+            "boot.verity": "require | try | off",
+            "boot.tries": "boot counting tries of new entries (0: off)",
+            "deploy.keep-extra": "older deployments kept beyond the rollback"})
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> Config:
@@ -157,6 +154,7 @@ class Sysroot:
         # How long changes wait for another process's lock, and whom to tell.
         self.lock_wait = 0.0
         self.on_lock_wait: Callable[[], None] | None = None
+        self.locked = False
 
     def save_config(self) -> None:
         atomic_write_bytes(os.path.join(self.top, "config.toml"), self.config.render().encode())

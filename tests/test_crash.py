@@ -8,13 +8,17 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from cfsdeploy.fsck import fsck
 from cfsdeploy.repository import Repository
 
 KILL_POINTS = 24
 
 
-def test_commit_killed_at_any_point_leaves_a_clean_repository(tmp_path) -> None:
+# One reader, and forked workers (which must die with the commit: they hold the lock's fd).
+@pytest.mark.parametrize("threads", [1, 2])
+def test_commit_killed_at_any_point_leaves_a_clean_repository(tmp_path, threads: int) -> None:
     tree = tmp_path / "tree"
     for d in range(20):
         (tree / f"d{d}").mkdir(parents=True)
@@ -24,7 +28,7 @@ def test_commit_killed_at_any_point_leaves_a_clean_repository(tmp_path) -> None:
     first = repo.commit(tree, "b", "base").commit
     (tree / "d0" / "new").write_bytes(os.urandom(50_000))
     cmd = [sys.executable, "-m", "cfsdeploy.cli", "commit", "--repo", repo.path, "--tree", str(tree),
-           "-b", "b", "-m", "next"]
+           "-b", "b", "-m", "next", "--threads", str(threads), "--wait-lock", "10"]
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, capture_output=True)
     duration = time.monotonic() - t0
@@ -37,7 +41,8 @@ def test_commit_killed_at_any_point_leaves_a_clean_repository(tmp_path) -> None:
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         head = str(Repository(repo.path).resolve("b").id)
-        # Either untouched or a whole new commit, and everything it needs is there.
+        # Either untouched or a whole new commit, and everything it needs is there;
+        # every object under a valid name is whole (fsck checks all their digests).
         outcomes.add("old" if head == first else "new")
         report = fsck(Repository(repo.path))
         assert report.ok, (i, report.problems)

@@ -225,3 +225,11 @@ def test_cat_reports_a_corrupt_object(history_repo: Repository, tree) -> None:
 def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
     r = cli("log", "--repo", history_repo.path, "nope")
     assert r.exit_code == 1 and "unknown revision" in r.output
+
+
+def test_recommit_of_an_unchanged_tree_restores_a_missing_image(repo: Repository, tree) -> None:
+    first = repo.commit(tree, "b", "one")
+    os.unlink(repo.objects.path_of(bytes.fromhex(first.image_digest)))
+    second = repo.commit(tree, "b", "two")
+    assert second.image_digest == first.image_digest
+    assert repo.objects.has(bytes.fromhex(second.image_digest))

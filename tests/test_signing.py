@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
-import tempfile
 
 import pytest
 
 from cfsdeploy.repository import Repository, verify_commit
-from cfsdeploy.signing import SignatureError
+from cfsdeploy.signing import SignatureError, issuer
+
+from .pullkit import drop_key, make_key
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
 
 
-def _keyring(name: str) -> str:
-    # Short path: gpg-agent's socket path must fit in a sockaddr_un.
-    home = tempfile.mkdtemp(prefix="cfsgpg-", dir="/tmp")
-    os.chmod(home, 0o700)
-    subprocess.run(["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback",
-                    "--passphrase", "", "--quick-gen-key", f"{name} <{name.lower()}@example.com>",
-                    "ed25519", "sign", "never"], check=True, capture_output=True)
-    return home
-
-
-def _drop(home: str) -> None:
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
-    shutil.rmtree(home, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def signer_home():
-    home = _keyring("Builder")
-    yield home
-    _drop(home)
+    key = make_key("Builder")
+    yield key.home
+    drop_key(key)
 
 
 @pytest.fixture(scope="module")
 def stranger_home():
-    home = _keyring("Stranger")
-    yield home
-    _drop(home)
+    key = make_key("Stranger")
+    yield key.home
+    drop_key(key)
 
 
 @pytest.fixture
@@ -102,3 +89,61 @@ def test_signing_with_a_missing_key_moves_no_ref(tmp_path, signer_home) -> None:
     with pytest.raises(SignatureError, match="signing with key"):
         repo.commit(tree, "b", "s", sign_key="nobody@example.com", gpg_homedir=signer_home)
     assert repo.branch_head("b") is None
+
+
+def fingerprint_of(home: str) -> str:
+    out = subprocess.run(["gpg", "--homedir", home, "--with-colons", "--list-keys"],
+                         check=True, capture_output=True, text=True).stdout
+    return next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
+
+
+def log(repo: Repository, *args: str):
+    from click.testing import CliRunner
+
+    from cfsdeploy.cli import main
+
+    return CliRunner().invoke(main, ["log", "--repo", repo.path, "os/stable", *args])
+
+
+def test_issuer_is_read_from_the_signature_itself(signed, signer_home) -> None:
+    signature, _ = signed.resolve("os/stable").gpg_signature
+    who = issuer(signature.decode())
+    assert who.fingerprint == fingerprint_of(signer_home) and who.key_id == who.fingerprint[-16:]
+
+
+def test_an_unreadable_signature_is_a_signature_error() -> None:
+    with pytest.raises(SignatureError, match="unreadable"):
+        issuer("-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n")
+
+
+def test_log_names_the_signing_key_without_a_keyring(signed, signer_home) -> None:
+    r = log(signed, "--json")
+    assert r.exit_code == 0, r.output
+    sig = json.loads(r.output)[0]["signature"]
+    assert sig["fingerprint"] == fingerprint_of(signer_home) and sig["verified"] is None
+    text = log(signed).output
+    assert f"Signed:  key {fingerprint_of(signer_home)} (not verified)" in text
+
+
+def test_log_with_a_keyring_shows_the_verified_signer(signed, signer_home) -> None:
+    sig = json.loads(log(signed, "--json", "--gpg-homedir", signer_home).output)[0]["signature"]
+    assert sig["verified"] is True and sig["signer"] == "Builder <builder@example.com>"
+    text = log(signed, "--gpg-homedir", signer_home).output
+    assert "Signed:  good signature from Builder <builder@example.com>" in text
+
+
+def test_log_with_a_keyring_lacking_the_key_says_it_does_not_verify(signed, stranger_home) -> None:
+    r = log(signed, "--json", "--gpg-homedir", stranger_home)
+    assert r.exit_code == 0, r.output
+    sig = json.loads(r.output)[0]["signature"]
+    assert sig["verified"] is False and "unknown key" in sig["problem"] and sig["signer"] is None
+    assert "NOT VERIFIED: signed by unknown key" in log(signed, "--gpg-homedir", stranger_home).output
+
+
+def test_log_of_an_unsigned_commit_has_no_signature(tmp_path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    repo = Repository.init(tmp_path / "r")
+    repo.commit(tree, "os/stable", "unsigned")
+    assert json.loads(log(repo, "--json").output)[0]["signature"] is None
+    assert "Signed:" not in log(repo).output

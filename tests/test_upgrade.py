@@ -1,0 +1,165 @@
+"""upgrade and switch: pull the origin's newest signed commit and deploy it; rollback goes back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from cfsdeploy import admin, remote
+from cfsdeploy.deployment import Origin
+from cfsdeploy.pull import DowngradeError
+from cfsdeploy.sysroot import Sysroot, SysrootError
+
+from .pullkit import builder_key, nginx, publish  # noqa: F401  (fixtures)
+from .sysroots import OS, ROOT_KARGS, boot_mount, make_os_tree
+
+BRANCH = "testos/stable"
+
+
+@pytest.fixture
+def fleet(tmp_path, builder_key):  # noqa: F811
+    """A build server's repository (served as files) and a machine following it."""
+    tree = make_os_tree(tmp_path / "tree")
+    server = tmp_path / "server"
+    publish(server, tree, BRANCH, "build 1", key=builder_key)
+    root = tmp_path / "machine"
+    with boot_mount(root / "boot"):
+        s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
+        remote.add(s.repo, "origin", f"file://{server}", key_files=[builder_key.public], branch=BRANCH)
+        yield SimpleNamespace(sysroot=s, tree=tree, server=server, root=root, tmp=tmp_path, key=builder_key)
+
+
+def release(f, version: str, branch: str = BRANCH) -> str:
+    make_os_tree(f.tree, version=version)
+    return publish(f.server, f.tree, branch, f"build {version}", key=f.key)
+
+
+def install(f) -> None:
+    """The first deployment, following origin:BRANCH."""
+    admin.upgrade(f.sysroot, OS, origin=Origin(BRANCH, "origin"))
+    f.sysroot = booted(f)
+
+
+def booted(f, index: int = 0) -> Sysroot:
+    entry = f.sysroot.state(OS).entries[index]
+    return Sysroot(str(f.root), cmdline=entry.options)
+
+
+def test_switch_installs_the_origins_head(fleet) -> None:
+    r = admin.upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "origin"))
+    d = r.deployed.deployment
+    assert d.origin == Origin(BRANCH, "origin") and d.commit == r.commit
+    assert r.pulled.signer is not None
+
+
+def test_upgrade_deploys_the_new_head_and_keeps_the_rollback(fleet) -> None:
+    install(fleet)
+    old = fleet.sysroot.state(OS).default
+    new = release(fleet, "2")
+    r = admin.upgrade(fleet.sysroot, OS)
+    assert r.deployed.deployment.commit == new
+    state = fleet.sysroot.state(OS)
+    assert state.default.commit == new and state.rollback == old
+    assert {os.fsdecode(p) for p in r.changes.modified} >= {"/etc/default/app", "/usr/lib/os-release"}
+
+
+def test_upgrade_with_nothing_new_changes_nothing(fleet) -> None:
+    install(fleet)
+    before = fleet.sysroot.state(OS).deployments
+    r = admin.upgrade(fleet.sysroot, OS)
+    assert not r.available and r.deployed is None
+    assert fleet.sysroot.state(OS).deployments == before
+
+
+def test_upgrade_already_deployed_is_not_deployed_twice(fleet) -> None:
+    install(fleet)
+    release(fleet, "2")
+    admin.upgrade(fleet.sysroot, OS)
+    r = admin.upgrade(fleet.sysroot, OS)
+    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 2
+
+
+def test_check_only_reports(fleet) -> None:
+    install(fleet)
+    release(fleet, "2")
+    r = admin.upgrade(fleet.sysroot, OS, check=True)
+    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 1
+
+
+def test_local_etc_edit_survives_the_upgrade(fleet) -> None:
+    install(fleet)
+    dep = fleet.sysroot.state(OS).default
+    (fleet.root / "cfsdeploy/deploy" / OS / dep.name / "etc/hostname").write_text("edited\n")
+    release(fleet, "2")
+    d = admin.upgrade(fleet.sysroot, OS).deployed.deployment
+    etc = fleet.root / "cfsdeploy/deploy" / OS / d.name / "etc"
+    assert (etc / "hostname").read_text() == "edited\n" and (etc / "default/app").read_text() == "SETTING=2\n"
+
+
+def test_rollback_after_upgrade_goes_back(fleet) -> None:
+    install(fleet)
+    first = fleet.sysroot.state(OS).default
+    release(fleet, "2")
+    admin.upgrade(fleet.sysroot, OS)
+    new_default, _ = admin.rollback(fleet.sysroot, OS)
+    assert new_default == first
+
+
+def test_server_going_back_in_time_is_refused(fleet) -> None:
+    install(fleet)
+    release(fleet, "2")
+    admin.upgrade(fleet.sysroot, OS)
+    server = fleet.server / "git"
+    subprocess.run(["git", "--git-dir", str(server), "update-ref", f"refs/heads/{BRANCH}", f"{BRANCH}~1"], check=True)
+    subprocess.run(["git", "--git-dir", str(server), "update-server-info"], check=True)
+    with pytest.raises(DowngradeError):
+        admin.upgrade(fleet.sysroot, OS)
+
+
+def test_origin_needed(fleet) -> None:
+    install(fleet)
+    dep = fleet.sysroot.state(OS).default
+    local = Sysroot(str(fleet.root), cmdline="")
+    admin.deploy(local, dep.commit, os_name=OS)
+    with pytest.raises(SysrootError, match="follows no branch|switch"):
+        # A machine never told what to follow: the commit id was deployed on a fresh os.
+        admin.upgrade(Sysroot.init(str(fleet.root), "other"), "other")
+
+
+def test_switch_to_another_branch(fleet) -> None:
+    install(fleet)
+    testing = release(fleet, "3-beta", branch="testos/testing")
+    r = admin.upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
+    assert r.deployed.deployment.commit == testing
+    assert fleet.sysroot.state(OS).default.origin == Origin("testos/testing", "origin")
+
+
+def cli(f, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CFSDEPLOY_SYSROOT=str(f.root), CFSDEPLOY_CMDLINE=str(f.tmp / "cmdline"))
+    return subprocess.run([sys.executable, "-m", "cfsdeploy.cli", *args], env=env, capture_output=True, text=True)
+
+
+def test_cli_journey_over_nginx(fleet, nginx) -> None:  # noqa: F811
+    """switch, upgrade --check (exit 77 when nothing is new), upgrade, status, rollback."""
+    os.symlink(fleet.server, nginx.root / "repo")
+    remote.add(fleet.sysroot.repo, "web", nginx.url("repo"), key_files=[fleet.key.public], branch=BRANCH)
+    (fleet.tmp / "cmdline").write_text("")
+    p = cli(fleet, "switch", f"web:{BRANCH}")
+    assert p.returncode == 0, p.stderr
+    (fleet.tmp / "cmdline").write_text(fleet.sysroot.state(OS).entries[0].options)
+    p = cli(fleet, "upgrade", "--check")
+    assert p.returncode == 77 and "no update" in p.stdout
+    release(fleet, "2")
+    assert cli(fleet, "upgrade", "--check").returncode == 0
+    p = cli(fleet, "upgrade")
+    assert p.returncode == 0 and "reboot to activate it" in p.stdout, p.stderr
+    assert "M /etc/default/app (content)" in p.stdout
+    rows = json.loads(cli(fleet, "status", "--json").stdout)["deployments"]
+    assert [(r["default"], r["booted"]) for r in rows] == [(True, False), (False, True)]
+    assert rows[0]["origin"] == {"branch": BRANCH, "remote": "web"}
+    assert cli(fleet, "rollback").returncode == 0
