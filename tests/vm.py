@@ -353,7 +353,7 @@ def corrupt(disk: Disk, path: str) -> None:
 
 MARK = "CFSDEPLOY-RESULT"
 _RESULT = re.compile(rf"{MARK} ([^=\s]+)=(.*?)\r?$", re.M)
-_PREPARED = re.compile(r"cfsdeploy: root prepared in ([0-9.]+) s")
+_PREPARED = re.compile(r"cfsdeploy: root prepared in ([0-9.]+) s: (.*?)\r?$", re.M)
 
 
 class VMError(Exception):
@@ -372,8 +372,9 @@ class Boot:
     # wall-clock seconds from QEMU's start to its exit, and to each milestone seen
     seconds: float
     milestones: dict[str, float]
-    # what the initramfs hook said composing the root took
+    # what the initramfs hook said composing the root took, and the rest of its line
     prepare_root: float | None = None
+    prepared: str = ""
     steps: list[dict[str, object]] = field(default_factory=list)
 
     @property
@@ -423,7 +424,10 @@ def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeou
     log.unlink(missing_ok=True)
     steps_file = work / f"{name}.steps.json"
     steps_file.write_text(json.dumps(steps or []))
-    argv = ["qemu-system-x86_64", "-machine", f"q35,accel={accel()}", "-cpu", "max", "-smp", "2", "-m", "2048",
+    # Multi-threaded TCG sometimes loses the guest kernel's live patching of its own
+    # code across vCPUs (an Oops on a stray int3 in early boot): one thread runs both.
+    how = "tcg,thread=single" if accel() == "tcg" else accel()
+    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", how, "-cpu", "max", "-smp", "2", "-m", "2048",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={disk.vars}",
             "-drive", f"if=virtio,format=raw,file={disk.path}",
@@ -459,7 +463,7 @@ def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeou
     prepared = _PREPARED.search(text)
     steps_done = [v for k, v in sorted(results.items()) if k.startswith("step.")]
     return Boot(text, results, seconds, seen, float(prepared[1]) if prepared else None,
-                steps_done)  # type: ignore[arg-type]
+                prepared[2] if prepared else "", steps_done)  # type: ignore[arg-type]
 
 
 # --- the journey: boot, enable fs-verity, corrupt an object, boot again ------------------
