@@ -1,0 +1,552 @@
+"""Virtual machines that boot cfsdeploy deployments, for tests/test_vm.py and
+examples/vm-demo.sh.
+
+    rootfs()        a Debian 13 root filesystem (debootstrap), built once and cached
+    make_tree()     a copy of it with cfsdeploy, the initramfs hooks and the check unit
+                    installed, the kernel and initramfs where deploying reads them
+    make_disk()     a GPT disk: an ESP with systemd-boot and the boot entries, and an
+                    ext4 root (fs-verity capable) holding a cfsdeploy sysroot
+    boot()          QEMU with OVMF, no network, the serial console in a log; the check
+                    unit in the guest prints `CFSDEPLOY-RESULT key=value` lines and
+                    powers off
+
+Run as root: `python -m tests.vm demo [WORKDIR]` does it all and prints what it checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from cfsdeploy import fsverity, lockfile
+from cfsdeploy.errors import CommandError
+from cfsdeploy.run import run, which
+
+Log = Callable[[str], None]
+HERE = Path(__file__).resolve().parent
+TOP = HERE.parent
+CACHE = Path(os.environ.get("CFSDEPLOY_VM_CACHE", "/var/tmp/cfsdeploy-vm"))
+SUITE = "trixie"
+PACKAGES = (
+    # python3-cffi-backend: provides what python3-pygit2 needs under a virtual name,
+    # which debootstrap does not resolve
+    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "initramfs-tools", "kmod",
+    "util-linux", "mount", "e2fsprogs", "dosfstools", "fsverity", "zstd",
+    "python3", "python3-pygit2", "python3-cffi-backend", "python3-gnupg", "python3-click", "gnupg",
+)
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+HOST_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
+              "sfdisk": "fdisk", "mkfs.vfat": "dosfstools", "mcopy": "mtools",
+              "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs"}
+
+
+def missing_requirements() -> str | None:
+    """Why this host cannot build and boot the VM, or None."""
+    if os.geteuid() != 0:
+        return "needs root (debootstrap, chroot, loop mounts)"
+    for tool, package in HOST_TOOLS.items():
+        if which(tool) is None:
+            return f"{tool} missing (Debian package {package})"
+    for f, package in ((OVMF_CODE, "ovmf"), (OVMF_VARS, "ovmf"), (SYSTEMD_BOOT, "systemd-boot-efi")):
+        if not f.exists():
+            return f"{f} missing (Debian package {package})"
+    return None
+
+
+def mirror() -> str:
+    """The Debian mirror: $CFSDEPLOY_VM_MIRROR, else the one apt uses here."""
+    if env := os.environ.get("CFSDEPLOY_VM_MIRROR"):
+        return env
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for m in re.finditer(r"^URIs:\s*(\S+)", f.read_text(), re.M):
+            if m[1].rstrip("/").endswith("/debian"):
+                return m[1]
+    return "http://deb.debian.org/debian"
+
+
+# --- the cached root filesystem ------------------------------------------------------
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf path, after unmounting whatever an interrupted chroot left mounted below
+    it (deleting through a mounted /proc or /dev is not what anyone wants)."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        below = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for target in sorted(below, reverse=True):
+        run(["umount", "-l", target], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def rootfs(log: Log = print) -> Path:
+    """Debian 13 minbase with a kernel, systemd and what cfsdeploy needs, built once
+    (about 2 minutes) into CACHE and reused while PACKAGES stay the same."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key = f"{SUITE}-{hashlib.sha256(' '.join(PACKAGES).encode()).hexdigest()[:12]}"
+    dest = CACHE / f"rootfs-{key}"
+    with lockfile.hold(str(CACHE / "lock"), f"{CACHE} is locked", wait=1800):
+        if dest.is_dir():
+            return dest
+        for stale in CACHE.glob(".rootfs-*.building"):  # what interrupted builds left
+            remove_tree(stale)
+        building = CACHE / f".rootfs-{key}.building"
+        log(f"debootstrap {SUITE} from {mirror()} into {dest} (once; about 2 minutes)")
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+             building, mirror()], capture=True)
+        # apt's lists and caches, and the packages debootstrap installed from, are not
+        # part of an OS image
+        for junk in ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb"):
+            for p in building.glob(junk):
+                if p.is_file():
+                    p.unlink()
+        os.rename(building, dest)
+        return dest
+
+
+# --- the image tree ----------------------------------------------------------------------
+
+ESP_UUID = "c12a7328-0000-4000-8000-00000000e5f1"
+ROOT_UUID = "0fc63daf-0000-4000-8000-000000000001"
+CHECK_UNIT = """\
+[Unit]
+Description=cfsdeploy VM test: check the composed root from inside, then power off
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/libexec/cfsdeploy-vm-check
+ExecStopPost=/usr/bin/systemctl --no-block poweroff
+StandardOutput=journal+console
+StandardError=journal+console
+TimeoutStartSec=900
+
+[Install]
+WantedBy=multi-user.target
+"""
+# Read from inside by the check: one object each, found by content; the host
+# corrupts one of them on the disk to see fs-verity refuse it.
+CANARIES = ("canary-a", "canary-b")
+
+
+@dataclass
+class Tree:
+    path: Path
+    kver: str
+    # sha256 of each canary file's content, and the object that holds it
+    canaries: dict[str, str]
+    canary_objects: dict[str, str]
+
+
+def put(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a new file (unlinking first, so no other link to the old inode changes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    path.write_bytes(data)
+    path.chmod(mode)
+
+
+@contextlib.contextmanager
+def chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev inside root while a chroot command runs."""
+    done: list[Path] = []
+    try:
+        for what, argv in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),
+                           ("dev", ["--bind", "/dev"])):
+            run(["mount", *argv, root / what])
+            done.append(root / what)
+        yield
+    finally:
+        for p in reversed(done):
+            run(["umount", p])
+
+
+def make_tree(dest: Path, log: Log = print) -> Tree:
+    """The OS tree to commit: the cached rootfs with cfsdeploy, our initramfs hooks and
+    the check unit installed, a fresh initramfs, the kernel and initramfs at
+    /usr/lib/modules/<kver>/ (where deploying reads them) and an empty /boot, which
+    is the ESP's mount point in the running system."""
+    base = rootfs(log)
+    # A full copy, not cp -l: links into the cache would give every file a link
+    # count of 2, which the manifest records.
+    run(["cp", "-a", base, dest])
+    (kver,) = [p.name for p in (dest / "usr/lib/modules").iterdir()]
+    pkg = dest / "usr/lib/python3/dist-packages/cfsdeploy"
+    shutil.copytree(TOP / "deploy", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    put(dest / "usr/bin/cfsdeploy", b"#!/usr/bin/python3\nfrom cfsdeploy.cli import main\nmain()\n", 0o755)
+    hooks = TOP / "hooks"
+    put(dest / "usr/lib/cfsdeploy/cfsdeploy-prepare-root", (hooks / "cfsdeploy-prepare-root").read_bytes(), 0o755)
+    for part in ("hooks/cfsdeploy", "scripts/local-bottom/cfsdeploy"):
+        put(dest / "usr/share/initramfs-tools" / part, (hooks / "initramfs-tools" / part).read_bytes(), 0o755)
+    put(dest / "usr/libexec/cfsdeploy-vm-check", (HERE / "vm_check.py").read_bytes(), 0o755)
+    put(dest / "usr/lib/systemd/system/cfsdeploy-vm-check.service", CHECK_UNIT.encode())
+    wants = dest / "etc/systemd/system/multi-user.target.wants/cfsdeploy-vm-check.service"
+    wants.parent.mkdir(parents=True, exist_ok=True)
+    wants.symlink_to("/usr/lib/systemd/system/cfsdeploy-vm-check.service")
+    put(dest / "etc/fstab", f"PARTUUID={ESP_UUID} /boot vfat umask=0077 0 0\n".encode())
+    put(dest / "etc/hostname", b"cfsdeploy-vm\n")
+    # Each machine makes its own at first boot (empty: without first-boot prompts)
+    put(dest / "etc/machine-id", b"", 0o444)
+    canaries, objects = {}, {}
+    for name in CANARIES:
+        data = os.urandom(65536)
+        put(dest / "usr/share/cfsdeploy-vm" / name, data)
+        canaries[name] = hashlib.sha256(data).hexdigest()
+        objects[name] = fsverity.digest_bytes(data).hex()
+
+    log(f"update-initramfs for {kver} with the cfsdeploy hooks")
+    boot = dest / "boot"
+    for p in boot.glob("initrd.img-*"):
+        p.unlink()
+    with chroot_mounts(dest):
+        run(["chroot", dest, "update-initramfs", "-c", "-k", kver], capture=True)
+    modules = dest / "usr/lib/modules" / kver
+    put(modules / "vmlinuz", (boot / f"vmlinuz-{kver}").read_bytes())
+    put(modules / "initramfs.img", (boot / f"initrd.img-{kver}").read_bytes())
+    for p in boot.iterdir():
+        p.unlink()
+    for p in dest.glob("*"):
+        if p.is_symlink() and p.name.startswith(("vmlinuz", "initrd.img")):
+            p.unlink()
+    for d in ("sysroot", "efi"):
+        (dest / d).mkdir(exist_ok=True)
+    return Tree(dest, kver, canaries, objects)
+
+
+# --- the disk ----------------------------------------------------------------------------
+
+MIB = 1 << 20
+ESP_START, ESP_SIZE = 1 * MIB, 256 * MIB
+ROOT_START, ROOT_SIZE = ESP_START + ESP_SIZE, 3072 * MIB
+DISK_SIZE = ROOT_START + ROOT_SIZE + MIB  # and the backup GPT
+OS_NAME = "debian"
+BRANCH = "debian/13/x86_64/vmtest"
+KARGS = (f"root=PARTUUID={ROOT_UUID}", "rw", "console=ttyS0", "panic=10")
+LOADER_CONF = b"timeout 0\neditor no\n"
+
+
+@dataclass
+class Disk:
+    path: Path
+    # OVMF's variables: this machine's NVRAM, kept from boot to boot
+    vars: Path
+    tree: Tree
+    # the deployment made on the host, as `cfsdeploy status --json` lists it
+    deployment: dict[str, object]
+
+    @property
+    def deployment_path(self) -> str:
+        """What cfsdeploy= names."""
+        return f"/cfsdeploy/deploy/{self.deployment['os']}/{self.deployment['name']}"
+
+
+def cfsdeploy(*args: str | Path) -> str:
+    """The cfsdeploy command line, as a person runs it; its output."""
+    return run([sys.executable, "-m", "cfsdeploy.cli", *args], capture=True).stdout.decode()
+
+
+@contextlib.contextmanager
+def mounted_root(disk: Path) -> Iterator[Path]:
+    """The disk's root partition mounted on the host (the VM must be off)."""
+    mnt = Path(tempfile.mkdtemp(prefix="cfsdeploy-vm-root."))
+    # nobarrier: cfsdeploy fsyncs every object it writes, and each flush through the
+    # loop device flushes the whole image file, five times slower; QEMU reads the
+    # image through the same page cache, so nothing is lost by skipping them.
+    run(["mount", "-o", f"loop,nobarrier,offset={ROOT_START},sizelimit={ROOT_SIZE}", disk, mnt])
+    try:
+        yield mnt
+    finally:
+        run(["umount", mnt])
+        mnt.rmdir()
+
+
+def mtools(*argv: str | Path) -> None:
+    run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+
+
+def make_disk(tree: Tree, work: Path, *, verity: str = "try", log: Log = print) -> Disk:
+    """A GPT disk with an ESP (systemd-boot, loader.conf, what `cfsdeploy deploy`
+    wrote into the boot directory) and an ext4 root with fs-verity holding a
+    sysroot with one deployment of the tree.  The host kernel may lack fs-verity,
+    so the first entry gets cfsdeploy.verity=try."""
+    disk = work / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_SIZE)
+    s = 512
+    run(["sfdisk", "--quiet", disk], input=(
+        "label: gpt\n"
+        f"start={ESP_START // s}, size={ESP_SIZE // s}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, "
+        f"uuid={ESP_UUID}, name=esp\n"
+        f"start={ROOT_START // s}, size={ROOT_SIZE // s}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
+        f"uuid={ROOT_UUID}, name=root\n").encode(), capture=True)
+    # 4096-byte blocks: fs-verity needs the page size
+    run(["mkfs.ext4", "-q", "-b", "4096", "-O", "verity", "-L", "root", "-E", f"offset={ROOT_START}", disk,
+         f"{ROOT_SIZE // MIB}M"])
+
+    staging = work / "boot"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    with mounted_root(disk) as mnt:
+        log("cfsdeploy sysroot init, commit, deploy")
+        cfsdeploy("sysroot", "init", "--sysroot", mnt, "--os", OS_NAME, "--boot-dir", "/boot",
+                  *(f"--karg={a}" for a in KARGS))
+        t = time.monotonic()
+        cfsdeploy("commit", "--repo", mnt / "cfsdeploy/repo", "--tree", tree.path, "--branch", BRANCH,
+                  "-m", "Debian 13 for the cfsdeploy VM test", "--version", "13.vm1")
+        log(f"  commit took {time.monotonic() - t:.1f} s")
+        t = time.monotonic()
+        for line in cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity,
+                              BRANCH).splitlines():
+            log(f"  {line}")
+        log(f"  deploy took {time.monotonic() - t:.1f} s")
+        status = json.loads(cfsdeploy("status", "--json", "--sysroot", mnt, "--boot-dir", staging))
+    (staging / "loader/loader.conf").write_bytes(LOADER_CONF)
+    # The ESP: made apart (mkfs.vfat --offset into the disk image gave a FAT32 mtools
+    # could not make directories in),
+    # filled without mounting (this host has no vfat), then copied in.
+    esp = work / "esp.img"
+    with open(esp, "wb") as f:
+        f.truncate(ESP_SIZE)
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", esp], capture=True)
+    mtools("mmd", "-i", esp, "::/EFI", "::/EFI/BOOT")
+    mtools("mcopy", "-i", esp, SYSTEMD_BOOT, "::/EFI/BOOT/BOOTX64.EFI")
+    mtools("mcopy", "-s", "-i", esp, *sorted(staging.iterdir()), "::/")
+    run(["dd", f"if={esp}", f"of={disk}", "bs=1M", f"seek={ESP_START // MIB}", "conv=notrunc,sparse",
+         "status=none"])
+    esp.unlink()
+    vars_ = work / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, vars_)
+    return Disk(disk, vars_, tree, status["deployments"][0])
+
+
+def object_path(digest: str) -> str:
+    """Where the object named digest lives, relative to the root partition."""
+    return f"/cfsdeploy/repo/objects/{digest[:2]}/{digest[2:]}"
+
+
+def corrupt(disk: Disk, path: str) -> None:
+    """Flip one byte of the file at path (in the root partition) on the disk itself,
+    under the filesystem, as a bad disk or an attacker with the disk would."""
+    out = run(["debugfs", "-R", f"bmap {path} 0", f"{disk.path}?offset={ROOT_START}"], capture=True)
+    block = int(out.stdout.split()[-1])
+    with open(disk.path, "r+b") as f:
+        f.seek(ROOT_START + block * 4096)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+# --- QEMU --------------------------------------------------------------------------------
+
+MARK = "CFSDEPLOY-RESULT"
+_RESULT = re.compile(rf"{MARK} ([^=\s]+)=(.*?)\r?$", re.M)
+_PREPARED = re.compile(r"cfsdeploy: root prepared in ([0-9.]+) s: (.*?)\r?$", re.M)
+
+
+class VMError(Exception):
+    pass
+
+
+# What the serial console shows along the way, timed by the host from QEMU's start.
+MILESTONES = {"kernel": b"Linux version ", "root prepared": b"cfsdeploy: root prepared in",
+              "check unit": f"{MARK} check.start".encode()}
+
+
+@dataclass
+class Boot:
+    log: str
+    results: dict[str, object]
+    # wall-clock seconds from QEMU's start to its exit, and to each milestone seen
+    seconds: float
+    milestones: dict[str, float]
+    # what the initramfs hook said composing the root took, and the rest of its line
+    prepare_root: float | None = None
+    prepared: str = ""
+    steps: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def check_started(self) -> float | None:
+        return self.milestones.get("check unit")
+
+    def __getitem__(self, key: str) -> object:
+        try:
+            return self.results[key]
+        except KeyError:
+            raise KeyError(f"the guest did not report {key}; serial log ends:\n{self.tail()}") from None
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.splitlines()[-lines:])
+
+
+def accel() -> str:
+    """kvm if a short probe boot proves KVM runs a kernel here, else tcg
+    ($CFSDEPLOY_VM_ACCEL decides without probing).  Remembered per host kernel."""
+    if env := os.environ.get("CFSDEPLOY_VM_ACCEL"):
+        return env
+    CACHE.mkdir(parents=True, exist_ok=True)
+    memo = CACHE / f"accel-{os.uname().release}"
+    if memo.exists():
+        return memo.read_text().strip()
+    result = "tcg"
+    kernels = sorted(rootfs().glob("boot/vmlinuz-*"))
+    if kernels and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        with tempfile.TemporaryDirectory() as d:
+            log = Path(d) / "serial"
+            # The kernel panics at once for want of a root; under working KVM in seconds.
+            with contextlib.suppress(CommandError):
+                run(["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-m", "512", "-nic", "none",
+                     "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{log}",
+                     "-kernel", kernels[-1], "-append", "console=ttyS0 panic=-1"], timeout=20, capture=True)
+            if log.exists() and b"Kernel panic" in log.read_bytes():
+                result = "kvm"
+    memo.write_text(result + "\n")
+    return result
+
+
+def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeout: float = 900,
+         name: str = "boot") -> Boot:
+    """Power the machine on with OVMF (no network), let the check unit run the steps
+    and power it off; the serial console's log and the facts the guest reported."""
+    log = work / f"{name}.serial"
+    log.unlink(missing_ok=True)
+    steps_file = work / f"{name}.steps.json"
+    steps_file.write_text(json.dumps(steps or []))
+    # Multi-threaded TCG sometimes loses the guest kernel's live patching of its own
+    # code across vCPUs (an Oops on a stray int3 in early boot): one thread runs both.
+    how = "tcg,thread=single" if accel() == "tcg" else accel()
+    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", how, "-cpu", "max", "-smp", "2", "-m", "2048",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={disk.vars}",
+            "-drive", f"if=virtio,format=raw,file={disk.path}",
+            "-fw_cfg", f"name=opt/cfsdeploy/steps,file={steps_file}",
+            "-nic", "none", "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
+            # a guest's reboot can stall in the firmware: power off, and relaunch instead
+            "-no-reboot"]
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def watch() -> None:
+        while not stop.wait(0.2) and len(seen) < len(MILESTONES):
+            with contextlib.suppress(FileNotFoundError):
+                text = log.read_bytes()
+                for what, marker in MILESTONES.items():
+                    if what not in seen and marker in text:
+                        seen[what] = time.monotonic() - started
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run(argv, timeout=timeout, capture=True)
+    except CommandError as e:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        raise VMError(f"{e}; serial log ends:\n" + "\n".join(text.splitlines()[-60:])) from None
+    finally:
+        stop.set()
+        watcher.join()
+    seconds = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    results = {m[1]: json.loads(m[2]) for m in _RESULT.finditer(text)}
+    prepared = _PREPARED.search(text)
+    steps_done = [v for k, v in sorted(results.items()) if k.startswith("step.")]
+    return Boot(text, results, seconds, seen, float(prepared[1]) if prepared else None,
+                prepared[2] if prepared else "", steps_done)  # type: ignore[arg-type]
+
+
+# --- the journey: boot, enable fs-verity, corrupt an object, boot again ------------------
+
+VERITY_STEPS = [["cfsdeploy", "verity", "enable"], ["cfsdeploy", "status"]]
+CORRUPTED, INTACT = CANARIES
+
+
+def has_verity_enable() -> bool:
+    """Whether this cfsdeploy has `cfsdeploy verity enable` (the guest runs the same code)."""
+    import click
+
+    from cfsdeploy.cli import main
+
+    group = main.commands.get("verity")
+    return isinstance(group, click.Group) and "enable" in group.commands
+
+
+def first_boot(disk: Disk, work: Path) -> Boot:
+    """Boot the deployment made on the host (cfsdeploy.verity=try); in the guest,
+    enable fs-verity on the repository where cfsdeploy can."""
+    return boot(disk, work, steps=VERITY_STEPS if has_verity_enable() else [], name="boot1")
+
+
+def second_boot(disk: Disk, work: Path) -> Boot:
+    """Corrupt the object of one canary file on the disk, then boot again."""
+    corrupt(disk, object_path(disk.tree.canary_objects[CORRUPTED]))
+    return boot(disk, work, name="boot2")
+
+
+def describe(b: Boot, disk: Disk) -> str:
+    """What the guest reported, for people."""
+    r = b.results
+    lines = ["from QEMU's start: " + ", ".join(f"{k} {v:.1f} s" for k, v in b.milestones.items())
+             + f", power off {b.seconds:.1f} s; prepare-root's own time {b.prepare_root} s"]
+    cmd = r.get("cmdline", {})
+    lines.append("kernel command line: " + " ".join(f"{k}={v}" for k, v in cmd.items()))  # type: ignore[union-attr]
+    lines.append(f"/: {r.get('root.fstype')} from {r.get('root.source')!r}, "
+                 f"{'read-only' if r.get('root.readonly') else 'WRITABLE'}; lowerdir={r.get('root.lowerdir')} "
+                 f"metacopy={r.get('root.metacopy')} redirect_dir={r.get('root.redirect_dir')} "
+                 f"verity={r.get('root.verity') or '(not set)'}")
+    digest = cmd.get("cfsdeploy.digest")  # type: ignore[union-attr]
+    measured = r.get("image.measured")
+    lines.append(f"image {r.get('image.path')} on {r.get('image.loops')}")
+    lines.append(f"  fs-verity digest measured by the kernel: {measured}"
+                 + (" (= cfsdeploy.digest)" if measured == digest else ""))
+    for d in ("/etc", "/var", "/sysroot", "/boot"):
+        lines.append(f"{d}: {r.get(f'mount.{d}')}; writable: {r.get(f'writable.{d}', '-')}")
+    lines.append(f"/usr writable: {r.get('writable./usr')}")
+    booted = [d["name"] for d in r.get("status.deployments", []) if d["booted"]]  # type: ignore[union-attr,index]
+    lines.append(f"cfsdeploy status in the guest: booted {booted} (made on the host: {disk.deployment['name']})")
+    lines.append(f"systemd: multi-user.target {r.get('systemd.multi_user')}; "
+                 f"failed units: {r.get('systemd.failed') or 'none'}")
+    for name, got in (r.get("canaries") or {}).items():  # type: ignore[union-attr]
+        lines.append(f"{name}: " + ("content as committed" if got == disk.tree.canaries[name] else got))
+    for s in b.steps:
+        lines.append(f"$ {' '.join(s['argv'])}  (exit status {s['rc']}, {s['seconds']} s)")  # type: ignore[arg-type]
+        lines += ["  " + line for line in (str(s["stdout"]) + str(s["stderr"])).splitlines()]
+    if "error" in r:
+        lines.append(f"CHECK ERROR: {r['error']}")
+    return "\n".join(lines)
+
+
+def demo(work: Path) -> None:
+    if reason := missing_requirements():
+        sys.exit(f"cannot run the VM demo here: {reason}")
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"== working in {work} (accelerator: {accel()})")
+    tree = make_tree(work / "tree")
+    disk = make_disk(tree, work)
+    remove_tree(tree.path)
+    print(f"== boot 1: the deployment made on the host, cfsdeploy.verity=try (disk {disk.path})")
+    b = first_boot(disk, work)
+    print(describe(b, disk))
+    if not has_verity_enable():
+        print("== (this cfsdeploy has no `verity enable` yet: stopping after the first boot)")
+        return
+    print(f"== boot 2: after `cfsdeploy verity enable`, with {CORRUPTED}'s object corrupted on the disk")
+    print(describe(second_boot(disk, work), disk))
+    print(f"== serial logs: {work}/boot1.serial, {work}/boot2.serial")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3) or sys.argv[1] != "demo":
+        sys.exit("usage: python -m tests.vm demo [WORKDIR]")
+    demo(Path(sys.argv[2]) if len(sys.argv) == 3 else Path(tempfile.mkdtemp(prefix="cfsdeploy-vm-demo.")))
