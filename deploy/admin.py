@@ -576,8 +576,8 @@ def _check_not_older(repo: Repository, current: str, new: str) -> None:
 
 @locked
 def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, check: bool = False,
-            allow_downgrade: bool = False, progress: Callable[[PullProgress], None] | None = None,
-            log: Log = lambda m: None) -> UpgradeResult:
+            allow_downgrade: bool = False, tries: int | None = None,
+            progress: Callable[[PullProgress], None] | None = None, log: Log = lambda m: None) -> UpgradeResult:
     """Pull the newest commit of the booted (or default) deployment's origin, or of a
     new origin (switch), and deploy it as the default, keeping the rollback."""
     state = _prepare(sysroot, os_name)
@@ -608,7 +608,7 @@ def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, che
         result.changes = diff(_full_manifest(repo, current.commit), _full_manifest(repo, head))
     if check:
         return result
-    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, log=log)
+    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, tries=tries, log=log)
     return result
 
 

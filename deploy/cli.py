@@ -481,6 +481,10 @@ def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_lis
     click.echo(f"sysroot {s.path} ready for os {os_name} (boot directory {s.boot})")
 
 
+tries_option = click.option("--tries", type=click.IntRange(0, 99), metavar="N",
+                            help="Boot counting: the new entry gets N tries (0: off; default from config).")
+
+
 @main.command("deploy")
 @sysroot_options
 @click.argument("rev")
@@ -488,8 +492,7 @@ def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_lis
 @click.option("--karg-delete", "delete", multiple=True, metavar="ARG",
               help="Remove a kernel argument, KEY or KEY=VALUE (repeatable).")
 @click.option("--no-default", is_flag=True, help="Add the deployment after the default instead of before.")
-@click.option("--tries", type=click.IntRange(0, 99), metavar="N",
-              help="Boot counting: the new entry gets N tries (0: off; default from config).")
+@tries_option
 @click.option("--verity", type=click.Choice(["require", "try", "off"]),
               help="cfsdeploy.verity= of the new entry (default from config).")
 def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
@@ -658,14 +661,14 @@ def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
 
 
 def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-             origin: Origin | None, check: bool, allow_downgrade: bool) -> None:
+             origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None) -> None:
     from . import admin
     from .progress import human_bytes
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     bar, show = _pull_progress()
     r = admin.upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
-                      progress=show, log=lambda m: click.echo(m, err=True))
+                      tries=tries, progress=show, log=lambda m: click.echo(m, err=True))
     if r.pulled is not None:
         p = r.pulled
         bar.done(f"{p.objects_fetched} objects, {human_bytes(p.bytes_fetched)} "
@@ -702,22 +705,24 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
 @sysroot_options
 @click.option("--check", is_flag=True, help="Only say whether an update exists (exit 77 if not).")
 @click.option("--allow-downgrade", is_flag=True, help="Deploy the origin's head even if it is older.")
+@tries_option
 def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-                check: bool, allow_downgrade: bool) -> None:
+                check: bool, allow_downgrade: bool, tries: int | None) -> None:
     """Pull the newest commit of the deployment's origin and deploy it."""
-    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade)
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade, tries)
 
 
 @main.command("switch")
 @sysroot_options
 @click.argument("refspec", metavar="REMOTE:BRANCH")
 @click.option("--allow-downgrade", is_flag=True, help="Accept a head older than the pulled ref.")
+@tries_option
 def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-               refspec: str, allow_downgrade: bool) -> None:
+               refspec: str, allow_downgrade: bool, tries: int | None) -> None:
     """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
     from .admin import parse_refspec
 
-    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade)
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries)
 
 
 @main.group()
@@ -816,8 +821,9 @@ def _say_waiting() -> None:
               help="How long to wait for the server at any one time.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
+@click.option("--url", help="Fetch from this URL this once (a mirror, install media) instead of the remote's.")
 def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, allow_downgrade: bool,
-             jobs: int, timeout: float, wait_lock: float) -> None:
+             jobs: int, timeout: float, wait_lock: float, url: str | None) -> None:
     """Fetch BRANCH (default: the remote's) of REMOTE into refs/remotes/REMOTE/BRANCH."""
     from .progress import human_bytes
     from .pull import PullOptions, pull
@@ -827,7 +833,7 @@ def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, a
     options = PullOptions(jobs=jobs, limits=Limits(timeout=timeout), lock_wait=wait_lock,
                           on_lock_wait=_say_waiting)
     r = pull(_open_repo(repo_path), name, branch, depth=depth, allow_downgrade=allow_downgrade, progress=show,
-             options=options)
+             options=options, url=url)
     bar.done(f"{r.objects_fetched} objects")
     fetched = (f"{r.objects_fetched} objects, {human_bytes(r.bytes_fetched)}; "
                f"{human_bytes(r.wire_bytes)} received in {r.elapsed:.1f} s")

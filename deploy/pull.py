@@ -107,9 +107,12 @@ class PullResult:
 
 def pull(repo: Repository, remote_name: str, branch: str | None = None, *, depth: int | None = None,
          allow_downgrade: bool = False, progress: Callable[[PullProgress], None] | None = None,
-         options: PullOptions | None = None) -> PullResult:
+         options: PullOptions | None = None, url: str | None = None) -> PullResult:
     """Fetch `branch` (default: the remote's branch setting) of a remote and move
     refs/remotes/REMOTE/BRANCH to its head once everything is checked.
+
+    url, when given, is where to fetch from this once (a mirror, install media, the
+    build machine's copy) instead of the remote's URL; keys and refs stay the remote's.
 
     A head older than the one the ref names (an ancestor of it, or committed
     earlier) is refused unless allow_downgrade: a mirror must not be able to bring
@@ -130,7 +133,7 @@ def pull(repo: Repository, remote_name: str, branch: str | None = None, *, depth
         if not os.path.exists(trusted):
             raise PullError(f"remote {rem.name} has no trusted keys: add it again with --gpg-import KEYFILE "
                             "(or --no-gpg-verify)")
-    transport = open_transport(rem.url, options.limits)
+    transport = open_transport(remote.normalize_url(url) if url else rem.url, options.limits)
     try:
         with repo.lock(wait=options.lock_wait, on_wait=options.on_lock_wait):
             return _Pull(repo, rem, branch, depth, trusted, transport, options, progress).run(allow_downgrade)

@@ -237,6 +237,24 @@ def test_pull_from_a_path_or_a_file_url(tmp_path) -> None:
         assert read_file(repo, REF, "/usr/d2/f2") == files["usr/d2/f2"]
 
 
+def test_pull_url_fetches_from_elsewhere_this_once_and_keeps_the_remote(tmp_path) -> None:
+    files = random_files(3)
+    publish(tmp_path / "mirror", tree_of(tmp_path, files))
+    repo = client(tmp_path / "client", "file:///nonexistent/where/the/machine/finds/it")
+    result = pull(repo, "origin", BRANCH, url=str(tmp_path / "mirror"))
+    assert result.objects_fetched == 3 and read_file(repo, REF, "/usr/d0/f0") == files["usr/d0/f0"]
+    assert remote.get(repo, "origin").url == "file:///nonexistent/where/the/machine/finds/it"
+
+
+def test_cli_pull_url_names_the_mirror(tmp_path) -> None:
+    head = publish(tmp_path / "mirror", tree_of(tmp_path, random_files(2)))
+    client(tmp_path / "client", "file:///nonexistent")
+    result = CliRunner().invoke(main, ["pull", "--repo", str(tmp_path / "client"), "--url",
+                                       f"file://{tmp_path}/mirror", "origin", BRANCH])
+    assert result.exit_code == 0, result.output
+    assert f"origin/{BRANCH}: new {head[:12]}" in result.output
+
+
 def test_pull_from_a_repository_packed_by_git_gc(tmp_path) -> None:
     tree = tree_of(tmp_path, random_files(5))
     src = tmp_path / "src"

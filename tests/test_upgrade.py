@@ -68,6 +68,15 @@ def test_upgrade_deploys_the_new_head_and_keeps_the_rollback(fleet) -> None:
     assert {os.fsdecode(p) for p in r.changes.modified} >= {"/etc/default/app", "/usr/lib/os-release"}
 
 
+def test_upgrade_with_tries_puts_the_new_entry_on_trial(fleet) -> None:
+    install(fleet)
+    release(fleet, "2")
+    admin.upgrade(fleet.sysroot, OS, tries=3)
+    default, rollback = fleet.sysroot.state(OS).entries[:2]
+    assert (default.tries_left, default.tries_done) == (3, None)
+    assert rollback.tries_left is None
+
+
 def test_upgrade_with_nothing_new_changes_nothing(fleet) -> None:
     install(fleet)
     before = fleet.sysroot.state(OS).deployments
