@@ -743,8 +743,9 @@ def verity_enable(sysroot_path: str | None, os_name: str | None, boot_dir: str |
     bar.done(f"{r.enabled}/{r.objects} objects")
     for problem in r.problems:
         click.echo(problem, err=True)
+    n = len(r.required)
     click.echo(f"fs-verity on {r.enabled} of {r.objects} objects; "
-               f"{len(r.required)} deployments now boot with cfsdeploy.verity=require")
+               f"{n} deployment{'' if n == 1 else 's'} now boot{'s' if n == 1 else ''} with cfsdeploy.verity=require")
     if r.problems:
         sys.exit(1)
 

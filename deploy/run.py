@@ -25,6 +25,7 @@ _PACKAGES = {
     "fsverity": "fsverity",
     "modprobe": "kmod",
     "gpg": "gnupg",
+    "gpgv": "gpgv",
 }
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]

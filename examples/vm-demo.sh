@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# cfsdeploy in a real machine: build a Debian 13 root filesystem (cached in
-# /var/tmp/cfsdeploy-vm), commit it with cfsdeploy's initramfs hooks, deploy it onto
-# a GPT disk (ESP with systemd-boot, ext4 root with fs-verity) and boot it in QEMU
-# with no network.  A unit inside reports what it sees: / an overlay of the
-# deployment's erofs image over the repository's objects, /etc and /var writable,
-# /usr not, `cfsdeploy status`, failed units.  Where this cfsdeploy has
-# `verity enable`, the guest enables fs-verity, one object is then corrupted on the
-# disk, and a second boot must require fs-verity and refuse that object.
-# Needs root.  Usage: bash examples/vm-demo.sh [WORKDIR]   (takes a few minutes)
+# cfsdeploy in a real machine's life, in QEMU with OVMF and systemd-boot, no network.
+# A vendor builds a Debian 13 root filesystem (debootstrap, cached in
+# /var/tmp/cfsdeploy-vm) with cfsdeploy and its initramfs hooks, and commits it,
+# signed; a new machine's disk (ESP with systemd-boot, ext4 root with fs-verity)
+# gets it pulled and deployed.  Then, boot by boot, a unit inside reports what it
+# sees and runs what the machine's operator would:
+#   1  / is the deployment's erofs image over the objects; `cfsdeploy verity enable`;
+#      a local edit in /etc
+#   2  verity=require; an object corrupted on the disk reads as EIO; release 2 is
+#      offered on a second disk (a file:// remote): `cfsdeploy upgrade && reboot`
+#   3  release 2, the /etc edit kept: `cfsdeploy rollback && reboot`
+#   4  release 1; release 3 (never completes a boot) offered:
+#      `cfsdeploy upgrade --tries 2 && reboot`
+#   5-6  release 3 on trial, its tries counted down by systemd-boot
+#   7  the loader falls back to release 1 by itself; `cfsdeploy status` says why
+# Needs root.  Usage: bash examples/vm-demo.sh [WORKDIR]
+# Takes about 15 minutes under software emulation (plus 2 for the first debootstrap).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$here/.ci/setup"

@@ -1,19 +1,29 @@
-"""A cfsdeploy deployment boots in a real virtual machine.
+"""A machine's life in a real virtual machine: install, boot, upgrade && reboot,
+rollback && reboot, and an upgrade that never completes a boot falling back by itself.
 
-A Debian 13 tree with cfsdeploy and its initramfs hooks is committed and deployed
-onto a disk on the host; QEMU boots it with OVMF and systemd-boot, with no network,
-and a unit in the guest reports what it sees from inside (tests/vm_check.py).  The
-first boot uses cfsdeploy.verity=try, since this host cannot enable fs-verity; in
-it, `cfsdeploy verity enable` enables fs-verity on the repository.  Between the
-boots one object is corrupted on the disk image; the second boot must then require
-fs-verity and refuse that object's data.
+A Debian 13 tree with cfsdeploy and its initramfs hooks is built and committed,
+signed, by a vendor's repository on the host; a new machine's disk gets it the way
+machines do (pulled, signature checked, deployed).  QEMU boots that disk with OVMF
+and systemd-boot and no network; a unit in the guest reports what it sees from
+inside (tests/vm_check.py) and runs the commands each boot is given.  Later
+releases reach the machine on a second disk, its `file://` remote.
 
-Slow (a few minutes under software emulation): select with `-m vm`.  See tests/vm.py.
+  boot 1   release 1, cfsdeploy.verity=try (this host cannot enable fs-verity);
+           `cfsdeploy verity enable`; a local edit in /etc
+  boot 2   one object corrupted on the disk meanwhile: verity=require refuses it;
+           release 2 offered: `cfsdeploy upgrade && reboot`
+  boot 3   release 2, the local /etc edit kept: `cfsdeploy rollback && reboot`
+  boot 4   release 1 again; release 3, which never reaches boot-complete.target,
+           offered: `cfsdeploy upgrade --tries 2 && reboot`
+  boot 5-6 release 3 on trial, its tries counted down by systemd-boot
+  boot 7   the loader boots release 1 by itself; status says release 3 failed
+
+Slow (about 10 minutes under software emulation): select with `-m vm`.  See tests/vm.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -30,37 +40,57 @@ def report(request: pytest.FixtureRequest, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[Path, vm.Disk]:
+def machine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[vm.Machine]:
     if reason := vm.missing_requirements():
         pytest.skip(f"cannot boot a VM here: {reason}")
-    work = tmp_path_factory.mktemp("vm")
-    tree = vm.make_tree(work / "tree", log=lambda m: report(request, f"[vm] {m}"))
-    disk = vm.make_disk(tree, work, log=lambda m: report(request, f"[vm] {m}"))
-    vm.remove_tree(tree.path)
-    return work, disk
+    with vm.machine(tmp_path_factory.mktemp("vm"), log=lambda m: report(request, f"[vm] {m}")) as m:
+        yield m
 
 
-@pytest.fixture(scope="module")
-def disk(machine: tuple[Path, vm.Disk]) -> vm.Disk:
-    return machine[1]
-
-
-@pytest.fixture(scope="module")
-def first(machine: tuple[Path, vm.Disk], request: pytest.FixtureRequest) -> vm.Boot:
-    work, disk = machine
-    b = vm.first_boot(disk, work)
-    report(request, "[vm] boot 1 (cfsdeploy.verity=try):\n" + vm.describe(b, disk))
+def booting(request: pytest.FixtureRequest, m: vm.Machine, b: vm.Boot) -> vm.Boot:
+    report(request, "[vm] " + vm.describe(b, m.disk).replace("\n", "\n[vm] "))
     return b
 
 
 @pytest.fixture(scope="module")
-def second(machine: tuple[Path, vm.Disk], first: vm.Boot, request: pytest.FixtureRequest) -> vm.Boot:
-    if not vm.has_verity_enable():
-        pytest.skip("this cfsdeploy has no `verity enable` yet")
-    work, disk = machine
-    b = vm.second_boot(disk, work)
-    report(request, f"[vm] boot 2 (after verity enable, {vm.CORRUPTED} corrupted):\n" + vm.describe(b, disk))
-    return b
+def disk(machine: vm.Machine) -> vm.Disk:
+    return machine.disk
+
+
+@pytest.fixture(scope="module")
+def first(machine: vm.Machine, request: pytest.FixtureRequest) -> vm.Boot:
+    return booting(request, machine, vm.first_boot(machine))
+
+
+@pytest.fixture(scope="module")
+def second(machine: vm.Machine, first: vm.Boot, request: pytest.FixtureRequest) -> vm.Boot:
+    return booting(request, machine, vm.upgrade_boot(machine))
+
+
+@pytest.fixture(scope="module")
+def upgraded(machine: vm.Machine, second: vm.Boot, request: pytest.FixtureRequest) -> vm.Boot:
+    return booting(request, machine, vm.upgraded_boot(machine))
+
+
+@pytest.fixture(scope="module")
+def rolled_back(machine: vm.Machine, upgraded: vm.Boot, request: pytest.FixtureRequest) -> vm.Boot:
+    return booting(request, machine, vm.rolled_back_boot(machine))
+
+
+@pytest.fixture(scope="module")
+def trials(machine: vm.Machine, rolled_back: vm.Boot, request: pytest.FixtureRequest) -> list[vm.Boot]:
+    return [booting(request, machine, b) for b in vm.trial_boots(machine)]
+
+
+@pytest.fixture(scope="module")
+def fallback(machine: vm.Machine, trials: list[vm.Boot], request: pytest.FixtureRequest) -> vm.Boot:
+    return booting(request, machine, vm.fallback_boot(machine))
+
+
+def step_ok(b: vm.Boot, i: int = 0) -> dict[str, object]:
+    step = b.steps[i]
+    assert step["rc"] == 0, step
+    return step
 
 
 # --- the first boot: the deployment made on the host ----------------------------------
@@ -142,14 +172,14 @@ def test_shutdown_unmounts_every_filesystem(first: vm.Boot) -> None:
 def test_boot_times_are_measured(first: vm.Boot) -> None:
     assert set(first.milestones) == set(vm.MILESTONES)
     assert first.prepare_root is not None
+    assert set(first["times"]) == {"kernel+initramfs", "userspace"}  # type: ignore[arg-type]
 
 
 # --- fs-verity enabled in the guest; an object corrupted on the disk between boots ------
 
 
-def test_verity_enable_succeeds_in_the_guest(first: vm.Boot, second: vm.Boot) -> None:
-    enable = first.steps[0]
-    assert enable["rc"] == 0, enable
+def test_verity_enable_succeeds_in_the_guest(first: vm.Boot) -> None:
+    step_ok(first, 0)
 
 
 def test_after_verity_enable_the_entry_requires_verity(second: vm.Boot) -> None:
@@ -174,3 +204,93 @@ def test_intact_objects_still_read_back(second: vm.Boot, disk: vm.Disk) -> None:
 def test_second_boot_reaches_multi_user_with_no_failed_units(second: vm.Boot) -> None:
     assert second["systemd.multi_user"] == "active"
     assert second["systemd.failed"] == []
+
+
+# --- upgrade && reboot, from a file:// remote on a second disk --------------------------
+
+
+def test_upgrade_in_the_guest_deploys_the_signed_release_2_and_reboots(second: vm.Boot,
+                                                                       machine: vm.Machine) -> None:
+    out = str(step_ok(second)["stdout"])
+    assert f"deployed {machine.releases[2][:12]}" in out
+    assert second.ended == "reboot"
+
+
+def test_the_reboot_lands_in_release_2(upgraded: vm.Boot, machine: vm.Machine) -> None:
+    assert upgraded.booted["commit"] == machine.releases[2]  # type: ignore[index]
+    assert upgraded["files"]["/" + vm.RELEASE_FILE] == "2\n"  # type: ignore[index]
+
+
+def test_a_local_etc_edit_survives_the_upgrade(upgraded: vm.Boot) -> None:
+    assert upgraded["files"]["/" + vm.ETC_EDITED] == vm.LOCAL_EDIT + "\n"  # type: ignore[index]
+
+
+def test_an_untouched_etc_file_follows_the_new_release(upgraded: vm.Boot) -> None:
+    assert upgraded["files"]["/" + vm.ETC_DEFAULT] == "release=2\n"  # type: ignore[index]
+
+
+def test_release_1_is_kept_as_the_rollback(upgraded: vm.Boot, machine: vm.Machine) -> None:
+    default, rollback = upgraded["status.deployments"][:2]  # type: ignore[index]
+    assert (default["commit"], default["booted"]) == (machine.releases[2], True)
+    assert rollback["commit"] == machine.releases[1]
+
+
+def test_the_upgraded_system_reaches_multi_user_with_no_failed_units(upgraded: vm.Boot) -> None:
+    assert upgraded["systemd.multi_user"] == "active"
+    assert upgraded["systemd.failed"] == []
+
+
+# --- rollback && reboot -------------------------------------------------------------------
+
+
+def test_rollback_and_reboot_lands_back_in_release_1(upgraded: vm.Boot, rolled_back: vm.Boot,
+                                                     machine: vm.Machine) -> None:
+    step_ok(upgraded)
+    assert upgraded.ended == "reboot"
+    assert rolled_back.booted["commit"] == machine.releases[1]  # type: ignore[index]
+    assert rolled_back["files"]["/" + vm.RELEASE_FILE] == "1\n"  # type: ignore[index]
+
+
+def test_after_the_rollback_release_1_keeps_its_own_etc(rolled_back: vm.Boot) -> None:
+    files = rolled_back["files"]
+    assert files["/" + vm.ETC_EDITED] == vm.LOCAL_EDIT + "\n"  # type: ignore[index]
+    assert files["/" + vm.ETC_DEFAULT] == "release=1\n"  # type: ignore[index]
+
+
+# --- a release that never completes a boot, deployed with boot counting -----------------
+
+
+def test_the_broken_release_is_deployed_on_trial(rolled_back: vm.Boot, machine: vm.Machine) -> None:
+    assert f"deployed {machine.releases[3][:12]}" in str(step_ok(rolled_back)["stdout"])
+    assert rolled_back.ended == "reboot"
+
+
+def test_each_trial_boot_uses_one_try_and_never_reaches_boot_complete(trials: list[vm.Boot],
+                                                                      machine: vm.Machine) -> None:
+    assert len(trials) == vm.TRIES
+    for i, b in enumerate(trials):
+        booted = b.booted
+        assert booted is not None and booted["commit"] == machine.releases[3], b.name
+        # systemd-boot counts a try down as it starts the entry
+        assert (booted["tries_left"], booted["tries_done"]) == (vm.TRIES - 1 - i, i + 1), b.name
+        assert b["systemd.boot_complete"] != "active", b.name
+        assert b["systemd.failed"] == [vm.NEVER_COMPLETES_UNIT.rsplit("/", 1)[1]], b.name
+
+
+def test_with_its_tries_used_up_the_loader_boots_release_1_by_itself(fallback: vm.Boot,
+                                                                     machine: vm.Machine) -> None:
+    assert fallback.booted["commit"] == machine.releases[1]  # type: ignore[index]
+    assert fallback["files"]["/" + vm.RELEASE_FILE] == "1\n"  # type: ignore[index]
+
+
+def test_status_says_the_default_failed_to_boot(fallback: vm.Boot, machine: vm.Machine) -> None:
+    default = fallback["status.deployments"][0]  # type: ignore[index]
+    assert (default["commit"], default["boot_failed"], default["booted"]) == (machine.releases[3], True, False)
+    text = str(fallback["status.text"])
+    assert "FAILED TO BOOT" in text
+    assert f"the default deployment {default['name']} failed to boot; running " in text
+
+
+def test_the_fallback_boot_reaches_multi_user_with_no_failed_units(fallback: vm.Boot) -> None:
+    assert fallback["systemd.multi_user"] == "active"
+    assert fallback["systemd.failed"] == []

@@ -27,11 +27,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from cfsdeploy import fsverity, lockfile
 from cfsdeploy.errors import CommandError
 from cfsdeploy.run import run, which
+
+from .pullkit import Key, drop_key, make_key
 
 Log = Callable[[str], None]
 HERE = Path(__file__).resolve().parent
@@ -40,10 +42,12 @@ CACHE = Path(os.environ.get("CFSDEPLOY_VM_CACHE", "/var/tmp/cfsdeploy-vm"))
 SUITE = "trixie"
 PACKAGES = (
     # python3-cffi-backend: provides what python3-pygit2 needs under a virtual name,
-    # which debootstrap does not resolve
-    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "initramfs-tools", "kmod",
-    "util-linux", "mount", "e2fsprogs", "dosfstools", "fsverity", "zstd",
-    "python3", "python3-pygit2", "python3-cffi-backend", "python3-gnupg", "python3-click", "gnupg",
+    # which debootstrap does not resolve (nor systemd-boot's alternative of
+    # systemd-boot-efi); systemd-boot: systemd-bless-boot, which marks a boot good
+    # once boot-complete.target is reached (boot counting)
+    "linux-image-amd64", "systemd", "systemd-sysv", "systemd-boot", "systemd-boot-efi", "udev",
+    "initramfs-tools", "kmod", "util-linux", "mount", "e2fsprogs", "dosfstools", "fsverity", "zstd",
+    "python3", "python3-pygit2", "python3-cffi-backend", "python3-gnupg", "python3-click", "gnupg", "gpgv",
 )
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -122,19 +126,45 @@ ESP_UUID = "c12a7328-0000-4000-8000-00000000e5f1"
 ROOT_UUID = "0fc63daf-0000-4000-8000-000000000001"
 CHECK_UNIT = """\
 [Unit]
-Description=cfsdeploy VM test: check the composed root from inside, then power off
+Description=cfsdeploy VM test: check the composed root from inside, then power off or reboot
 After=multi-user.target
 
 [Service]
 Type=oneshot
-ExecStart=/usr/libexec/cfsdeploy-vm-check
-ExecStopPost=/usr/bin/systemctl --no-block poweroff
+ExecStart=/usr/libexec/cfsdeploy-vm/check
+ExecStopPost=/usr/libexec/cfsdeploy-vm/finish
 StandardOutput=journal+console
 StandardError=journal+console
 TimeoutStartSec=900
 
 [Install]
 WantedBy=multi-user.target
+"""
+# The steps the host passes run with this directory first in PATH: their `reboot`
+# only asks for one, which the unit does once the check has reported everything.
+REBOOT_SHIM = b"""#!/bin/sh
+# cfsdeploy VM test: reboot once the check is done (see finish)
+: >/run/cfsdeploy-vm-reboot
+"""
+FINISH = b"""#!/bin/sh
+# cfsdeploy VM test: end the boot as the steps asked (QEMU runs with -no-reboot, so
+# a reboot ends the QEMU process too, and the host starts the machine again)
+if [ -e /run/cfsdeploy-vm-reboot ]; then
+	exec systemctl --no-block reboot
+fi
+exec systemctl --no-block poweroff
+"""
+# A release whose userspace never reaches boot-complete.target (what marks a boot
+# good for boot counting): a unit boot-complete.target requires fails.
+NEVER_COMPLETES = """\
+[Unit]
+Description=cfsdeploy VM test: this release never completes a boot
+Before=boot-complete.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo "this release is broken on purpose" >&2; exit 1'
 """
 # Read from inside by the check: one object each, found by content; the host
 # corrupts one of them on the disk to see fs-verity refuse it.
@@ -145,6 +175,7 @@ CANARIES = ("canary-a", "canary-b")
 class Tree:
     path: Path
     kver: str
+    release: int
     # sha256 of each canary file's content, and the object that holds it
     canaries: dict[str, str]
     canary_objects: dict[str, str]
@@ -191,7 +222,9 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
     put(dest / "usr/lib/cfsdeploy/cfsdeploy-prepare-root", (hooks / "cfsdeploy-prepare-root").read_bytes(), 0o755)
     for part in ("hooks/cfsdeploy", "scripts/local-bottom/cfsdeploy"):
         put(dest / "usr/share/initramfs-tools" / part, (hooks / "initramfs-tools" / part).read_bytes(), 0o755)
-    put(dest / "usr/libexec/cfsdeploy-vm-check", (HERE / "vm_check.py").read_bytes(), 0o755)
+    put(dest / "usr/libexec/cfsdeploy-vm/check", (HERE / "vm_check.py").read_bytes(), 0o755)
+    put(dest / "usr/libexec/cfsdeploy-vm/finish", FINISH, 0o755)
+    put(dest / "usr/libexec/cfsdeploy-vm/bin/reboot", REBOOT_SHIM, 0o755)
     put(dest / "usr/lib/systemd/system/cfsdeploy-vm-check.service", CHECK_UNIT.encode())
     wants = dest / "etc/systemd/system/multi-user.target.wants/cfsdeploy-vm-check.service"
     wants.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +256,34 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
             p.unlink()
     for d in ("sysroot", "efi"):
         (dest / d).mkdir(exist_ok=True)
-    return Tree(dest, kver, canaries, objects)
+    tree = Tree(dest, kver, 0, canaries, objects)
+    set_release(tree, 1)
+    return tree
+
+
+# What each release changes, and what the guest reports back (vm_check.FILES)
+RELEASE_FILE = "usr/share/cfsdeploy-vm/release"
+ETC_DEFAULT = "etc/cfsdeploy-vm/release.conf"   # changes upstream in every release
+ETC_EDITED = "etc/cfsdeploy-vm/local.conf"      # also edited on the machine
+NEVER_COMPLETES_UNIT = "usr/lib/systemd/system/cfsdeploy-vm-never-completes.service"
+
+
+def set_release(tree: Tree, n: int, *, boot_completes: bool = True) -> None:
+    """Make the tree release n: its release file and /etc defaults say n; a release
+    that does not complete its boots has a unit boot-complete.target requires fail."""
+    put(tree.path / RELEASE_FILE, f"{n}\n".encode())
+    put(tree.path / ETC_DEFAULT, f"release={n}\n".encode())
+    put(tree.path / ETC_EDITED, f"setting=upstream-{n}\n".encode())
+    unit = tree.path / NEVER_COMPLETES_UNIT
+    link = tree.path / "usr/lib/systemd/system/boot-complete.target.requires" / unit.name
+    for p in (unit, link):
+        if p.is_symlink() or p.exists():
+            p.unlink()
+    if not boot_completes:
+        put(unit, NEVER_COMPLETES.encode())
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f"../{unit.name}")
+    tree.release = n
 
 
 # --- the disk ----------------------------------------------------------------------------
@@ -236,6 +296,56 @@ OS_NAME = "debian"
 BRANCH = "debian/13/x86_64/vmtest"
 KARGS = (f"root=PARTUUID={ROOT_UUID}", "rw", "console=ttyS0", "panic=10")
 LOADER_CONF = b"timeout 0\neditor no\n"
+
+
+@dataclass
+class Builder:
+    """The OS vendor's build machine: a signed repository every release is committed
+    to, offered to the guest as a second disk (a `file://` remote: no network)."""
+    top: Path                    # what the updates disk holds: repo/ and the public key
+    key: Key
+
+    @property
+    def repo(self) -> Path:
+        return self.top / "repo"
+
+    def commit(self, tree: Tree) -> str:
+        out = cfsdeploy("commit", "--repo", self.repo, "--tree", tree.path, "--branch", BRANCH,
+                        "-m", f"Debian 13 for the cfsdeploy VM test, release {tree.release}",
+                        "--version", f"13.vm{tree.release}", "--sign-key", self.key.email,
+                        "--gpg-homedir", self.key.home)
+        return out.split()[-1]
+
+
+@contextlib.contextmanager
+def builder(work: Path) -> Iterator[Builder]:
+    key = make_key("cfsdeploy VM test builder")
+    try:
+        top = work / "updates"
+        top.mkdir()
+        cfsdeploy("init", "--repo", top / "repo")
+        shutil.copyfile(key.public, top / "builder.asc")
+        yield Builder(top, key)
+    finally:
+        drop_key(key)
+
+
+UPDATES_LABEL = "updates"
+# Where the guest mounts the updates disk, and so the remote's URL there
+UPDATES_MOUNT = "/mnt"
+REMOTE = "updates"
+
+
+def make_updates_disk(b: Builder, work: Path) -> Path:
+    """An ext4 disk image holding the builder's repository as it is now (made from
+    the directory, without mounting)."""
+    path = work / "updates.img"
+    path.unlink(missing_ok=True)
+    used = int(run(["du", "-sb", b.top], capture=True).stdout.split()[0])
+    with open(path, "wb") as f:
+        f.truncate(used * 3 // 2 + 128 * MIB)
+    run(["mkfs.ext4", "-q", "-b", "4096", "-L", UPDATES_LABEL, "-d", b.top, path])
+    return path
 
 
 @dataclass
@@ -277,12 +387,8 @@ def mtools(*argv: str | Path) -> None:
     run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
 
 
-def make_disk(tree: Tree, work: Path, *, verity: str = "try", log: Log = print) -> Disk:
-    """A GPT disk with an ESP (systemd-boot, loader.conf, what `cfsdeploy deploy`
-    wrote into the boot directory) and an ext4 root with fs-verity holding a
-    sysroot with one deployment of the tree.  The host kernel may lack fs-verity,
-    so the first entry gets cfsdeploy.verity=try."""
-    disk = work / "disk.img"
+def partition(disk: Path) -> None:
+    """A sparse disk image with a GPT: the ESP and the root partition."""
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
     s = 512
@@ -292,44 +398,87 @@ def make_disk(tree: Tree, work: Path, *, verity: str = "try", log: Log = print) 
         f"uuid={ESP_UUID}, name=esp\n"
         f"start={ROOT_START // s}, size={ROOT_SIZE // s}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
         f"uuid={ROOT_UUID}, name=root\n").encode(), capture=True)
-    # 4096-byte blocks: fs-verity needs the page size
-    run(["mkfs.ext4", "-q", "-b", "4096", "-O", "verity", "-L", "root", "-E", f"offset={ROOT_START}", disk,
-         f"{ROOT_SIZE // MIB}M"])
 
-    staging = work / "boot"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    with mounted_root(disk) as mnt:
-        log("cfsdeploy sysroot init, commit, deploy")
-        cfsdeploy("sysroot", "init", "--sysroot", mnt, "--os", OS_NAME, "--boot-dir", "/boot",
-                  *(f"--karg={a}" for a in KARGS))
-        t = time.monotonic()
-        cfsdeploy("commit", "--repo", mnt / "cfsdeploy/repo", "--tree", tree.path, "--branch", BRANCH,
-                  "-m", "Debian 13 for the cfsdeploy VM test", "--version", "13.vm1")
-        log(f"  commit took {time.monotonic() - t:.1f} s")
-        t = time.monotonic()
-        for line in cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity,
-                              BRANCH).splitlines():
-            log(f"  {line}")
-        log(f"  deploy took {time.monotonic() - t:.1f} s")
-        status = json.loads(cfsdeploy("status", "--json", "--sysroot", mnt, "--boot-dir", staging))
-    (staging / "loader/loader.conf").write_bytes(LOADER_CONF)
-    # The ESP: made apart (mkfs.vfat --offset into the disk image gave a FAT32 mtools
-    # could not make directories in),
-    # filled without mounting (this host has no vfat), then copied in.
+
+def make_root_fs(disk: Path, tree: Path | None = None) -> None:
+    """ext4 on the root partition, with fs-verity and 4096-byte blocks (fs-verity
+    needs the page size); filled from tree when given."""
+    run(["mkfs.ext4", "-q", "-b", "4096", "-O", "verity", "-L", "root", "-E", f"offset={ROOT_START}",
+         *(["-d", tree] if tree else []), disk, f"{ROOT_SIZE // MIB}M"])
+
+
+def write_esp(disk: Path, work: Path, content: Path) -> Path:
+    """The ESP: systemd-boot, loader.conf and content (the boot directory's files);
+    and a fresh OVMF variables file, the machine's NVRAM from now on."""
+    (content / "loader").mkdir(exist_ok=True)
+    (content / "loader/loader.conf").write_bytes(LOADER_CONF)
+    # Made apart (mkfs.vfat --offset into the disk image gave a FAT32 mtools could
+    # not make directories in), filled without mounting (this host has no vfat),
+    # then copied in.
     esp = work / "esp.img"
     with open(esp, "wb") as f:
         f.truncate(ESP_SIZE)
     run(["mkfs.vfat", "-F", "32", "-n", "ESP", esp], capture=True)
     mtools("mmd", "-i", esp, "::/EFI", "::/EFI/BOOT")
     mtools("mcopy", "-i", esp, SYSTEMD_BOOT, "::/EFI/BOOT/BOOTX64.EFI")
-    mtools("mcopy", "-s", "-i", esp, *sorted(staging.iterdir()), "::/")
+    mtools("mcopy", "-s", "-i", esp, *sorted(content.iterdir()), "::/")
     run(["dd", f"if={esp}", f"of={disk}", "bs=1M", f"seek={ESP_START // MIB}", "conv=notrunc,sparse",
          "status=none"])
     esp.unlink()
-    vars_ = work / "OVMF_VARS.fd"
+    vars_ = disk.with_suffix(".vars")
     shutil.copyfile(OVMF_VARS, vars_)
+    return vars_
+
+
+def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: Log = print) -> Disk:
+    """A GPT disk with an ESP (systemd-boot, loader.conf, what `cfsdeploy deploy`
+    wrote into the boot directory) and an ext4 root with fs-verity holding a
+    sysroot with one deployment: the builder's head, installed the way a machine
+    gets it (pulled and checked against the builder's key), following the updates
+    remote.  The host kernel may lack fs-verity, so the first entry gets
+    cfsdeploy.verity=try."""
+    disk = work / "disk.img"
+    partition(disk)
+    make_root_fs(disk)
+    staging = work / "boot"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    with mounted_root(disk) as mnt:
+        log("cfsdeploy sysroot init, remote add, pull from the builder, deploy")
+        cfsdeploy("sysroot", "init", "--sysroot", mnt, "--os", OS_NAME, "--boot-dir", "/boot",
+                  *(f"--karg={a}" for a in KARGS))
+        repo = mnt / "cfsdeploy/repo"
+        cfsdeploy("remote", "add", "--repo", repo, REMOTE, f"file://{UPDATES_MOUNT}/repo",
+                  "--gpg-import", b.key.public, "--branch", BRANCH)
+        t = time.monotonic()
+        # where the machine will find its updates is not where the host has them
+        cfsdeploy("pull", "--repo", repo, "--url", f"file://{b.repo}", REMOTE, BRANCH)
+        log(f"  pull took {time.monotonic() - t:.1f} s")
+        t = time.monotonic()
+        for line in cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity,
+                              f"{REMOTE}/{BRANCH}").splitlines():
+            log(f"  {line}")
+        log(f"  deploy took {time.monotonic() - t:.1f} s")
+        status = json.loads(cfsdeploy("status", "--json", "--sysroot", mnt, "--boot-dir", staging))
+    vars_ = write_esp(disk, work, staging)
     return Disk(disk, vars_, tree, status["deployments"][0])
+
+
+def make_plain_disk(tree: Tree, work: Path) -> Disk:
+    """The same tree on a plain ext4 root, booted the classic way (no cfsdeploy= on
+    the command line, so the hook does nothing): the baseline for boot times."""
+    disk = work / "plain.img"
+    partition(disk)
+    make_root_fs(disk, tree.path)
+    staging = work / "plain-boot"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "loader/entries").mkdir(parents=True)
+    modules = tree.path / "usr/lib/modules" / tree.kver
+    for name in ("vmlinuz", "initramfs.img"):
+        shutil.copyfile(modules / name, staging / name)
+    (staging / "loader/entries/plain.conf").write_text(
+        f"title Debian 13 on plain ext4\nlinux /vmlinuz\ninitrd /initramfs.img\noptions {' '.join(KARGS)}\n")
+    return Disk(disk, write_esp(disk, work, staging), tree, {})
 
 
 def object_path(digest: str) -> str:
@@ -367,6 +516,7 @@ MILESTONES = {"kernel": b"Linux version ", "root prepared": b"cfsdeploy: root pr
 
 @dataclass
 class Boot:
+    name: str
     log: str
     results: dict[str, object]
     # wall-clock seconds from QEMU's start to its exit, and to each milestone seen
@@ -389,6 +539,19 @@ class Boot:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
+
+    @property
+    def ended(self) -> str:
+        """How the guest ended this boot: "reboot", "power off", or "?"."""
+        if "reboot: Restarting system" in self.log:
+            return "reboot"
+        return "power off" if "reboot: Power down" in self.log else "?"
+
+    @property
+    def booted(self) -> dict[str, object] | None:
+        """The booted deployment, as `cfsdeploy status --json` in the guest lists it."""
+        rows = self.results.get("status.deployments") or []
+        return next((d for d in rows if d["booted"]), None)  # type: ignore[union-attr,index]
 
 
 def accel() -> str:
@@ -416,14 +579,16 @@ def accel() -> str:
     return result
 
 
-def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeout: float = 900,
-         name: str = "boot") -> Boot:
-    """Power the machine on with OVMF (no network), let the check unit run the steps
-    and power it off; the serial console's log and the facts the guest reported."""
+def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | None = None,
+         timeout: float = 900, name: str = "boot") -> Boot:
+    """Power the machine on with OVMF (no network) and the updates disk, if any, as
+    its second disk; let the check unit run the steps (shell command lines) and
+    power it off, or reboot it if a step ran `reboot` (QEMU then exits: -no-reboot).
+    The serial console's log and the facts the guest reported."""
     log = work / f"{name}.serial"
     log.unlink(missing_ok=True)
     steps_file = work / f"{name}.steps.json"
-    steps_file.write_text(json.dumps(steps or []))
+    steps_file.write_text(json.dumps(list(steps)))
     # Multi-threaded TCG sometimes loses the guest kernel's live patching of its own
     # code across vCPUs (an Oops on a stray int3 in early boot): one thread runs both.
     how = "tcg,thread=single" if accel() == "tcg" else accel()
@@ -431,9 +596,10 @@ def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeou
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={disk.vars}",
             "-drive", f"if=virtio,format=raw,file={disk.path}",
+            *(["-drive", f"if=virtio,format=raw,readonly=on,file={updates}"] if updates else []),
             "-fw_cfg", f"name=opt/cfsdeploy/steps,file={steps_file}",
             "-nic", "none", "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
-            # a guest's reboot can stall in the firmware: power off, and relaunch instead
+            # a guest's reboot can stall in the firmware: end, and relaunch instead
             "-no-reboot"]
     seen: dict[str, float] = {}
     stop = threading.Event()
@@ -462,65 +628,124 @@ def boot(disk: Disk, work: Path, *, steps: list[list[str]] | None = None, timeou
     results = {m[1]: json.loads(m[2]) for m in _RESULT.finditer(text)}
     prepared = _PREPARED.search(text)
     steps_done = [v for k, v in sorted(results.items()) if k.startswith("step.")]
-    return Boot(text, results, seconds, seen, float(prepared[1]) if prepared else None,
+    return Boot(name, text, results, seconds, seen, float(prepared[1]) if prepared else None,
                 prepared[2] if prepared else "", steps_done)  # type: ignore[arg-type]
 
 
-# --- the journey: boot, enable fs-verity, corrupt an object, boot again ------------------
+# --- the journey -------------------------------------------------------------------------
 
-VERITY_STEPS = [["cfsdeploy", "verity", "enable"], ["cfsdeploy", "status"]]
 CORRUPTED, INTACT = CANARIES
+LOCAL_EDIT = "setting=local"
+MOUNT_UPDATES = f"mount -o ro LABEL={UPDATES_LABEL} {UPDATES_MOUNT}"
+TRIES = 2
 
 
-def has_verity_enable() -> bool:
-    """Whether this cfsdeploy has `cfsdeploy verity enable` (the guest runs the same code)."""
-    import click
+@dataclass
+class Machine:
+    """One machine's life, boot after boot: the disk, its vendor, the boots so far."""
+    work: Path
+    disk: Disk
+    builder: Builder
+    # the builder's commit of each release
+    releases: dict[int, str]
+    updates: Path | None = None
+    boots: list[Boot] = field(default_factory=list)
+    log: Log = print
 
-    from cfsdeploy.cli import main
+    def boot(self, name: str, steps: Sequence[str] = ()) -> Boot:
+        b = boot(self.disk, self.work, steps=steps, updates=self.updates, name=name)
+        self.boots.append(b)
+        return b
 
-    group = main.commands.get("verity")
-    return isinstance(group, click.Group) and "enable" in group.commands
+    def release(self, n: int, *, boot_completes: bool = True) -> None:
+        """The vendor builds release n and offers it on the updates disk."""
+        set_release(self.disk.tree, n, boot_completes=boot_completes)
+        self.releases[n] = self.builder.commit(self.disk.tree)
+        self.updates = make_updates_disk(self.builder, self.work)
+        self.log(f"release {n}: commit {self.releases[n][:12]} offered on {self.updates}")
 
 
-def first_boot(disk: Disk, work: Path) -> Boot:
-    """Boot the deployment made on the host (cfsdeploy.verity=try); in the guest,
-    enable fs-verity on the repository where cfsdeploy can."""
-    return boot(disk, work, steps=VERITY_STEPS if has_verity_enable() else [], name="boot1")
+@contextlib.contextmanager
+def machine(work: Path, log: Log = print) -> Iterator[Machine]:
+    """Release 1 built by the vendor and installed on a new machine's disk."""
+    tree = make_tree(work / "tree", log)
+    with builder(work) as b:
+        first = b.commit(tree)
+        disk = make_disk(tree, work, b, log=log)
+        yield Machine(work, disk, b, {1: first}, log=log)
+        remove_tree(tree.path)
 
 
-def second_boot(disk: Disk, work: Path) -> Boot:
-    """Corrupt the object of one canary file on the disk, then boot again."""
-    corrupt(disk, object_path(disk.tree.canary_objects[CORRUPTED]))
-    return boot(disk, work, name="boot2")
+def first_boot(m: Machine) -> Boot:
+    """The deployment made on the host boots with cfsdeploy.verity=try; in it,
+    fs-verity is enabled on the repository and a local /etc edit is made."""
+    return m.boot("boot1-installed", ["cfsdeploy verity enable", f"echo {LOCAL_EDIT} >/{ETC_EDITED}",
+                                      "cfsdeploy status"])
+
+
+def upgrade_boot(m: Machine) -> Boot:
+    """One object is corrupted on the disk and release 2 is offered; the machine
+    boots with verity=require and runs `cfsdeploy upgrade && reboot`."""
+    corrupt(m.disk, object_path(m.disk.tree.canary_objects[CORRUPTED]))
+    m.release(2)
+    return m.boot("boot2-upgrade", [f"{MOUNT_UPDATES} && cfsdeploy upgrade && reboot"])
+
+
+def upgraded_boot(m: Machine) -> Boot:
+    """The reboot lands in release 2; `cfsdeploy rollback && reboot`."""
+    return m.boot("boot3-upgraded", ["cfsdeploy rollback && reboot"])
+
+
+def rolled_back_boot(m: Machine) -> Boot:
+    """Back in release 1; release 3, which never completes a boot, is offered and
+    installed with boot counting: `cfsdeploy upgrade --tries 2 && reboot`."""
+    m.release(3, boot_completes=False)
+    return m.boot("boot4-rolled-back", [f"{MOUNT_UPDATES} && cfsdeploy upgrade --tries {TRIES} && reboot"])
+
+
+def trial_boots(m: Machine) -> list[Boot]:
+    """Release 3 boots on trial, once per try, and never reaches boot-complete."""
+    return [m.boot(f"boot{5 + i}-trial{i + 1}", ["cfsdeploy status && reboot"]) for i in range(TRIES)]
+
+
+def fallback_boot(m: Machine) -> Boot:
+    """With its tries used up, the loader boots the previous deployment by itself."""
+    return m.boot(f"boot{5 + TRIES}-fallback", ["cfsdeploy status"])
 
 
 def describe(b: Boot, disk: Disk) -> str:
     """What the guest reported, for people."""
     r = b.results
-    lines = ["from QEMU's start: " + ", ".join(f"{k} {v:.1f} s" for k, v in b.milestones.items())
-             + f", power off {b.seconds:.1f} s; prepare-root's own time {b.prepare_root} s"]
+    lines = [f"-- {b.name}: from QEMU's start: " + ", ".join(f"{k} {v:.1f} s" for k, v in b.milestones.items())
+             + f", {b.ended} {b.seconds:.1f} s; prepare-root's own time {b.prepare_root} s",
+             f"systemd's account (s): {r.get('times')}",
+             f"systemd-boot booted entry {r.get('loader.entry')}"]
     cmd = r.get("cmdline", {})
     lines.append("kernel command line: " + " ".join(f"{k}={v}" for k, v in cmd.items()))  # type: ignore[union-attr]
     lines.append(f"/: {r.get('root.fstype')} from {r.get('root.source')!r}, "
                  f"{'read-only' if r.get('root.readonly') else 'WRITABLE'}; lowerdir={r.get('root.lowerdir')} "
                  f"metacopy={r.get('root.metacopy')} redirect_dir={r.get('root.redirect_dir')} "
                  f"verity={r.get('root.verity') or '(not set)'}")
-    digest = cmd.get("cfsdeploy.digest")  # type: ignore[union-attr]
-    measured = r.get("image.measured")
-    lines.append(f"image {r.get('image.path')} on {r.get('image.loops')}")
-    lines.append(f"  fs-verity digest measured by the kernel: {measured}"
-                 + (" (= cfsdeploy.digest)" if measured == digest else ""))
+    if cmd:
+        digest = cmd.get("cfsdeploy.digest")  # type: ignore[union-attr]
+        measured = r.get("image.measured")
+        lines.append(f"image {r.get('image.path')} on {r.get('image.loops')}")
+        lines.append(f"  fs-verity digest measured by the kernel: {measured}"
+                     + (" (= cfsdeploy.digest)" if measured == digest else ""))
     for d in ("/etc", "/var", "/sysroot", "/boot"):
         lines.append(f"{d}: {r.get(f'mount.{d}')}; writable: {r.get(f'writable.{d}', '-')}")
     lines.append(f"/usr writable: {r.get('writable./usr')}")
-    booted = [d["name"] for d in r.get("status.deployments", []) if d["booted"]]  # type: ignore[union-attr,index]
-    lines.append(f"cfsdeploy status in the guest: booted {booted} (made on the host: {disk.deployment['name']})")
-    lines.append(f"systemd: multi-user.target {r.get('systemd.multi_user')}; "
-                 f"failed units: {r.get('systemd.failed') or 'none'}")
+    lines.append(f"systemd: multi-user.target {r.get('systemd.multi_user')}, boot-complete.target "
+                 f"{r.get('systemd.boot_complete')}; failed units: {r.get('systemd.failed') or 'none'}")
+    for path, text in (r.get("files") or {}).items():  # type: ignore[union-attr]
+        lines.append(f"{path}: {str(text).strip()}")
     for name, got in (r.get("canaries") or {}).items():  # type: ignore[union-attr]
         lines.append(f"{name}: " + ("content as committed" if got == disk.tree.canaries[name] else got))
+    if "status.text" in r:
+        lines.append("$ cfsdeploy status")
+        lines += ["  " + line for line in str(r["status.text"]).splitlines()]
     for s in b.steps:
-        lines.append(f"$ {' '.join(s['argv'])}  (exit status {s['rc']}, {s['seconds']} s)")  # type: ignore[arg-type]
+        lines.append(f"$ {s['cmd']}  (exit status {s['rc']}, {s['seconds']} s)")
         lines += ["  " + line for line in (str(s["stdout"]) + str(s["stderr"])).splitlines()]
     if "error" in r:
         lines.append(f"CHECK ERROR: {r['error']}")
@@ -528,22 +753,29 @@ def describe(b: Boot, disk: Disk) -> str:
 
 
 def demo(work: Path) -> None:
+    """The whole journey, told as it goes."""
     if reason := missing_requirements():
         sys.exit(f"cannot run the VM demo here: {reason}")
     work.mkdir(parents=True, exist_ok=True)
     print(f"== working in {work} (accelerator: {accel()})")
-    tree = make_tree(work / "tree")
-    disk = make_disk(tree, work)
-    remove_tree(tree.path)
-    print(f"== boot 1: the deployment made on the host, cfsdeploy.verity=try (disk {disk.path})")
-    b = first_boot(disk, work)
-    print(describe(b, disk))
-    if not has_verity_enable():
-        print("== (this cfsdeploy has no `verity enable` yet: stopping after the first boot)")
-        return
-    print(f"== boot 2: after `cfsdeploy verity enable`, with {CORRUPTED}'s object corrupted on the disk")
-    print(describe(second_boot(disk, work), disk))
-    print(f"== serial logs: {work}/boot1.serial, {work}/boot2.serial")
+    started = time.monotonic()
+    with machine(work) as m:
+        for what, step in (
+                ("release 1 installed on the host: verity=try; verity enable and a local /etc edit",
+                 first_boot),
+                (f"{CORRUPTED}'s object corrupted on the disk; release 2 offered: upgrade && reboot",
+                 upgrade_boot),
+                ("release 2 with the local /etc edit kept: rollback && reboot", upgraded_boot),
+                ("back in release 1; release 3 (never completes a boot) offered: upgrade --tries 2 && reboot",
+                 rolled_back_boot)):
+            print(f"== {what}")
+            print(describe(step(m), m.disk))
+        print(f"== release 3 on trial, {TRIES} tries")
+        for b in trial_boots(m):
+            print(describe(b, m.disk))
+        print("== tries used up: the loader falls back by itself")
+        print(describe(fallback_boot(m), m.disk))
+    print(f"== {len(m.boots)} boots in {time.monotonic() - started:.0f} s; serial logs in {work}/*.serial")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 #!/usr/bin/python3
 """The check that runs inside the test VM at boot (installed by tests/vm.py as
-/usr/libexec/cfsdeploy-vm-check, started by cfsdeploy-vm-check.service once
+/usr/libexec/cfsdeploy-vm/check, started by cfsdeploy-vm-check.service once
 multi-user.target is reached).
 
 It looks at the composed root from inside, prints one `CFSDEPLOY-RESULT key=<json>`
-line per fact on the console, runs the commands the host passed for this boot (QEMU
-fw_cfg opt/cfsdeploy/steps: a JSON list of argv lists) and powers the machine off.
+line per fact on the console and runs the shell command lines the host passed for
+this boot (QEMU fw_cfg opt/cfsdeploy/steps: a JSON list of strings); then the unit
+powers the machine off, or reboots it if a step ran `reboot`.
 Plain Python 3 with no imports beyond the standard library: the host reads the facts
 and decides what is right.
 """
@@ -24,6 +25,11 @@ MARK = "CFSDEPLOY-RESULT"
 OUTPUT = "CFSDEPLOY-OUTPUT"
 STEPS = "/sys/firmware/qemu_fw_cfg/by_name/opt/cfsdeploy/steps/raw"
 CANARIES = "/usr/share/cfsdeploy-vm"
+# What releases change (tests/vm.py set_release), read back as text
+FILES = ("/usr/share/cfsdeploy-vm/release", "/etc/cfsdeploy-vm/release.conf", "/etc/cfsdeploy-vm/local.conf")
+# The steps' `reboot` (see tests/vm.py REBOOT_SHIM)
+SHIMS = "/usr/libexec/cfsdeploy-vm/bin"
+LOADER_ENTRY = "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 
 
 def say(key: str, value: Any) -> None:
@@ -69,6 +75,15 @@ def writable(path: str) -> str:
             f.write("x")
         os.unlink(probe)
         return "yes"
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e))
+
+
+def read_text(path: str) -> str:
+    """A file's text, or the errno name reading it gave."""
+    try:
+        with open(path) as f:
+            return f.read()
     except OSError as e:
         return errno.errorcode.get(e.errno or 0, str(e))
 
@@ -128,12 +143,36 @@ def check_status(args: dict[str, str]) -> None:
         show(r.stderr)
         return
     status = json.loads(r.stdout)
-    say("status.deployments", [{k: d.get(k) for k in ("name", "booted", "default", "image_digest")}
+    say("status.deployments", [{k: d.get(k) for k in ("name", "commit", "version", "booted", "default", "image_digest",
+                                                       "entry", "tries_left", "tries_done", "boot_failed")}
                                for d in status["deployments"]])
+    r = sh("cfsdeploy", "status")
+    say("status.text", r.stdout + r.stderr)
+
+
+def check_loader() -> None:
+    """The entry systemd-boot says it booted (a UTF-16 EFI variable after 4 bytes of
+    attributes)."""
+    try:
+        with open(LOADER_ENTRY, "rb") as f:
+            say("loader.entry", f.read()[4:].decode("utf-16-le").rstrip("\0"))
+    except OSError as e:
+        say("loader.entry", errno.errorcode.get(e.errno or 0, str(e)))
+
+
+def check_times() -> None:
+    """What systemd measured of this boot, in seconds: from the kernel's start until
+    systemd started on the real root (kernel and initramfs: initramfs-tools runs no
+    systemd, so systemd cannot split the two), and from then until multi-user.target."""
+    started = sh("systemctl", "show", "--property=UserspaceTimestampMonotonic", "--value").stdout
+    reached = sh("systemctl", "show", "--property=ActiveEnterTimestampMonotonic", "--value", "multi-user.target")
+    say("times", {"kernel+initramfs": round(int(started) / 1e6, 2),
+                  "userspace": round((int(reached.stdout) - int(started)) / 1e6, 2)})
 
 
 def check_systemd() -> None:
     say("systemd.multi_user", sh("systemctl", "is-active", "multi-user.target").stdout.strip())
+    say("systemd.boot_complete", sh("systemctl", "is-active", "boot-complete.target").stdout.strip())
     failed = sh("systemctl", "list-units", "--state=failed", "--plain", "--no-legend", "--no-pager").stdout
     units = [line.split()[0] for line in failed.splitlines() if line.strip()]
     say("systemd.failed", units)
@@ -148,11 +187,12 @@ def run_steps() -> None:
             steps = json.load(f)
     except FileNotFoundError:
         steps = []
-    for i, argv in enumerate(steps):
+    env = dict(os.environ, PATH=f"{SHIMS}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}")
+    for i, cmd in enumerate(steps):
         started = uptime()
-        r = sh(*argv)
-        show(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}")
-        say(f"step.{i}", {"argv": argv, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
+        r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env=env)
+        show(f"$ {cmd}\n{r.stdout}{r.stderr}")
+        say(f"step.{i}", {"cmd": cmd, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
                           "seconds": round(uptime() - started, 1)})
 
 
@@ -161,11 +201,13 @@ def main() -> None:
     args = cmdline()
     say("cmdline", {k: v for k, v in args.items() if k.startswith("cfsdeploy")})
     m = mounts()
-    for check in (lambda: check_root(args, m), lambda: check_image(args), lambda: check_status(args),
-                  check_systemd,
-                  lambda: say("canaries", {n: read_digest(os.path.join(CANARIES, n))
-                                           for n in sorted(os.listdir(CANARIES))}),
-                  run_steps):
+    checks = [lambda: check_root(args, m), check_loader, check_times, check_systemd,
+              lambda: say("files", {p: read_text(p) for p in FILES}),
+              lambda: say("canaries", {n: read_digest(os.path.join(CANARIES, n))
+                                       for n in sorted(os.listdir(CANARIES)) if n.startswith("canary")})]
+    if "cfsdeploy" in args:  # not on the plain ext4 boot the times are compared with
+        checks[1:1] = [lambda: check_image(args), lambda: check_status(args)]
+    for check in [*checks, run_steps]:
         try:
             check()
         except Exception as e:  # one broken check must not hide the others
