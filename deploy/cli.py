@@ -560,7 +560,7 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         if r.boot_counting:
             click.echo(f"    Boot:    {r.boot_counting}")
     booted = next((r for r in rows if r.booted), None)
-    if rows and rows[0].entry.failed:
+    if rows and rows[0].boot_failed:
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
         click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "
                    "`cfsdeploy rollback` makes the previous one the default.", err=True)

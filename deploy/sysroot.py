@@ -294,21 +294,30 @@ class DeploymentStatus:
         return self.index == 1
 
     @property
+    def boot_failed(self) -> bool:
+        """The loader used up the entry's tries and no boot of it is running."""
+        return self.entry.failed and not self.booted
+
+    @property
     def boot_counting(self) -> str | None:
         """What systemd-boot's counter in the entry's name says, in words."""
         left, done = self.entry.tries_left, self.entry.tries_done or 0
         if left is None:
             return None
+        if left == 0 and self.booted:
+            return (f"on its last try ({done} used): blessed if this boot reaches boot-complete, "
+                    "else the boot loader boots the next entry from now on")
         if left == 0:
             return (f"FAILED TO BOOT: all {done} tries used without reaching boot-complete; "
                     "the boot loader now boots the next entry")
-        return f"on trial: {left} tries left, {done} used (blessed when a boot completes)"
+        return (f"on trial: {left} {'try' if left == 1 else 'tries'} left, {done} used "
+                "(blessed when a boot completes)")
 
     def to_json(self) -> dict[str, object]:
         return {"index": self.index, **self.deployment.to_json(), "booted": self.booted,
                 "default": self.default, "rollback": self.rollback, "entry": self.entry.filename,
                 "tries_left": self.entry.tries_left, "tries_done": self.entry.tries_done,
-                "boot_failed": self.entry.failed, "boot_counting": self.boot_counting}
+                "boot_failed": self.boot_failed, "boot_counting": self.boot_counting}
 
 
 def status(state: State) -> list[DeploymentStatus]:

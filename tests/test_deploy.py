@@ -261,8 +261,20 @@ def test_status_says_loudly_that_an_entry_failed(machine) -> None:
     entries = machine.boot / "loader" / "entries"
     os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
     rows = status(booted_into(machine, 1).state(OS))
-    assert rows[0].entry.failed and "FAILED TO BOOT" in rows[0].boot_counting
+    assert rows[0].boot_failed and "FAILED TO BOOT" in rows[0].boot_counting
     assert rows[1].booted and rows[1].rollback
+
+
+def test_status_of_a_boot_on_its_last_try_is_not_yet_a_failure(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
+    deploy(machine, tries=2)
+    entries = machine.boot / "loader" / "entries"
+    os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
+    rows = status(booted_into(machine, 0).state(OS))
+    assert rows[0].booted and not rows[0].boot_failed
+    assert rows[0].boot_counting.startswith("on its last try (2 used)")
 
 
 def test_var_is_made_once_and_never_touched_by_upgrades(machine) -> None:

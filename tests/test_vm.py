@@ -273,8 +273,10 @@ def test_each_trial_boot_uses_one_try_and_never_reaches_boot_complete(trials: li
         assert booted is not None and booted["commit"] == machine.releases[3], b.name
         # systemd-boot counts a try down as it starts the entry
         assert (booted["tries_left"], booted["tries_done"]) == (vm.TRIES - 1 - i, i + 1), b.name
+        assert not booted["boot_failed"], b.name  # not while a try runs
         assert b["systemd.boot_complete"] != "active", b.name
         assert b["systemd.failed"] == [vm.NEVER_COMPLETES_UNIT.rsplit("/", 1)[1]], b.name
+    assert "on its last try" in str(trials[-1]["status.text"])
 
 
 def test_with_its_tries_used_up_the_loader_boots_release_1_by_itself(fallback: vm.Boot,
