@@ -1,16 +1,21 @@
-"""Virtual machines that boot cfsdeploy deployments, for tests/test_vm.py and
-examples/vm-demo.sh.
+"""Virtual machines that boot cfsdeploy deployments, for tests/test_vm.py,
+examples/vm-demo.sh and benchmarks/bench_boot.py.
 
     rootfs()        a Debian 13 root filesystem (debootstrap), built once and cached
     make_tree()     a copy of it with cfsdeploy, the initramfs hooks and the check unit
                     installed, the kernel and initramfs where deploying reads them
+    builder()       the vendor: a signed repository the releases are committed to,
+                    offered to the machine on a second disk (make_updates_disk)
     make_disk()     a GPT disk: an ESP with systemd-boot and the boot entries, and an
-                    ext4 root (fs-verity capable) holding a cfsdeploy sysroot
+                    ext4 root (fs-verity capable) holding a sysroot with the vendor's
+                    release pulled and deployed; make_plain_disk() the same tree on
+                    plain ext4, for comparison
     boot()          QEMU with OVMF, no network, the serial console in a log; the check
-                    unit in the guest prints `CFSDEPLOY-RESULT key=value` lines and
-                    powers off
+                    unit in the guest prints `CFSDEPLOY-RESULT key=value` lines, runs
+                    the boot's steps, and powers off or reboots
+    Machine         a machine's life, boot after boot (first_boot ... fallback_boot)
 
-Run as root: `python -m tests.vm demo [WORKDIR]` does it all and prints what it checks.
+Run as root: `python -m tests.vm demo [WORKDIR]` does it all and tells what it sees.
 """
 
 from __future__ import annotations
