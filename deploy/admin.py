@@ -5,10 +5,15 @@ everything a new set of boot entries names (image, kernel, deployment directory)
 written and synced first, then the entries switch in one atomic exchange, and only
 then is what the old set alone named removed.  Whatever an interrupted run left
 is garbage no entry names, removed by the next run under the lock.
+
+A staged deployment (deploy(stage=True)) stops before the switch; finalize_staged
+merges its /etc again and does the switch, at shutdown.  Any other change of the
+entries discards it first: it was made against entries that no longer hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,13 +23,13 @@ from typing import TYPE_CHECKING, Callable, Concatenate, ParamSpec, TypeVar
 
 import pygit2
 
-from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs
+from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs, staged
 from .bootloader import BootEntry, Kernel
 from .checkout import checkout
 from .deployment import Deployment, Origin
 from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
-from .fsutil import force_rmtree, fsync_dir, syncfs
+from .fsutil import exchange, force_rmtree, fsync_dir, syncfs
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -35,7 +40,8 @@ from .repository import (
     read_content,
     trailers,
 )
-from .sysroot import State, Sysroot, SysrootError
+from .staged import Staged
+from .sysroot import State, Sysroot, SysrootError, staged_status
 from .tree import Inode, lookup, resolve
 from .treediff import TreeDiff, diff
 
@@ -209,10 +215,10 @@ def _options(dep: Deployment, verity: str) -> str:
     return " ".join(dep.kargs + kargs.Own(dep.path, dep.image_digest, verity).args())
 
 
-def _entry(dep: Deployment, kernel: Kernel, title: str, verity: str,
-           tries: tuple[int | None, int | None]) -> BootEntry:
+def _entry(dep: Deployment, kernel: Kernel, title: str, verity: str, tries: int | None) -> BootEntry:
+    """A new deployment's entry; `tries` puts it on trial (boot counting)."""
     return BootEntry(os=dep.os, index=0, title=title, linux=kernel.linux, initrd=kernel.initrd,
-                     options=_options(dep, verity), tries_left=tries[0], tries_done=tries[1])
+                     options=_options(dep, verity), tries_left=tries or None)
 
 
 def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
@@ -260,12 +266,18 @@ def _drop_refs(repo: Repository, os_name: str, keep: set[str]) -> None:
 
 
 def _settle(sysroot: Sysroot, os_name: str) -> tuple[State, list[str]]:
-    """After a switch: remove what no entry names any more; return the new state and
-    the kernels removed."""
+    """After a switch: remove what neither an entry nor the staged record names any
+    more; return the new state and the kernels removed."""
     state = sysroot.state(os_name)
-    sysroot.remove_strays(state)
-    kernels = bootloader.remove_unused_kernels(sysroot.boot, os_name, _kernels(state))
-    _drop_refs(sysroot.repo, os_name, {d.name for d in state.deployments})
+    rec = staged.load(sysroot.top)
+    if rec is not None and rec.stale:
+        staged.remove(sysroot.top)
+        rec = None
+    mine = rec if rec is not None and rec.os == os_name else None
+    sysroot.remove_strays(state, mine.name if mine else None)
+    kernels = bootloader.remove_unused_kernels(sysroot.boot, os_name, _kernels(state) + (
+        [Kernel(os_name, mine.kernel)] if mine else []))
+    _drop_refs(sysroot.repo, os_name, {d.name for d in state.deployments} | ({mine.name} if mine else set()))
     return state, kernels
 
 
@@ -278,15 +290,33 @@ def _prepare(sysroot: Sysroot, os_name: str) -> State:
 # --- deploy -----------------------------------------------------------------------------
 
 
+def _unstage(sysroot: Sysroot, os_name: str, log: Log) -> str | None:
+    """Before a change of the entries: forget the staged deployment, whose retention
+    and /etc merge assumed the entries as they were (OSTree's rule).  Its directory,
+    kernel and ref go at the next settle of its os; returns its name."""
+    rec = staged.load(sysroot.top)
+    if rec is None:
+        return None
+    staged.remove(sysroot.top)
+    if rec.os != os_name:
+        _settle(sysroot, rec.os)
+    log(f"discarded the staged deployment {rec.name}")
+    return rec.name
+
+
 @dataclass
 class DeployResult:
     deployment: Deployment
+    # Its place in boot order (when staged: the place it takes when finalized).
     index: int
     kernel: Kernel
     image_built: bool
     etc: MergeReport
     merged_from: Deployment | None
     removed: list[str] = field(default_factory=list)
+    staged: bool = False
+    # The staged deployment this one replaced or discarded.
+    discarded: str | None = None
 
 
 def retain(state: State, sysroot: Sysroot, *, new_default: bool) -> list[Deployment]:
@@ -310,7 +340,9 @@ def retain(state: State, sysroot: Sysroot, *, new_default: bool) -> list[Deploym
 @locked
 def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] = (),
            delete: tuple[str, ...] = (), make_default: bool = True, tries: int | None = None,
-           verity: str | None = None, origin: Origin | None = None, log: Log = lambda m: None) -> DeployResult:
+           verity: str | None = None, origin: Origin | None = None, stage: bool = False,
+           log: Log = lambda m: None) -> DeployResult:
+    """Make a commit bootable: the default (or after it), or staged for finalize_staged."""
     repo = sysroot.repo
     c = load_commit(repo, rev)
     _missing_objects(repo, c)
@@ -342,15 +374,39 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     os.rename(staging, os.path.join(os_dir, name))
     fsync_dir(os_dir)
 
+    title = _title(os_release(repo, c.root), c.version, os_name)
+    if stage:
+        previous = staged.load(sysroot.top)
+        # Replacing the record is the step that stages: a crash before it leaves the
+        # previous staged deployment (or none), and this directory a leftover.
+        staged.save(sysroot.top, Staged(os_name, name, kernel.dirname, title, verity, tries or None,
+                                        make_default, merge_dep.name if merge_dep else None,
+                                        staged.current_boot_id()))
+        if previous is not None and previous.os != os_name:
+            _settle(sysroot, previous.os)
+        _settle(sysroot, os_name)
+        index = _order(state, sysroot, dep, make_default).index(dep)
+        return DeployResult(dep, index, kernel, image_built, report, merge_dep, staged=True,
+                            discarded=previous.name if previous else None)
+    discarded = _unstage(sysroot, os_name, log)
+    index, removed = _switch_in(sysroot, state, dep, _entry(dep, kernel, title, verity, tries), make_default)
+    return DeployResult(dep, index, kernel, image_built, report, merge_dep, removed, discarded=discarded)
+
+
+def _order(state: State, sysroot: Sysroot, dep: Deployment, make_default: bool) -> list[Deployment]:
+    """The boot order with a new deployment in it, by the retention rule."""
     kept = retain(state, sysroot, new_default=make_default)
-    order = [dep] + kept if make_default or not kept else [kept[0], dep] + kept[1:]
-    release = os_release(repo, c.root)
-    entry = _entry(dep, kernel, _title(release, c.version, os_name), verity,
-                   (tries, None) if tries else (None, None))
-    _rewrite(sysroot, state, order, {name: entry})
-    new_state, _ = _settle(sysroot, os_name)
-    removed = [d.name for d in state.deployments if d not in new_state.deployments]
-    return DeployResult(dep, order.index(dep), kernel, image_built, report, merge_dep, removed)
+    return [dep] + kept if make_default or not kept else [kept[0], dep] + kept[1:]
+
+
+def _switch_in(sysroot: Sysroot, state: State, dep: Deployment, entry: BootEntry,
+               make_default: bool) -> tuple[int, list[str]]:
+    """Switch the entries to the new deployment's order, then remove what they no longer
+    name; returns its index and the deployments removed."""
+    order = _order(state, sysroot, dep, make_default)
+    _rewrite(sysroot, state, order, {dep.name: entry})
+    new_state, _ = _settle(sysroot, dep.os)
+    return order.index(dep), [d.name for d in state.deployments if d not in new_state.deployments]
 
 
 def _install_kernel(sysroot: Sysroot, os_name: str, c: Commit) -> Kernel:
@@ -400,7 +456,7 @@ def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:
 
 
 @locked
-def rollback(sysroot: Sysroot, os_name: str) -> tuple[Deployment, Deployment]:
+def rollback(sysroot: Sysroot, os_name: str, log: Log = lambda m: None) -> tuple[Deployment, Deployment]:
     """Make the previous deployment the default (or the booted one, when an upgrade
     is pending).  Returns (new default, old default)."""
     state = _prepare(sysroot, os_name)
@@ -408,18 +464,21 @@ def rollback(sysroot: Sysroot, os_name: str) -> tuple[Deployment, Deployment]:
         raise SysrootError("there is no other deployment to roll back to")
     old = state.deployments[0]
     target = state.booted if state.booted is not None and state.booted != old else state.deployments[1]
+    _unstage(sysroot, os_name, log)
     _rewrite(sysroot, state, [target] + [d for d in state.deployments if d != target])
+    _settle(sysroot, os_name)
     return target, old
 
 
 @locked
-def undeploy(sysroot: Sysroot, os_name: str, index: int) -> Deployment:
+def undeploy(sysroot: Sysroot, os_name: str, index: int, log: Log = lambda m: None) -> Deployment:
     state = _prepare(sysroot, os_name)
     dep = state.find(index)
     if dep == state.booted:
         raise SysrootError(f"deployment {index} ({dep.name}) is the booted one; it stays")
     if len(state.deployments) == 1:
         raise SysrootError("refusing to remove the only deployment: nothing would boot")
+    _unstage(sysroot, os_name, log)
     _rewrite(sysroot, state, [d for d in state.deployments if d != dep])
     _settle(sysroot, os_name)
     return dep
@@ -435,17 +494,95 @@ def pin(sysroot: Sysroot, os_name: str, index: int, pinned: bool = True) -> Depl
 
 @locked
 def set_kargs(sysroot: Sysroot, os_name: str, *, append: tuple[str, ...] = (), delete: tuple[str, ...] = (),
-              replace: tuple[str, ...] = ()) -> Deployment:
+              replace: tuple[str, ...] = (), log: Log = lambda m: None) -> Deployment:
     """Edit the default deployment's kernel arguments (a new entry set, switched atomically)."""
     state = _prepare(sysroot, os_name)
     if state.default is None:
         raise SysrootError(f"os {os_name!r} has no deployment")
     dep = state.default.with_(kargs=kargs.edit(state.default.kargs, append=append, delete=delete,
                                                replace=replace))
+    _unstage(sysroot, os_name, log)
     deployment.save(sysroot.dir_of(dep), dep)
     state.deployments[0] = dep
     _rewrite(sysroot, state, state.deployments)
+    _settle(sysroot, os_name)
     return dep
+
+
+# --- finalizing the staged deployment -------------------------------------------------------
+
+
+@dataclass
+class FinalizeResult:
+    staged: Staged
+    deployment: Deployment | None    # None: the record was discarded instead (see `discarded`)
+    index: int = 0
+    etc: MergeReport | None = None   # None: the /etc merged at staging was kept
+    merged_from: Deployment | None = None
+    removed: list[str] = field(default_factory=list)
+    discarded: str | None = None     # why the record was discarded
+
+
+@locked
+def finalize_staged(sysroot: Sysroot, log: Log = lambda m: None) -> FinalizeResult | None:
+    """Make the staged deployment bootable, as deploy would have at staging: /etc merged
+    again from the merge source's /etc as it is now, then the entries switched by the
+    same retention rule.  None when nothing is staged.
+
+    The record goes just before the switch, so a crash leaves the old entries and a
+    leftover directory, or the new entries; a rerun redoes or discards it cleanly."""
+    rec = staged.load(sysroot.top)
+    if rec is None:
+        return None
+    known = rec.os in sysroot.os_names()
+    st = staged_status(sysroot, rec.os) if known else None
+    dep = st.deployment if st is not None else None
+    why = _unusable(sysroot, rec, dep, known)
+    if why is not None:
+        staged.remove(sysroot.top)
+        if known:
+            _prepare(sysroot, rec.os)
+        return FinalizeResult(rec, None, discarded=why)
+    assert dep is not None
+    state = _prepare(sysroot, rec.os)
+    merge_dep = next((d for d in state.deployments if d.name == rec.merge_from), None)
+    report = None
+    if merge_dep is not None:
+        report = _remake_etc(sysroot, load_commit(sysroot.repo, dep.commit), merge_dep, dep)
+    elif rec.merge_from is not None:
+        log(f"the merge source {rec.merge_from} is gone: keeping /etc as merged at staging")
+    staged.remove(sysroot.top)
+    entry = _entry(dep, Kernel(rec.os, rec.kernel), rec.title, rec.verity, rec.tries)
+    index, removed = _switch_in(sysroot, state, dep, entry, rec.default)
+    return FinalizeResult(rec, dep, index, report, merge_dep, removed)
+
+
+def _unusable(sysroot: Sysroot, rec: Staged, dep: Deployment | None, known_os: bool) -> str | None:
+    """Why a staged record cannot be finalized, if it cannot."""
+    if rec.stale:
+        return "it was staged during an earlier boot that ended without finalizing it"
+    if not known_os:
+        return f"its os {rec.os!r} is gone"
+    if dep is None:
+        return f"its deployment {rec.name} is gone"
+    if not os.path.isdir(os.path.join(sysroot.boot, Kernel(rec.os, rec.kernel).relpath)):
+        return f"its kernel {rec.kernel} is gone from {sysroot.boot}"
+    return None
+
+
+def _remake_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment, dep: Deployment) -> MergeReport:
+    """Merge /etc again aside, then exchange it for the deployment's in one step, so the
+    deployment has a whole /etc at every moment.  What is left aside (the old one, or
+    a half-made one after a crash) is a leftover the next settle removes."""
+    os_dir = sysroot.os_dir(dep.os)
+    aside = tempfile.mkdtemp(prefix=f".{dep.name}.etc.", dir=os_dir)
+    report = _make_etc(sysroot, c, merge_dep, os.path.join(aside, "etc"))
+    syncfs(aside)
+    exchange(os.path.join(aside, "etc"), os.path.join(sysroot.dir_of(dep), "etc"))
+    fsync_dir(sysroot.dir_of(dep))
+    fsync_dir(aside)
+    force_rmtree(aside)
+    return report
 
 
 @dataclass
@@ -489,6 +626,12 @@ def _has_verity(path: str, digest: bytes) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _verity_good(repo: Repository, dep: Deployment, good: set[bytes]) -> bool:
+    """Whether the deployment's image and every object it names measure right."""
+    manifest = repo.resolve(dep.commit).tree[MANIFEST].data
+    return bytes.fromhex(dep.image_digest) in good and dumpfile.external_digests(manifest) <= good
 
 
 @dataclass
@@ -536,11 +679,14 @@ def enable_verity(sysroot: Sysroot, os_name: str, *, progress: Callable[[int, in
     state = _prepare(sysroot, os_name)
     switch = {}
     for d in state.deployments:
-        manifest = repo.resolve(d.commit).tree[MANIFEST].data
-        if bytes.fromhex(d.image_digest) in good and dumpfile.external_digests(manifest) <= good:
+        if _verity_good(repo, d, good):
             switch[d.name] = "require"
     if switch:
         _rewrite(sysroot, state, state.deployments, verity=switch)
+    st = staged_status(sysroot, os_name)
+    if st is not None and st.deployment is not None and _verity_good(repo, st.deployment, good):
+        staged.save(sysroot.top, dataclasses.replace(st.record, verity="require"))
+        switch[st.record.name] = "require"
     if not problems and sysroot.config.verity != "require":
         sysroot.config.verity = "require"
         sysroot.save_config()
@@ -576,10 +722,11 @@ def _check_not_older(repo: Repository, current: str, new: str) -> None:
 
 @locked
 def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, check: bool = False,
-            allow_downgrade: bool = False, tries: int | None = None,
+            allow_downgrade: bool = False, tries: int | None = None, stage: bool = False,
             progress: Callable[[PullProgress], None] | None = None, log: Log = lambda m: None) -> UpgradeResult:
     """Pull the newest commit of the booted (or default) deployment's origin, or of a
-    new origin (switch), and deploy it as the default, keeping the rollback."""
+    new origin (switch), and deploy it as the default, keeping the rollback (or stage
+    it, to become the default at shutdown)."""
     state = _prepare(sysroot, os_name)
     current = state.booted or state.default
     origin = origin or (current.origin if current else None)
@@ -601,15 +748,21 @@ def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, che
     result = UpgradeResult(origin, current, head, pulled, None, None)
     if current is not None:
         same_origin = origin == current.origin
-        if same_origin and head in (current.commit, state.default.commit if state.default else None):
+        if same_origin and head in (current.commit, state.default.commit if state.default else None,
+                                    _staged_commit(sysroot, os_name)):
             return result
         if same_origin and not allow_downgrade:
             _check_not_older(repo, current.commit, head)
         result.changes = diff(_full_manifest(repo, current.commit), _full_manifest(repo, head))
     if check:
         return result
-    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, tries=tries, log=log)
+    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, tries=tries, stage=stage, log=log)
     return result
+
+
+def _staged_commit(sysroot: Sysroot, os_name: str) -> str | None:
+    s = staged_status(sysroot, os_name)
+    return s.deployment.commit if s is not None and s.deployment is not None else None
 
 
 def _full_manifest(repo: Repository, rev: str) -> Inode:

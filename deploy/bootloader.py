@@ -18,7 +18,6 @@ mix; the leftover staged directory is removed by the next writer.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterable
 
 from .errors import CfsError
-from .fsutil import fsync_dir
+from .fsutil import exchange, fsync_dir
 
 ENTRIES = "loader/entries"
 STAGED = "loader/entries.staged"
@@ -38,10 +37,6 @@ MAX_TRIES = 99
 
 _ENTRY_NAME = re.compile(r"cfsdeploy-(?P<os>[A-Za-z0-9_.]+)-(?P<n>\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf")
 _KEYS = ("title", "version", "sort-key", "linux", "initrd", "options")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 class BootError(CfsError):
@@ -193,12 +188,13 @@ def _write_synced(path: str, data: bytes) -> None:
 
 
 def _exchange(a: str, b: str) -> None:
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EINVAL:
+    try:
+        exchange(a, b)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
             raise BootError(f"the filesystem of {b} cannot exchange directories atomically "
-                            "(renameat2 RENAME_EXCHANGE; vfat needs Linux 6.0 or newer)")
-        raise OSError(err, os.strerror(err), b)
+                            "(renameat2 RENAME_EXCHANGE; vfat needs Linux 6.0 or newer)") from None
+        raise
 
 
 # --- kernels ----------------------------------------------------------------------------

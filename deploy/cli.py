@@ -16,6 +16,7 @@ from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from .admin import DeployResult
     from .deployment import Origin
     from .progress import Progress
     from .pull import PullProgress
@@ -442,9 +443,14 @@ def _default_sysroot() -> str:
 
 
 def sysroot_options(fn: Any) -> Any:
+    fn = whole_sysroot_options(fn)
+    return click.option("--os", "os_name", metavar="NAME", help="The os (default: the booted or configured one).")(fn)
+
+
+def whole_sysroot_options(fn: Any) -> Any:
+    """The options of a command on a sysroot, not one os of it."""
     fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH",
                       help="The physical root (default /sysroot when booted into a deployment, else /).")(fn)
-    fn = click.option("--os", "os_name", metavar="NAME", help="The os (default: the booted or configured one).")(fn)
     fn = click.option("--boot-dir", metavar="DIR", help="The boot directory (default: from the sysroot's config).")(fn)
     fn = click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
                       help="How long to wait for another cfsdeploy changing deployments.")(fn)
@@ -483,6 +489,24 @@ def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_lis
 
 tries_option = click.option("--tries", type=click.IntRange(0, 99), metavar="N",
                             help="Boot counting: the new entry gets N tries (0: off; default from config).")
+stage_option = click.option("--stage", is_flag=True,
+                            help="Stage it: /etc is merged again and the entries switched at shutdown "
+                                 "(`cfsdeploy finalize-staged`), so /etc edits until then are kept.")
+
+
+def _staged_next(s: Sysroot) -> None:
+    """After staging: have systemd finalize it at shutdown, or say who must."""
+    from .staged import FINALIZE_UNIT, start_finalize_unit
+
+    # The unit finalizes the default sysroot: only that one is armed.
+    if os.path.realpath(s.path) == os.path.realpath(_default_sysroot()):
+        try:
+            if start_finalize_unit():
+                click.echo(f"staged: it becomes the default at shutdown ({FINALIZE_UNIT})")
+                return
+        except CfsError as e:
+            click.echo(f"cfsdeploy: cannot start {FINALIZE_UNIT}: {e}", err=True)
+    click.echo("staged: run `cfsdeploy finalize-staged` before rebooting to make it bootable")
 
 
 @main.command("deploy")
@@ -495,16 +519,17 @@ tries_option = click.option("--tries", type=click.IntRange(0, 99), metavar="N",
 @tries_option
 @click.option("--verity", type=click.Choice(["require", "try", "off"]),
               help="cfsdeploy.verity= of the new entry (default from config).")
+@stage_option
 def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                rev: str, append: tuple[str, ...], delete: tuple[str, ...], no_default: bool,
-               tries: int | None, verity: str | None) -> None:
+               tries: int | None, verity: str | None, stage: bool) -> None:
     """Make commit REV (a branch, tag or commit of the sysroot's repository) bootable."""
     from . import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
     r = admin.deploy(s, rev, os_name=name, append=append, delete=delete, make_default=not no_default,
-                     tries=tries, verity=verity,
+                     tries=tries, verity=verity, stage=stage,
                      log=lambda m: click.echo(m, err=True))
     d = r.deployment
     click.echo(f"deployed {d.commit[:12]} as {d.path}" + (f" (version {d.version})" if d.version else ""))
@@ -514,9 +539,43 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     click.echo(f"etc{src}: {r.etc.summary()}")
     for path, why in r.etc.conflicts:
         click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    _say_discarded(r)
     for name_ in r.removed:
         click.echo(f"removed old deployment {name_}")
-    click.echo("this is now the default: it boots next" if r.index == 0
+    if r.staged:
+        _staged_next(s)
+    else:
+        click.echo("this is now the default: it boots next" if r.index == 0
+                   else f"boot entry {r.index} added; the default is unchanged")
+
+
+def _say_discarded(r: DeployResult) -> None:
+    if r.discarded:
+        click.echo(f"{'replaced' if r.staged else 'discarded'} the staged deployment {r.discarded}")
+
+
+@main.command("finalize-staged")
+@whole_sysroot_options
+def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> None:
+    """Make the staged deployment bootable: merge /etc again and switch the entries
+    (what cfsdeploy-finalize-staged.service runs at shutdown)."""
+    from . import admin
+
+    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    r = admin.finalize_staged(s, log=lambda m: click.echo(m, err=True))
+    if r is None:
+        click.echo("nothing is staged")
+        return
+    if r.deployment is None:
+        click.echo(f"discarded the staged deployment {r.staged.name}: {r.discarded}")
+        return
+    src = f" from {r.merged_from.name}" if r.merged_from else ""
+    click.echo(f"finalized {r.deployment.name}" + (f"; etc{src}: {r.etc.summary()}" if r.etc else ""))
+    for path, why in r.etc.conflicts if r.etc else []:
+        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    for name_ in r.removed:
+        click.echo(f"removed old deployment {name_}")
+    click.echo("it is now the default: it boots next" if r.index == 0
                else f"boot entry {r.index} added; the default is unchanged")
 
 
@@ -526,18 +585,29 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
-    from .sysroot import status
+    from .sysroot import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
     state = s.state(name)
     rows = status(state)
     broken = state.broken
+    pending = staged_status(s, name)
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
+                               "staged": pending.to_json() if pending else None,
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken]},
                               indent=2))
         return
+    if pending is not None:
+        d_ = pending.deployment
+        click.echo(f"  staged: {name} {pending.record.name}: {pending.when}")
+        if d_ is not None:
+            if d_.version:
+                click.echo(f"    Version: {d_.version}")
+            click.echo(f"    Commit:  {d_.commit}")
+            if d_.origin:
+                click.echo(f"    Origin:  {d_.origin.refspec}")
     for e, why in broken:
         click.echo(f"WARNING: boot entry {e.filename} cannot boot: {why}; "
                    "the next deploy or cleanup drops it", err=True)
@@ -573,7 +643,7 @@ def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
     from . import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    new, old = admin.rollback(s, s.pick_os(os_name))
+    new, old = admin.rollback(s, s.pick_os(os_name), log=click.echo)
     click.echo(f"default is now {new.name} ({new.commit[:12]}), was {old.name}; reboot to use it")
 
 
@@ -586,7 +656,7 @@ def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
     from . import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    d = admin.undeploy(s, s.pick_os(os_name), index)
+    d = admin.undeploy(s, s.pick_os(os_name), index, log=click.echo)
     click.echo(f"removed deployment {d.name}")
 
 
@@ -632,7 +702,7 @@ def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | Non
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
     if append or delete or replace:
-        d = admin.set_kargs(s, name, append=append, delete=delete, replace=replace)
+        d = admin.set_kargs(s, name, append=append, delete=delete, replace=replace, log=click.echo)
     else:
         default = s.state(name).default
         if default is None:
@@ -661,14 +731,14 @@ def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
 
 
 def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-             origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None) -> None:
+             origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
     from . import admin
     from .progress import human_bytes
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     bar, show = _pull_progress()
     r = admin.upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
-                      tries=tries, progress=show, log=lambda m: click.echo(m, err=True))
+                      tries=tries, stage=stage, progress=show, log=lambda m: click.echo(m, err=True))
     if r.pulled is not None:
         p = r.pulled
         bar.done(f"{p.objects_fetched} objects, {human_bytes(p.bytes_fetched)} "
@@ -695,10 +765,15 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
         return
     assert r.deployed is not None
     d = r.deployed
-    click.echo(f"deployed {r.commit[:12]} as {d.deployment.name}; etc: {d.etc.summary()}")
+    click.echo(f"{'staged' if d.staged else 'deployed'} {r.commit[:12]} as {d.deployment.name}; "
+               f"etc: {d.etc.summary()}")
     for path, why in d.etc.conflicts:
         click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
-    click.echo("reboot to activate it (`cfsdeploy rollback` goes back)")
+    _say_discarded(d)
+    if d.staged:
+        _staged_next(s)
+    else:
+        click.echo("reboot to activate it (`cfsdeploy rollback` goes back)")
 
 
 @main.command("upgrade")
@@ -706,10 +781,11 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
 @click.option("--check", is_flag=True, help="Only say whether an update exists (exit 77 if not).")
 @click.option("--allow-downgrade", is_flag=True, help="Deploy the origin's head even if it is older.")
 @tries_option
+@stage_option
 def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-                check: bool, allow_downgrade: bool, tries: int | None) -> None:
+                check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
     """Pull the newest commit of the deployment's origin and deploy it."""
-    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade, tries)
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade, tries, stage)
 
 
 @main.command("switch")
@@ -717,12 +793,14 @@ def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 @click.argument("refspec", metavar="REMOTE:BRANCH")
 @click.option("--allow-downgrade", is_flag=True, help="Accept a head older than the pulled ref.")
 @tries_option
+@stage_option
 def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-               refspec: str, allow_downgrade: bool, tries: int | None) -> None:
+               refspec: str, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
     """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
     from .admin import parse_refspec
 
-    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries)
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries,
+             stage)
 
 
 @main.group()

@@ -37,6 +37,18 @@ def syncfs(path: PathLike) -> None:
         os.close(fd)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: PathLike, b: PathLike) -> None:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE): a crash leaves each
+    where it was or both swapped.  Fsync both parent directories after."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(b))
+
+
 def atomic_write(path: PathLike, write: Callable[[int], None], *, mode: int = 0o644,
                  tmpdir: PathLike | None = None) -> None:
     """Create `path` atomically: `write(fd)` fills a temp file (beside it, or in

@@ -3,12 +3,14 @@ the boot directory, settings and lock.
 
     SYSROOT/cfsdeploy/config.toml                 settings (TOML, for humans)
     SYSROOT/cfsdeploy/lock                        flock()ed by whoever changes deployments
+    SYSROOT/cfsdeploy/staged.json                 the staged deployment, if any (see staged.py)
     SYSROOT/cfsdeploy/repo/                       the repository
     SYSROOT/cfsdeploy/deploy/<os>/var/            the os's shared /var
     SYSROOT/cfsdeploy/deploy/<os>/<deployment>/   deployment.json and etc/
 
 The boot entries are the truth about which deployments exist and in what order; a
-deployment directory no entry names is what an interrupted deploy left, and goes.
+deployment directory no entry (nor the staged record) names is what an interrupted
+deploy left, and goes.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import bootloader, deployment, fsverity, kargs, lockfile, tomlfile
+from . import bootloader, deployment, fsverity, kargs, lockfile, staged, tomlfile
 from .bootloader import BootEntry
 from .deployment import Deployment
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, force_rmtree, fsync_dir
 from .repository import Repository
+from .staged import Staged
 
 try:
     import tomllib
@@ -262,10 +265,11 @@ class Sysroot:
         booted = self.booted_path()
         return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None), broken)
 
-    def remove_strays(self, state: State) -> list[str]:
-        """Delete deployment directories no entry names: leftovers of an interrupted
-        deploy, or of an undeploy (call under the lock, with the os's current state)."""
-        keep = {d.name for d in state.deployments} | {"var"}
+    def remove_strays(self, state: State, staged: str | None = None) -> list[str]:
+        """Delete deployment directories no entry names, but the staged one: leftovers
+        of an interrupted deploy, or of an undeploy (call under the lock, with the os's
+        current state)."""
+        keep = {d.name for d in state.deployments} | {"var", staged}
         removed = []
         top = self.os_dir(state.os)
         for name in sorted(os.listdir(top)):
@@ -323,3 +327,36 @@ class DeploymentStatus:
 def status(state: State) -> list[DeploymentStatus]:
     return [DeploymentStatus(i, d, e, d == state.booted)
             for i, (d, e) in enumerate(zip(state.deployments, state.entries))]
+
+
+@dataclass(frozen=True)
+class StagedStatus:
+    record: Staged
+    # None: its directory is gone, and finalizing discards the record.
+    deployment: Deployment | None
+
+    @property
+    def when(self) -> str:
+        if self.record.stale:
+            return "staged during an earlier boot that ended without finalizing it: the next change discards it"
+        if self.deployment is None:
+            return "its deployment is gone: finalizing discards the record"
+        return ("becomes the default at shutdown" if self.record.default
+                else "is added after the default at shutdown")
+
+    def to_json(self) -> dict[str, object]:
+        return {**(self.deployment.to_json() if self.deployment else {"os": self.record.os, "name": self.record.name}),
+                "default": self.record.default, "merge_from": self.record.merge_from,
+                "tries": self.record.tries, "verity": self.record.verity, "stale": self.record.stale,
+                "when": self.when}
+
+
+def staged_status(sysroot: Sysroot, os_name: str) -> StagedStatus | None:
+    """The os's staged deployment, if one is."""
+    rec = staged.load(sysroot.top)
+    if rec is None or rec.os != os_name:
+        return None
+    try:
+        return StagedStatus(rec, deployment.load(os.path.join(sysroot.os_dir(os_name), rec.name)))
+    except deployment.DeploymentError:
+        return StagedStatus(rec, None)
