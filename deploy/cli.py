@@ -502,7 +502,7 @@ def _staged_next(s: Sysroot) -> None:
     if os.path.realpath(s.path) == os.path.realpath(_default_sysroot()):
         try:
             if start_finalize_unit():
-                click.echo(f"staged: it becomes the default at shutdown ({FINALIZE_UNIT})")
+                click.echo(f"staged: {FINALIZE_UNIT} finalizes it at shutdown")
                 return
         except CfsError as e:
             click.echo(f"cfsdeploy: cannot start {FINALIZE_UNIT}: {e}", err=True)
@@ -532,7 +532,8 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
                      tries=tries, verity=verity, stage=stage,
                      log=lambda m: click.echo(m, err=True))
     d = r.deployment
-    click.echo(f"deployed {d.commit[:12]} as {d.path}" + (f" (version {d.version})" if d.version else ""))
+    click.echo(f"{'staged' if r.staged else 'deployed'} {d.commit[:12]} as {d.path}"
+               + (f" (version {d.version})" if d.version else ""))
     click.echo(f"image {d.image_digest}{' (built)' if r.image_built else ''}")
     click.echo(f"kernel {d.kernel_version} in {os.path.join(s.boot, r.kernel.relpath)}")
     src = f" from {r.merged_from.name}" if r.merged_from else ""

@@ -12,8 +12,8 @@ from cfsdeploy.cli import main
 from .vectors import SHOULD_FAIL, VALID
 
 REMOTE_COMMANDS = ["pull", "remote add", "remote list", "remote remove", "upgrade", "switch"]
-SYSROOT_COMMANDS = ["sysroot init", "deploy", "status", "rollback", "undeploy", "pin", "cleanup", "kargs",
-                    "verity enable"]
+SYSROOT_COMMANDS = ["sysroot init", "deploy", "finalize-staged", "status", "rollback", "undeploy", "pin",
+                    "cleanup", "kargs", "verity enable"]
 
 
 def invoke(*args: str, input: bytes | None = None):

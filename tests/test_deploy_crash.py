@@ -1,5 +1,6 @@
-"""A deploy killed at any step leaves a machine that boots the old set of entries or the
-new one, every file they name in place, and a rerun that succeeds.
+"""A deploy, or the finalizing of a staged one, killed at any step leaves a machine that
+boots the old set of entries or the new one, every file they name in place, and a
+rerun that succeeds.
 
 The kill points are real: strace's fault injection sends SIGKILL at the Nth call of a
 system call that changes the disk (every fsync, write, rename, mkdir, unlink, ... of a
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -30,8 +32,20 @@ CHANGING = ("fsync", "fdatasync", "syncfs", "write", "pwrite64", "rename", "rena
 OPEN_SAMPLES = 20
 
 
+def cfsdeploy(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cfsdeploy.cli", *args, "--sysroot", str(root)]
+
+
 def deploy_cmd(root: Path) -> list[str]:
-    return [sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS, "--sysroot", str(root)]
+    return cfsdeploy(root, "deploy", BRANCH, "--os", OS)
+
+
+def finalize_cmd(root: Path) -> list[str]:
+    return cfsdeploy(root, "finalize-staged")
+
+
+def cleanup_cmd(root: Path) -> list[str]:
+    return cfsdeploy(root, "cleanup", "--no-prune", "--os", OS)
 
 
 def entries_of(root: Path) -> dict[str, bytes]:
@@ -52,11 +66,11 @@ def check_bootable(root: Path) -> None:
         assert (root / "cfsdeploy/repo/objects" / digest[:2] / digest[2:]).is_file(), name
 
 
-def syscall_counts(template: Path, work: Path) -> Counter[str]:
+def syscall_counts(template: Path, work: Path, command: Callable[[Path], list[str]]) -> Counter[str]:
     shutil.copytree(template, work, symlinks=True)
     log = work.parent / "strace.log"
     subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=" + ",".join(CHANGING + ("openat",)),
-                    *deploy_cmd(work)], check=True, capture_output=True)
+                    *command(work)], check=True, capture_output=True)
     counts: Counter[str] = Counter()
     for line in log.read_text().splitlines():
         m = re.match(r"\d+\s+(\w+)\(", line)
@@ -91,25 +105,30 @@ def template(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, bytes]
     return root, old, new
 
 
-def kill_points(template_root: Path, work: Path) -> list[tuple[str, int]]:
-    counts = syscall_counts(template_root, work)
+def kill_points(template_root: Path, work: Path, command: Callable[[Path], list[str]]) -> list[tuple[str, int]]:
+    counts = syscall_counts(template_root, work, command)
     points = [(name, n) for name in CHANGING for n in range(1, counts[name] + 1)]
     opens = counts["openat"]
     points += [("openat", 1 + i * opens // OPEN_SAMPLES) for i in range(OPEN_SAMPLES)]
     return points
 
 
+def killed(work: Path, command: Callable[[Path], list[str]], syscall: str,
+           n: int) -> subprocess.CompletedProcess[bytes]:
+    """Run the command, killed at the nth call of the system call."""
+    return subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null",
+                           "-e", f"inject={syscall}:signal=SIGKILL:when={n}", *command(work)], capture_output=True)
+
+
 def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_path) -> None:
     root, old, new = template
-    points = kill_points(root, tmp_path / "count")
+    points = kill_points(root, tmp_path / "count", deploy_cmd)
     assert len(points) >= 50, points
     outcomes: Counter[str] = Counter()
     for syscall, n in points:
         work = tmp_path / f"{syscall}-{n}"
         shutil.copytree(root, work, symlinks=True)
-        proc = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null",
-                               "-e", f"inject={syscall}:signal=SIGKILL:when={n}", *deploy_cmd(work)],
-                              capture_output=True)
+        proc = killed(work, deploy_cmd, syscall, n)
         now = entries_of(work)
         assert now in (old, new), (syscall, n, sorted(now))
         outcomes["old" if now == old else "new"] += 1
@@ -117,8 +136,7 @@ def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_pat
         assert fsck(Repository(work / "cfsdeploy/repo"), quick=True).ok, (syscall, n)
         # The next run (a deploy again, or a cleanup when the new set is in place)
         # finishes the job and leaves nothing of the killed run behind.
-        after = deploy_cmd(work) if now == old else [*deploy_cmd(work)[:3], "cleanup", "--no-prune",
-                                                     "--os", OS, "--sysroot", str(work)]
+        after = deploy_cmd(work) if now == old else cleanup_cmd(work)
         rerun = subprocess.run(after, capture_output=True, text=True)
         assert rerun.returncode == 0, (syscall, n, rerun.stderr)
         assert entries_of(work) == new, (syscall, n)
@@ -128,3 +146,68 @@ def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_pat
         assert proc.returncode != 0 or now == new
         shutil.rmtree(work)
     assert outcomes["old"] and outcomes["new"], outcomes
+
+
+# --- finalizing a staged deployment -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def staged_template(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
+    """A machine with version 2 staged over version 1, and /etc edited after staging."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace missing (Debian package strace): it injects the kills")
+    top = tmp_path_factory.mktemp("finalize")
+    root = top / "template"
+    s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
+    tree = make_os_tree(top / "tree")
+    commit_tree(s, tree)
+    subprocess.run(deploy_cmd(root), check=True, capture_output=True)
+    make_os_tree(tree, version="2", kernel_seed=b"k2")
+    commit_tree(s, tree, version="2")
+    subprocess.run([*deploy_cmd(root), "--stage"], check=True, capture_output=True)
+    old = entries_of(root)
+    dep = s.state(OS).deployments[0]
+    (root / "cfsdeploy/deploy" / OS / dep.name / "etc/hostname").write_text("edited after staging\n")
+    reference = top / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    subprocess.run(finalize_cmd(reference), check=True, capture_output=True)
+    new = entries_of(reference)
+    shutil.rmtree(reference)
+    assert old != new
+    return root, old, new
+
+
+def test_finalize_killed_at_every_step_leaves_old_or_new_entries(staged_template, tmp_path) -> None:
+    root, old, new = staged_template
+    points = kill_points(root, tmp_path / "count", finalize_cmd)
+    assert len(points) >= 30, points
+    outcomes: Counter[str] = Counter()
+    for syscall, n in points:
+        work = tmp_path / f"{syscall}-{n}"
+        shutil.copytree(root, work, symlinks=True)
+        proc = killed(work, finalize_cmd, syscall, n)
+        now = entries_of(work)
+        assert now in (old, new), (syscall, n, sorted(now))
+        check_bootable(work)
+        assert fsck(Repository(work / "cfsdeploy/repo"), quick=True).ok, (syscall, n)
+        still_staged = (work / "cfsdeploy/staged.json").exists()
+        # A rerun finishes the job; only a kill between dropping the record and the
+        # switch loses the staged deployment, which the cleanup then removes.
+        for command in (finalize_cmd, cleanup_cmd):
+            rerun = subprocess.run(command(work), capture_output=True, text=True)
+            assert rerun.returncode == 0, (syscall, n, rerun.stderr)
+        after = entries_of(work)
+        assert after == new or (after == old and not still_staged), (syscall, n)
+        outcomes["finished" if after == new else "discarded"] += 1
+        check_bootable(work)
+        state = Sysroot(str(work)).state(OS)
+        if after == new:
+            assert (work / "cfsdeploy/deploy" / OS / state.deployments[0].name / "etc/hostname"
+                    ).read_text() == "edited after staging\n", (syscall, n)
+        assert not (work / "cfsdeploy/staged.json").exists()
+        assert sorted(os.listdir(work / "cfsdeploy/deploy" / OS)) == sorted(
+            [d.name for d in state.deployments] + ["var"]), (syscall, n)
+        assert sorted(os.listdir(work / "boot/loader")) == ["entries"], (syscall, n)
+        assert proc.returncode != 0 or now == new
+        shutil.rmtree(work)
+    assert outcomes["finished"], outcomes
