@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -80,29 +80,39 @@ def syscall_counts(template: Path, work: Path, command: Callable[[Path], list[st
     return counts
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
+Template = tuple[Path, dict[str, bytes], dict[str, bytes]]
+
+
+def crash_template(top: Path, command: Callable[[Path], list[str]], *, stage: bool) -> Template:
+    """A machine running version 1 with version 2 committed (and staged, if `stage`)
+    and /etc edited since; its entries, and those after `command` runs on a copy."""
     if shutil.which("strace") is None:
         pytest.skip("strace missing (Debian package strace): it injects the kills")
-    top = tmp_path_factory.mktemp("crash")
     root = top / "template"
     s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
     tree = make_os_tree(top / "tree")
     commit_tree(s, tree)
     subprocess.run(deploy_cmd(root), check=True, capture_output=True)
-    old = entries_of(root)
     # The next commit changes files, the kernel and /etc, and a local /etc edit is merged.
     make_os_tree(tree, version="2", kernel_seed=b"k2")
     commit_tree(s, tree, version="2")
+    if stage:
+        subprocess.run([*deploy_cmd(root), "--stage"], check=True, capture_output=True)
+    old = entries_of(root)
     dep = s.state(OS).deployments[0]
     (root / "cfsdeploy/deploy" / OS / dep.name / "etc/hostname").write_text("edited\n")
     reference = top / "reference"
     shutil.copytree(root, reference, symlinks=True)
-    subprocess.run(deploy_cmd(reference), check=True, capture_output=True)
+    subprocess.run(command(reference), check=True, capture_output=True)
     new = entries_of(reference)
     shutil.rmtree(reference)
     assert old != new
     return root, old, new
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Template:
+    return crash_template(tmp_path_factory.mktemp("crash"), deploy_cmd, stage=False)
 
 
 def kill_points(template_root: Path, work: Path, command: Callable[[Path], list[str]]) -> list[tuple[str, int]]:
@@ -113,38 +123,46 @@ def kill_points(template_root: Path, work: Path, command: Callable[[Path], list[
     return points
 
 
-def killed(work: Path, command: Callable[[Path], list[str]], syscall: str,
-           n: int) -> subprocess.CompletedProcess[bytes]:
-    """Run the command, killed at the nth call of the system call."""
-    return subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null",
-                           "-e", f"inject={syscall}:signal=SIGKILL:when={n}", *command(work)], capture_output=True)
+Kill = tuple[Path, tuple[str, int], int, dict[str, bytes]]
 
 
-def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_path) -> None:
+def every_kill(template: Template, tmp_path: Path, command: Callable[[Path], list[str]],
+               minimum: int) -> Iterator[Kill]:
+    """Run the command on copies of the template, killed once at each kill point; the
+    entries left must be the old or the new set, bootable, over a sound repository.
+    Yields the copy, the kill point, the exit status and the entries."""
     root, old, new = template
-    points = kill_points(root, tmp_path / "count", deploy_cmd)
-    assert len(points) >= 50, points
-    outcomes: Counter[str] = Counter()
+    points = kill_points(root, tmp_path / "count", command)
+    assert len(points) >= minimum, points
     for syscall, n in points:
         work = tmp_path / f"{syscall}-{n}"
         shutil.copytree(root, work, symlinks=True)
-        proc = killed(work, deploy_cmd, syscall, n)
+        proc = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null",
+                               "-e", f"inject={syscall}:signal=SIGKILL:when={n}", *command(work)],
+                              capture_output=True)
         now = entries_of(work)
         assert now in (old, new), (syscall, n, sorted(now))
-        outcomes["old" if now == old else "new"] += 1
         check_bootable(work)
         assert fsck(Repository(work / "cfsdeploy/repo"), quick=True).ok, (syscall, n)
+        yield work, (syscall, n), proc.returncode, now
+        shutil.rmtree(work)
+
+
+def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_path) -> None:
+    _, old, new = template
+    outcomes: Counter[str] = Counter()
+    for work, point, status, now in every_kill(template, tmp_path, deploy_cmd, 50):
+        outcomes["old" if now == old else "new"] += 1
         # The next run (a deploy again, or a cleanup when the new set is in place)
         # finishes the job and leaves nothing of the killed run behind.
         after = deploy_cmd(work) if now == old else cleanup_cmd(work)
         rerun = subprocess.run(after, capture_output=True, text=True)
-        assert rerun.returncode == 0, (syscall, n, rerun.stderr)
-        assert entries_of(work) == new, (syscall, n)
+        assert rerun.returncode == 0, (point, rerun.stderr)
+        assert entries_of(work) == new, point
         check_bootable(work)
-        assert sorted(os.listdir(work / "boot/loader")) == ["entries"], (syscall, n)
-        assert not [p for p in (work / "cfsdeploy/deploy" / OS).iterdir() if p.name.startswith(".")], (syscall, n)
-        assert proc.returncode != 0 or now == new
-        shutil.rmtree(work)
+        assert sorted(os.listdir(work / "boot/loader")) == ["entries"], point
+        assert not [p for p in (work / "cfsdeploy/deploy" / OS).iterdir() if p.name.startswith(".")], point
+        assert status != 0 or now == new
     assert outcomes["old"] and outcomes["new"], outcomes
 
 
@@ -152,62 +170,32 @@ def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def staged_template(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
-    """A machine with version 2 staged over version 1, and /etc edited after staging."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace missing (Debian package strace): it injects the kills")
-    top = tmp_path_factory.mktemp("finalize")
-    root = top / "template"
-    s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
-    tree = make_os_tree(top / "tree")
-    commit_tree(s, tree)
-    subprocess.run(deploy_cmd(root), check=True, capture_output=True)
-    make_os_tree(tree, version="2", kernel_seed=b"k2")
-    commit_tree(s, tree, version="2")
-    subprocess.run([*deploy_cmd(root), "--stage"], check=True, capture_output=True)
-    old = entries_of(root)
-    dep = s.state(OS).deployments[0]
-    (root / "cfsdeploy/deploy" / OS / dep.name / "etc/hostname").write_text("edited after staging\n")
-    reference = top / "reference"
-    shutil.copytree(root, reference, symlinks=True)
-    subprocess.run(finalize_cmd(reference), check=True, capture_output=True)
-    new = entries_of(reference)
-    shutil.rmtree(reference)
-    assert old != new
-    return root, old, new
+def staged_template(tmp_path_factory) -> Template:
+    """Version 2 staged over version 1, and /etc edited after staging."""
+    return crash_template(tmp_path_factory.mktemp("finalize"), finalize_cmd, stage=True)
 
 
 def test_finalize_killed_at_every_step_leaves_old_or_new_entries(staged_template, tmp_path) -> None:
-    root, old, new = staged_template
-    points = kill_points(root, tmp_path / "count", finalize_cmd)
-    assert len(points) >= 30, points
+    _, old, new = staged_template
     outcomes: Counter[str] = Counter()
-    for syscall, n in points:
-        work = tmp_path / f"{syscall}-{n}"
-        shutil.copytree(root, work, symlinks=True)
-        proc = killed(work, finalize_cmd, syscall, n)
-        now = entries_of(work)
-        assert now in (old, new), (syscall, n, sorted(now))
-        check_bootable(work)
-        assert fsck(Repository(work / "cfsdeploy/repo"), quick=True).ok, (syscall, n)
+    for work, point, status, now in every_kill(staged_template, tmp_path, finalize_cmd, 30):
         still_staged = (work / "cfsdeploy/staged.json").exists()
         # A rerun finishes the job; only a kill between dropping the record and the
         # switch loses the staged deployment, which the cleanup then removes.
         for command in (finalize_cmd, cleanup_cmd):
             rerun = subprocess.run(command(work), capture_output=True, text=True)
-            assert rerun.returncode == 0, (syscall, n, rerun.stderr)
+            assert rerun.returncode == 0, (point, rerun.stderr)
         after = entries_of(work)
-        assert after == new or (after == old and not still_staged), (syscall, n)
+        assert after == new or (after == old and not still_staged), point
         outcomes["finished" if after == new else "discarded"] += 1
         check_bootable(work)
         state = Sysroot(str(work)).state(OS)
         if after == new:
             assert (work / "cfsdeploy/deploy" / OS / state.deployments[0].name / "etc/hostname"
-                    ).read_text() == "edited after staging\n", (syscall, n)
+                    ).read_text() == "edited\n", point
         assert not (work / "cfsdeploy/staged.json").exists()
         assert sorted(os.listdir(work / "cfsdeploy/deploy" / OS)) == sorted(
-            [d.name for d in state.deployments] + ["var"]), (syscall, n)
-        assert sorted(os.listdir(work / "boot/loader")) == ["entries"], (syscall, n)
-        assert proc.returncode != 0 or now == new
-        shutil.rmtree(work)
+            [d.name for d in state.deployments] + ["var"]), point
+        assert sorted(os.listdir(work / "boot/loader")) == ["entries"], point
+        assert status != 0 or now == new
     assert outcomes["finished"], outcomes

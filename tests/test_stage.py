@@ -121,13 +121,20 @@ def test_plain_deploy_discards_the_staged_one(machine) -> None:
     assert admin.finalize_staged(machine.sysroot) is None
 
 
-def test_rollback_discards_the_staged_one(machine) -> None:
-    installed_and_booted(machine)
+@pytest.mark.parametrize("change", [
+    lambda s, log: admin.rollback(s, OS, log=log),
+    lambda s, log: admin.undeploy(s, OS, 1, log=log),
+    lambda s, log: admin.set_kargs(s, OS, append=("quiet",), log=log),
+], ids=["rollback", "undeploy", "kargs"])
+def test_a_change_of_the_entries_discards_the_staged_one(machine, change) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    new_version(machine, "2")
     deploy(machine)
     new_version(machine, "3")
     s = stage(machine).deployment
     said: list[str] = []
-    admin.rollback(machine.sysroot, OS, log=said.append)
+    change(machine.sysroot, said.append)
     assert said == [f"discarded the staged deployment {s.name}"]
     assert s.name not in os.listdir(os_dir(machine)) and staged_status(machine.sysroot, OS) is None
 
@@ -215,7 +222,7 @@ def test_cli_stage_status_finalize(machine) -> None:
     assert "run `cfsdeploy finalize-staged` before rebooting" in p.stdout
     st = json.loads(cli(machine, "status", "--json").stdout)
     assert st["staged"]["version"] == "2" and st["staged"]["default"] and len(st["deployments"]) == 1
-    assert "staged: " in cli(machine, "status").stdout
+    assert ": becomes the default at shutdown" in cli(machine, "status").stdout
     p = cli(machine, "finalize-staged")
     assert p.returncode == 0 and "it is now the default" in p.stdout, p.stderr
     st = json.loads(cli(machine, "status", "--json").stdout)
