@@ -346,7 +346,7 @@ class StagedStatus:
 
     def to_json(self) -> dict[str, object]:
         return {**(self.deployment.to_json() if self.deployment else {"os": self.record.os, "name": self.record.name}),
-                "default": self.record.default, "merge_from": self.record.merge_from,
+                "becomes_default": self.record.default, "merge_from": self.record.merge_from,
                 "tries": self.record.tries, "verity": self.record.verity, "stale": self.record.stale,
                 "when": self.when}
 

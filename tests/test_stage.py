@@ -221,7 +221,7 @@ def test_cli_stage_status_finalize(machine) -> None:
     assert p.returncode == 0, p.stderr
     assert "run `cfsdeploy finalize-staged` before rebooting" in p.stdout
     st = json.loads(cli(machine, "status", "--json").stdout)
-    assert st["staged"]["version"] == "2" and st["staged"]["default"] and len(st["deployments"]) == 1
+    assert st["staged"]["version"] == "2" and st["staged"]["becomes_default"] and len(st["deployments"]) == 1
     assert ": becomes the default at shutdown" in cli(machine, "status").stdout
     p = cli(machine, "finalize-staged")
     assert p.returncode == 0 and "it is now the default" in p.stdout, p.stderr
