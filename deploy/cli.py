@@ -479,11 +479,14 @@ def sysroot() -> None:
               "(default: boot).")
 @click.option("--karg", "karg_list", multiple=True, metavar="ARG",
               help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")
-def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_list: tuple[str, ...]) -> None:
+@click.option("--tries", type=click.IntRange(0, 99), default=0, metavar="N",
+              help="Boot counting: every new deployment gets N tries unless told otherwise (0: off).")
+def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_list: tuple[str, ...],
+                 tries: int) -> None:
     """Lay out a sysroot (repository, deploy dir, shared /var) or add an os to one."""
     from .sysroot import Sysroot
 
-    s = Sysroot.init(sysroot_path, os_name, boot_dir=boot_dir, karg_list=list(karg_list))
+    s = Sysroot.init(sysroot_path, os_name, boot_dir=boot_dir, karg_list=list(karg_list), tries=tries)
     click.echo(f"sysroot {s.path} ready for os {os_name} (boot directory {s.boot})")
 
 

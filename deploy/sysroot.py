@@ -170,7 +170,7 @@ class Sysroot:
 
     @classmethod
     def init(cls, path: str, os_name: str, *, boot_dir: str | None = None,
-             karg_list: list[str] | None = None) -> Sysroot:
+             karg_list: list[str] | None = None, tries: int = 0) -> Sysroot:
         """Lay out a sysroot, or add an os to an existing one."""
         check_os_name(os_name)
         top = os.path.join(os.path.abspath(path), TOP)
@@ -182,7 +182,9 @@ class Sysroot:
                 raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
         else:
             config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
-                            kargs=[kargs.check(a) for a in karg_list or []])
+                            kargs=[kargs.check(a) for a in karg_list or []], tries=tries)
+            if not 0 <= tries <= bootloader.MAX_TRIES:
+                raise SysrootError(f"tries must be 0..{bootloader.MAX_TRIES}")
             os.makedirs(top, exist_ok=True)
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))

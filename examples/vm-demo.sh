@@ -5,13 +5,14 @@
 # signed; a new machine's disk (ESP with systemd-boot, ext4 root with fs-verity)
 # gets it pulled and deployed.  Then, boot by boot, a unit inside reports what it
 # sees and runs what the machine's operator would:
-#   1  / is the deployment's erofs image over the objects; `cfsdeploy verity enable`;
-#      a local edit in /etc
+#   1  / is the deployment's erofs image over the objects (every new deployment is
+#      on trial, 2 tries, and blessed once a boot completes); `cfsdeploy verity
+#      enable`; a local edit in /etc
 #   2  verity=require; an object corrupted on the disk reads as EIO; release 2 is
 #      offered on a second disk (a file:// remote): `cfsdeploy upgrade && reboot`
-#   3  release 2, the /etc edit kept: `cfsdeploy rollback && reboot`
+#   3  release 2, the /etc edit kept, blessed: `cfsdeploy rollback && reboot`
 #   4  release 1; release 3 (never completes a boot) offered:
-#      `cfsdeploy upgrade --tries 2 && reboot`
+#      `cfsdeploy upgrade && reboot`
 #   5-6  release 3 on trial, its tries counted down by systemd-boot
 #   7  the loader falls back to release 1 by itself; `cfsdeploy status` says why
 # Needs root.  Usage: bash examples/vm-demo.sh [WORKDIR]

@@ -242,6 +242,15 @@ def test_boot_counting_tries_name_the_new_entry(machine) -> None:
     assert "3 tries left" in status(machine.sysroot.state(OS))[0].boot_counting
 
 
+def test_sysroot_tries_put_every_new_deployment_on_trial(tmp_path) -> None:
+    root = tmp_path / "sysroot"
+    with boot_mount(root / "boot"):
+        s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS, tries=2)
+        commit_tree(s, make_os_tree(tmp_path / "tree"))
+        admin.deploy(s, BRANCH, os_name=OS)
+        assert os.listdir(root / "boot/loader/entries") == [f"cfsdeploy-{OS}-1+2.conf"]
+
+
 def test_boot_counter_state_survives_a_rewrite(machine) -> None:
     commit_tree(machine.sysroot, machine.tree)
     deploy(machine, tries=3)

@@ -8,13 +8,15 @@ and systemd-boot and no network; a unit in the guest reports what it sees from
 inside (tests/vm_check.py) and runs the commands each boot is given.  Later
 releases reach the machine on a second disk, its `file://` remote.
 
-  boot 1   release 1, cfsdeploy.verity=try (this host cannot enable fs-verity);
-           `cfsdeploy verity enable`; a local edit in /etc
+  boot 1   release 1, cfsdeploy.verity=try (this host cannot enable fs-verity), on
+           trial like every new deployment (2 tries) and blessed once its boot
+           completes; `cfsdeploy verity enable`; a local edit in /etc
   boot 2   one object corrupted on the disk meanwhile: verity=require refuses it;
            release 2 offered: `cfsdeploy upgrade && reboot`
-  boot 3   release 2, the local /etc edit kept: `cfsdeploy rollback && reboot`
+  boot 3   release 2, the local /etc edit kept, blessed:
+           `cfsdeploy rollback && reboot`
   boot 4   release 1 again; release 3, which never reaches boot-complete.target,
-           offered: `cfsdeploy upgrade --tries 2 && reboot`
+           offered: `cfsdeploy upgrade && reboot`
   boot 5-6 release 3 on trial, its tries counted down by systemd-boot
   boot 7   the loader boots release 1 by itself; status says release 3 failed
 
@@ -227,6 +229,14 @@ def test_a_local_etc_edit_survives_the_upgrade(upgraded: vm.Boot) -> None:
 
 def test_an_untouched_etc_file_follows_the_new_release(upgraded: vm.Boot) -> None:
     assert upgraded["files"]["/" + vm.ETC_DEFAULT] == "release=2\n"  # type: ignore[index]
+
+
+def test_releases_that_complete_their_boot_are_blessed(first: vm.Boot, upgraded: vm.Boot) -> None:
+    for b, entry in ((first, "cfsdeploy-debian-1.conf"), (upgraded, "cfsdeploy-debian-2.conf")):
+        booted = b.booted
+        assert booted is not None and b["systemd.boot_complete"] == "active", b.name
+        # systemd-bless-boot dropped the counter from the entry's name
+        assert (booted["tries_left"], booted["entry"]) == (None, entry), b.name
 
 
 def test_release_1_is_kept_as_the_rollback(upgraded: vm.Boot, machine: vm.Machine) -> None:

@@ -132,7 +132,8 @@ ROOT_UUID = "0fc63daf-0000-4000-8000-000000000001"
 CHECK_UNIT = """\
 [Unit]
 Description=cfsdeploy VM test: check the composed root from inside, then power off or reboot
-After=multi-user.target
+# After systemd-bless-boot (only there on a counted boot) has blessed the entry, or not
+After=multi-user.target systemd-bless-boot.service
 
 [Service]
 Type=oneshot
@@ -440,7 +441,7 @@ def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: L
     wrote into the boot directory) and an ext4 root with fs-verity holding a
     sysroot with one deployment: the builder's head, installed the way a machine
     gets it (pulled and checked against the builder's key), following the updates
-    remote.  The host kernel may lack fs-verity, so the first entry gets
+    remote, with boot counting for every new deployment.  The host kernel may lack fs-verity, so the first entry gets
     cfsdeploy.verity=try."""
     disk = work / "disk.img"
     partition(disk)
@@ -450,8 +451,10 @@ def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: L
     staging.mkdir()
     with mounted_root(disk) as mnt:
         log("cfsdeploy sysroot init, remote add, pull from the builder, deploy")
+        # every new deployment on trial: a release that cannot complete a boot
+        # falls back by itself, without anyone at the console
         cfsdeploy("sysroot", "init", "--sysroot", mnt, "--os", OS_NAME, "--boot-dir", "/boot",
-                  *(f"--karg={a}" for a in KARGS))
+                  "--tries", str(TRIES), *(f"--karg={a}" for a in KARGS))
         repo = mnt / "cfsdeploy/repo"
         cfsdeploy("remote", "add", "--repo", repo, REMOTE, f"file://{UPDATES_MOUNT}/repo",
                   "--gpg-import", b.key.public, "--branch", BRANCH)
@@ -697,15 +700,16 @@ def upgrade_boot(m: Machine) -> Boot:
 
 
 def upgraded_boot(m: Machine) -> Boot:
-    """The reboot lands in release 2; `cfsdeploy rollback && reboot`."""
+    """The reboot lands in release 2, which completes its boot and is blessed;
+    `cfsdeploy rollback && reboot`."""
     return m.boot("boot3-upgraded", ["cfsdeploy rollback && reboot"])
 
 
 def rolled_back_boot(m: Machine) -> Boot:
-    """Back in release 1; release 3, which never completes a boot, is offered and
-    installed with boot counting: `cfsdeploy upgrade --tries 2 && reboot`."""
+    """Back in release 1; release 3, which never completes a boot, is offered:
+    `cfsdeploy upgrade && reboot`."""
     m.release(3, boot_completes=False)
-    return m.boot("boot4-rolled-back", [f"{MOUNT_UPDATES} && cfsdeploy upgrade --tries {TRIES} && reboot"])
+    return m.boot("boot4-rolled-back", [f"{MOUNT_UPDATES} && cfsdeploy upgrade && reboot"])
 
 
 def trial_boots(m: Machine) -> list[Boot]:
@@ -766,12 +770,12 @@ def demo(work: Path) -> None:
     started = time.monotonic()
     with machine(work) as m:
         for what, step in (
-                ("release 1 installed on the host: verity=try; verity enable and a local /etc edit",
+                ("release 1 installed on the host with boot counting, verity=try; verity enable, a local /etc edit",
                  first_boot),
                 (f"{CORRUPTED}'s object corrupted on the disk; release 2 offered: upgrade && reboot",
                  upgrade_boot),
-                ("release 2 with the local /etc edit kept: rollback && reboot", upgraded_boot),
-                ("back in release 1; release 3 (never completes a boot) offered: upgrade --tries 2 && reboot",
+                ("release 2, blessed, with the local /etc edit kept: rollback && reboot", upgraded_boot),
+                ("back in release 1; release 3 (never completes a boot) offered: upgrade && reboot",
                  rolled_back_boot)):
             print(f"== {what}")
             print(describe(step(m), m.disk))
