@@ -16,7 +16,8 @@ releases reach the machine on a second disk, its `file://` remote.
   boot 3   release 2, the local /etc edit kept, blessed:
            `cfsdeploy rollback && reboot`
   boot 4   release 1 again; release 3, which never reaches boot-complete.target,
-           offered: `cfsdeploy upgrade && reboot`
+           offered and staged, /etc edited after staging, then reboot: the
+           finalize unit merges /etc again and switches the entries at shutdown
   boot 5-6 release 3 on trial, its tries counted down by systemd-boot
   boot 7   the loader boots release 1 by itself; status says release 3 failed
 
@@ -270,9 +271,20 @@ def test_after_the_rollback_release_1_keeps_its_own_etc(rolled_back: vm.Boot) ->
 # --- a release that never completes a boot, deployed with boot counting -----------------
 
 
-def test_the_broken_release_is_deployed_on_trial(rolled_back: vm.Boot, machine: vm.Machine) -> None:
-    assert f"deployed {machine.releases[3][:12]}" in str(step_ok(rolled_back)["stdout"])
+def test_upgrade_stage_leaves_the_boot_entries_until_shutdown(rolled_back: vm.Boot, machine: vm.Machine) -> None:
+    out = str(step_ok(rolled_back)["stdout"])
+    assert f"staged {machine.releases[3][:12]}" in out and "becomes the default at shutdown" in out
     assert rolled_back.ended == "reboot"
+
+
+def test_the_staged_release_is_finalized_at_shutdown_with_etc_edited_after_staging(
+        trials: list[vm.Boot], machine: vm.Machine) -> None:
+    first_try = trials[0]
+    assert first_try.booted["commit"] == machine.releases[3]  # type: ignore[index]
+    files = first_try["files"]
+    assert files["/" + vm.ETC_AFTER_STAGING] == vm.STAGED_EDIT + "\n"  # type: ignore[index]
+    assert files["/" + vm.ETC_EDITED] == vm.LOCAL_EDIT + "\n"  # type: ignore[index]
+    assert files["/" + vm.ETC_DEFAULT] == "release=3\n"  # type: ignore[index]
 
 
 def test_each_trial_boot_uses_one_try_and_never_reaches_boot_complete(trials: list[vm.Boot],

@@ -226,6 +226,8 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
     put(dest / "usr/bin/cfsdeploy", b"#!/usr/bin/python3\nfrom cfsdeploy.cli import main\nmain()\n", 0o755)
     hooks = TOP / "hooks"
     put(dest / "usr/lib/cfsdeploy/cfsdeploy-prepare-root", (hooks / "cfsdeploy-prepare-root").read_bytes(), 0o755)
+    for unit in (hooks / "systemd").iterdir():
+        put(dest / "usr/lib/systemd/system" / unit.name, unit.read_bytes())
     for part in ("hooks/cfsdeploy", "scripts/local-bottom/cfsdeploy"):
         put(dest / "usr/share/initramfs-tools" / part, (hooks / "initramfs-tools" / part).read_bytes(), 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/check", (HERE / "vm_check.py").read_bytes(), 0o755)
@@ -271,6 +273,7 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
 RELEASE_FILE = "usr/share/cfsdeploy-vm/release"
 ETC_DEFAULT = "etc/cfsdeploy-vm/release.conf"   # changes upstream in every release
 ETC_EDITED = "etc/cfsdeploy-vm/local.conf"      # also edited on the machine
+ETC_AFTER_STAGING = "etc/cfsdeploy-vm/after-staging.conf"  # made on the machine once an upgrade is staged
 NEVER_COMPLETES_UNIT = "usr/lib/systemd/system/cfsdeploy-vm-never-completes.service"
 
 
@@ -644,6 +647,7 @@ def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | N
 
 CORRUPTED, INTACT = CANARIES
 LOCAL_EDIT = "setting=local"
+STAGED_EDIT = "made-after-staging"
 MOUNT_UPDATES = f"mount -o ro LABEL={UPDATES_LABEL} {UPDATES_MOUNT}"
 TRIES = 2
 
@@ -706,10 +710,12 @@ def upgraded_boot(m: Machine) -> Boot:
 
 
 def rolled_back_boot(m: Machine) -> Boot:
-    """Back in release 1; release 3, which never completes a boot, is offered:
-    `cfsdeploy upgrade && reboot`."""
+    """Back in release 1; release 3, which never completes a boot, is offered and
+    staged (finalized at shutdown), and /etc is edited after staging:
+    `cfsdeploy upgrade --stage && echo ... >/etc/... && reboot`."""
     m.release(3, boot_completes=False)
-    return m.boot("boot4-rolled-back", [f"{MOUNT_UPDATES} && cfsdeploy upgrade && reboot"])
+    return m.boot("boot4-rolled-back", [f"{MOUNT_UPDATES} && cfsdeploy upgrade --stage && cfsdeploy status && "
+                                        f"echo {STAGED_EDIT} >/{ETC_AFTER_STAGING} && reboot"])
 
 
 def trial_boots(m: Machine) -> list[Boot]:
@@ -775,8 +781,8 @@ def demo(work: Path) -> None:
                 (f"{CORRUPTED}'s object corrupted on the disk; release 2 offered: upgrade && reboot",
                  upgrade_boot),
                 ("release 2, blessed, with the local /etc edit kept: rollback && reboot", upgraded_boot),
-                ("back in release 1; release 3 (never completes a boot) offered: upgrade && reboot",
-                 rolled_back_boot)):
+                ("back in release 1; release 3 (never completes a boot) offered: upgrade --stage, "
+                 "edit /etc, reboot", rolled_back_boot)):
             print(f"== {what}")
             print(describe(step(m), m.disk))
         print(f"== release 3 on trial, {TRIES} tries")

@@ -26,7 +26,8 @@ OUTPUT = "CFSDEPLOY-OUTPUT"
 STEPS = "/sys/firmware/qemu_fw_cfg/by_name/opt/cfsdeploy/steps/raw"
 CANARIES = "/usr/share/cfsdeploy-vm"
 # What releases change (tests/vm.py set_release), read back as text
-FILES = ("/usr/share/cfsdeploy-vm/release", "/etc/cfsdeploy-vm/release.conf", "/etc/cfsdeploy-vm/local.conf")
+FILES = ("/usr/share/cfsdeploy-vm/release", "/etc/cfsdeploy-vm/release.conf", "/etc/cfsdeploy-vm/local.conf",
+         "/etc/cfsdeploy-vm/after-staging.conf")
 # The steps' `reboot` (see tests/vm.py REBOOT_SHIM)
 SHIMS = "/usr/libexec/cfsdeploy-vm/bin"
 LOADER_ENTRY = "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
