@@ -262,25 +262,25 @@ def test_boot_counter_state_survives_a_rewrite(machine) -> None:
     assert f"cfsdeploy-{OS}-1+2-1.conf" in os.listdir(entries)
 
 
-def test_status_says_loudly_that_an_entry_failed(machine) -> None:
-    commit_tree(machine.sysroot, machine.tree)
-    deploy(machine)
-    new_version(machine, "2")
-    deploy(machine, tries=2)
-    entries = machine.boot / "loader" / "entries"
+def tries_used_up(m) -> None:
+    """Version 2 deployed with 2 tries, both used up by the loader without a blessing."""
+    commit_tree(m.sysroot, m.tree)
+    deploy(m)
+    new_version(m, "2")
+    deploy(m, tries=2)
+    entries = m.boot / "loader" / "entries"
     os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
+
+
+def test_status_says_loudly_that_an_entry_failed(machine) -> None:
+    tries_used_up(machine)
     rows = status(booted_into(machine, 1).state(OS))
     assert rows[0].boot_failed and "FAILED TO BOOT" in rows[0].boot_counting
     assert rows[1].booted and rows[1].rollback
 
 
 def test_status_of_a_boot_on_its_last_try_is_not_yet_a_failure(machine) -> None:
-    commit_tree(machine.sysroot, machine.tree)
-    deploy(machine)
-    new_version(machine, "2")
-    deploy(machine, tries=2)
-    entries = machine.boot / "loader" / "entries"
-    os.rename(entries / f"cfsdeploy-{OS}-2+2.conf", entries / f"cfsdeploy-{OS}-2+0-2.conf")
+    tries_used_up(machine)
     rows = status(booted_into(machine, 0).state(OS))
     assert rows[0].booted and not rows[0].boot_failed
     assert rows[0].boot_counting.startswith("on its last try (2 used)")
