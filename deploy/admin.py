@@ -41,7 +41,7 @@ from .repository import (
     trailers,
 )
 from .staged import Staged
-from .sysroot import State, Sysroot, SysrootError, staged_status
+from .sysroot import State, Sysroot, SysrootError, staged_deployment, staged_status
 from .tree import Inode, lookup, resolve
 from .treediff import TreeDiff, diff
 
@@ -535,8 +535,7 @@ def finalize_staged(sysroot: Sysroot, log: Log = lambda m: None) -> FinalizeResu
     if rec is None:
         return None
     known = rec.os in sysroot.os_names()
-    st = staged_status(sysroot, rec.os) if known else None
-    dep = st.deployment if st is not None else None
+    dep = staged_deployment(sysroot, rec) if known else None
     why = _unusable(sysroot, rec, dep, known)
     if why is not None:
         staged.remove(sysroot.top)

@@ -18,6 +18,7 @@ from .fsutil import atomic_write_bytes
 if TYPE_CHECKING:
     from .admin import DeployResult
     from .deployment import Origin
+    from .etcmerge import MergeReport
     from .progress import Progress
     from .pull import PullProgress
     from .repository import CommitInfo, Repository, SignatureInfo
@@ -541,16 +542,25 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     click.echo(f"kernel {d.kernel_version} in {os.path.join(s.boot, r.kernel.relpath)}")
     src = f" from {r.merged_from.name}" if r.merged_from else ""
     click.echo(f"etc{src}: {r.etc.summary()}")
-    for path, why in r.etc.conflicts:
-        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    _say_conflicts(r.etc)
     _say_discarded(r)
-    for name_ in r.removed:
-        click.echo(f"removed old deployment {name_}")
     if r.staged:
         _staged_next(s)
     else:
-        click.echo("this is now the default: it boots next" if r.index == 0
-                   else f"boot entry {r.index} added; the default is unchanged")
+        _say_switched(r.index, r.removed)
+
+
+def _say_conflicts(report: MergeReport) -> None:
+    for path, why in report.conflicts:
+        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+
+
+def _say_switched(index: int, removed: list[str], subject: str = "this") -> None:
+    """What a switch of the entries did: deployments removed, and where the new one went."""
+    for name in removed:
+        click.echo(f"removed old deployment {name}")
+    click.echo(f"{subject} is now the default: it boots next" if index == 0
+               else f"boot entry {index} added; the default is unchanged")
 
 
 def _say_discarded(r: DeployResult) -> None:
@@ -575,12 +585,9 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
         return
     src = f" from {r.merged_from.name}" if r.merged_from else ""
     click.echo(f"finalized {r.deployment.name}" + (f"; etc{src}: {r.etc.summary()}" if r.etc else ""))
-    for path, why in r.etc.conflicts if r.etc else []:
-        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
-    for name_ in r.removed:
-        click.echo(f"removed old deployment {name_}")
-    click.echo("it is now the default: it boots next" if r.index == 0
-               else f"boot entry {r.index} added; the default is unchanged")
+    if r.etc:
+        _say_conflicts(r.etc)
+    _say_switched(r.index, r.removed, "it")
 
 
 @main.command("status")
@@ -771,8 +778,7 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
     d = r.deployed
     click.echo(f"{'staged' if d.staged else 'deployed'} {r.commit[:12]} as {d.deployment.name}; "
                f"etc: {d.etc.summary()}")
-    for path, why in d.etc.conflicts:
-        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    _say_conflicts(d.etc)
     _say_discarded(d)
     if d.staged:
         _staged_next(s)

@@ -85,13 +85,19 @@ class Config:
             raise SysrootError(f"{where}: {e}") from None
         if c.verity not in kargs.VERITY_MODES:
             raise SysrootError(f"{where}: verity must be one of {', '.join(kargs.VERITY_MODES)}")
-        if not isinstance(c.tries, int) or not 0 <= c.tries <= bootloader.MAX_TRIES:
-            raise SysrootError(f"{where}: tries must be 0..{bootloader.MAX_TRIES}")
+        check_tries(c.tries, f"{where}: tries")
         if not isinstance(c.keep_extra, int) or c.keep_extra < 0:
             raise SysrootError(f"{where}: keep-extra must be a number >= 0")
         for a in c.kargs:
             kargs.check(a)
         return c
+
+
+def check_tries(tries: object, what: str) -> int:
+    """Boot counting tries: 0 (off) to what systemd-boot's entry names can carry."""
+    if not isinstance(tries, int) or not 0 <= tries <= bootloader.MAX_TRIES:
+        raise SysrootError(f"{what} must be 0..{bootloader.MAX_TRIES}")
+    return tries
 
 
 def _verity_works(directory: str) -> bool:
@@ -182,9 +188,7 @@ class Sysroot:
                 raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
         else:
             config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
-                            kargs=[kargs.check(a) for a in karg_list or []], tries=tries)
-            if not 0 <= tries <= bootloader.MAX_TRIES:
-                raise SysrootError(f"tries must be 0..{bootloader.MAX_TRIES}")
+                            kargs=[kargs.check(a) for a in karg_list or []], tries=check_tries(tries, "tries"))
             os.makedirs(top, exist_ok=True)
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))
@@ -358,7 +362,12 @@ def staged_status(sysroot: Sysroot, os_name: str) -> StagedStatus | None:
     rec = staged.load(sysroot.top)
     if rec is None or rec.os != os_name:
         return None
+    return StagedStatus(rec, staged_deployment(sysroot, rec))
+
+
+def staged_deployment(sysroot: Sysroot, rec: Staged) -> Deployment | None:
+    """The deployment a staged record names; None if its directory is gone."""
     try:
-        return StagedStatus(rec, deployment.load(os.path.join(sysroot.os_dir(os_name), rec.name)))
+        return deployment.load(os.path.join(sysroot.os_dir(rec.os), rec.name))
     except deployment.DeploymentError:
-        return StagedStatus(rec, None)
+        return None

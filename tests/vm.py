@@ -520,6 +520,11 @@ class VMError(Exception):
     pass
 
 
+def tail(text: str, lines: int = 60) -> str:
+    """The end of a serial log, for a failure's message."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 # What the serial console shows along the way, timed by the host from QEMU's start.
 MILESTONES = {"kernel": b"Linux version ", "root prepared": b"cfsdeploy: root prepared in",
               "check unit": f"{MARK} check.start".encode()}
@@ -538,18 +543,14 @@ class Boot:
     prepared: str = ""
     steps: list[dict[str, object]] = field(default_factory=list)
 
-    @property
-    def check_started(self) -> float | None:
-        return self.milestones.get("check unit")
-
     def __getitem__(self, key: str) -> object:
         try:
             return self.results[key]
         except KeyError:
             raise KeyError(f"the guest did not report {key}; serial log ends:\n{self.tail()}") from None
 
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.splitlines()[-lines:])
+    def tail(self) -> str:
+        return tail(self.log)
 
     @property
     def ended(self) -> str:
@@ -630,7 +631,7 @@ def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | N
         run(argv, timeout=timeout, capture=True)
     except CommandError as e:
         text = log.read_text(errors="replace") if log.exists() else ""
-        raise VMError(f"{e}; serial log ends:\n" + "\n".join(text.splitlines()[-60:])) from None
+        raise VMError(f"{e}; serial log ends:\n{tail(text)}") from None
     finally:
         stop.set()
         watcher.join()

@@ -98,7 +98,7 @@ def read_digest(path: str) -> str:
         return errno.errorcode.get(e.errno or 0, str(e))
 
 
-def check_root(args: dict[str, str], m: dict[str, dict[str, str]]) -> None:
+def check_root(m: dict[str, dict[str, str]]) -> None:
     root = m["/"]
     say("root.fstype", root["fstype"])
     say("root.source", root["source"])
@@ -137,7 +137,7 @@ def check_image(args: dict[str, str]) -> None:
         else "none: " + r.stderr.strip())
 
 
-def check_status(args: dict[str, str]) -> None:
+def check_status() -> None:
     r = sh("cfsdeploy", "status", "--json")
     say("status.rc", r.returncode)
     if r.returncode != 0:
@@ -202,12 +202,12 @@ def main() -> None:
     args = cmdline()
     say("cmdline", {k: v for k, v in args.items() if k.startswith("cfsdeploy")})
     m = mounts()
-    checks = [lambda: check_root(args, m), check_loader, check_times, check_systemd,
+    checks = [lambda: check_root(m), check_loader, check_times, check_systemd,
               lambda: say("files", {p: read_text(p) for p in FILES}),
               lambda: say("canaries", {n: read_digest(os.path.join(CANARIES, n))
                                        for n in sorted(os.listdir(CANARIES)) if n.startswith("canary")})]
     if "cfsdeploy" in args:  # not on the plain ext4 boot the times are compared with
-        checks[1:1] = [lambda: check_image(args), lambda: check_status(args)]
+        checks[1:1] = [lambda: check_image(args), check_status]
     for check in [*checks, run_steps]:
         try:
             check()
