@@ -17,6 +17,7 @@ from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .admin import DeployResult
+    from .bootloader import Repair
     from .deployment import Origin
     from .etcmerge import MergeReport
     from .progress import Progress
@@ -464,7 +465,23 @@ def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: flo
     s = Sysroot(sysroot_path or _default_sysroot(), boot_dir=boot_dir)
     s.lock_wait = wait_lock
     s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
+    click.get_current_context().call_on_close(lambda: _say_repairs(s.repairs))
     return s
+
+
+def _say_repairs(repairs: list[Repair]) -> None:
+    """What a command found broken by a crash and repaired before its own work."""
+    from .bootloader import RepairKind
+
+    for r in repairs:
+        click.echo({
+            RepairKind.FINISHED_SWITCH: f"repaired: finished an interrupted switch of the boot entries ({r.detail})",
+            RepairKind.REMOVED_LEFTOVER: f"repaired: removed {r.path}, left by an interrupted switch",
+            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.detail})",
+            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: {r.detail}",
+            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} {r.detail}",
+            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: {r.detail}",
+        }[r.kind], err=True)
 
 
 @main.group()
@@ -596,10 +613,12 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
+    from . import admin
     from .sysroot import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
+    admin.repair(s)
     state = s.state(name)
     rows = status(state)
     broken = state.broken
@@ -607,7 +626,9 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
                                "staged": pending.to_json() if pending else None,
-                               "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken]},
+                               "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken],
+                               "repairs": [{"kind": r.kind.value, "path": r.path, "detail": r.detail}
+                                           for r in s.repairs]},
                               indent=2))
         return
     if pending is not None:

@@ -164,6 +164,13 @@ class Sysroot:
         self.lock_wait = 0.0
         self.on_lock_wait: Callable[[], None] | None = None
         self.locked = False
+        # What commands found broken and repaired (bootloader.recover), for the CLI to tell.
+        self.repairs: list[bootloader.Repair] = []
+
+    @property
+    def switch_record(self) -> str:
+        """Where a switch of the boot entries is recorded while it runs."""
+        return os.path.join(self.top, "boot-switch.json")
 
     def save_config(self) -> None:
         atomic_write_bytes(os.path.join(self.top, "config.toml"), self.config.render().encode())

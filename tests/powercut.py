@@ -87,7 +87,7 @@ def scratch_xfs(work: Path, size: str = "48G") -> Iterator[Path]:
 
 
 def reflink(src: Path, dst: Path) -> None:
-    run(["cp", "--reflink=always", "--sparse=always", src, dst])
+    run(["cp", "--reflink=always", src, dst])
 
 
 class QMP:
@@ -168,6 +168,10 @@ class Run:
         return sets  # type: ignore[return-value]
 
 
+def parse_events(text: str) -> list[tuple[str, dict[str, object]]]:
+    return [(m[1], json.loads(m[2])) for m in _EVENT.finditer(text)]
+
+
 def default_entry(disk: Path) -> tuple[str, str, str]:
     """The ESP's default entry: its linux, initrd and options."""
     esp = extract_esp(disk, disk.with_suffix(".esp"))
@@ -216,7 +220,7 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
                 raise vm.VMError(f"QEMU ended ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
                                  f"\nserial log ends:\n{vm.tail(serial.read_text(errors='replace'))}")
             text = serial.read_text(errors="replace") if serial.exists() else ""
-            events = [(m[1], json.loads(m[2])) for m in _EVENT.finditer(text)]
+            events = parse_events(text[:text.rfind("\n") + 1])  # whole lines only
             kinds = [k for k, _ in events]
             if "error" in kinds:
                 raise vm.VMError(f"the cut runner failed: {events[kinds.index('error')][1]}")
@@ -250,8 +254,7 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
             proc.kill()
             proc.wait()
     text = serial.read_text(errors="replace")
-    events = [(m[1], json.loads(m[2])) for m in _EVENT.finditer(text)]
-    return Run(events, cuts, text, time.monotonic() - started)
+    return Run(parse_events(text), cuts, text, time.monotonic() - started)
 
 
 # --- inspection ------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from cfsdeploy.run import run
+
 from . import powercut, vm
 from .test_vm import report
 
@@ -47,7 +49,7 @@ def result(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     with vm.machine(work, log=log) as m, powercut.scratch_xfs(work) as scratch:
         m.release(2)
         disk = scratch / "disk.img"
-        shutil.copyfile(m.disk.path, disk)
+        run(["cp", "--sparse=always", m.disk.path, disk])
         r = powercut.boot_runner(disk, m.updates, work, seed=seed, rounds=1, cuts_dir=scratch, log=log)
         commands = r.commands()
         for i, e in sorted(r.ends().items()):
