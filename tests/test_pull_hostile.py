@@ -104,7 +104,7 @@ def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | No
     builder = src.git.TreeBuilder()
     builder.insert(MANIFEST, src.git.create_blob(manifest), pygit2.enums.FileMode.BLOB)
     sig = pygit2.Signature("Mallory", "m@example.com", int(time.time()), 0)
-    message = f"forged\n\nComposefs-Digest: {digest}\nComposefs-Format: 0\n"
+    message = f"forged\n\nComposefs-Digest: {digest}\nComposefs-Format: 0\nCfsdeploy-Branch: {BRANCH}\n"
     parents = [src.resolve(BRANCH).id]
     content = src.git.create_commit_string(sig, sig, message, builder.write(), parents)
     if key is None:

@@ -36,7 +36,7 @@ def test_add_writes_a_table_to_config_toml_and_keeps_the_rest(repo) -> None:
     remote.add(repo, "origin", "https://example.com/os/repo/", gpg_verify=False, branch="os/stable")
     assert config(repo) == {"core": {"repo-version": 1},
                             "remote": {"origin": {"url": "https://example.com/os/repo", "gpg-verify": False,
-                                                  "branch": "os/stable"}}}
+                                                  "require-binding": True, "branch": "os/stable"}}}
     assert remote.get(repo, "origin") == Remote("origin", "https://example.com/os/repo", False, "os/stable")
 
 
@@ -154,8 +154,8 @@ def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
     r = invoke("remote", "add", "--repo", repo.path, "plain", "http://example.com/p", "--no-gpg-verify")
     assert r.exit_code == 0, r.output
     r = invoke("remote", "list", "--repo", repo.path)
-    assert r.output == ("origin\thttp://example.com/r\tos/stable\tgpg-verify, trusted keys: 1\n"
-                        "plain\thttp://example.com/p\t-\tno gpg-verify\n")
+    assert r.output == ("origin\thttp://example.com/r\tos/stable\tgpg-verify, trusted keys: 1, require-binding\n"
+                        "plain\thttp://example.com/p\t-\tno gpg-verify, require-binding\n")
     r = invoke("remote", "remove", "--repo", repo.path, "plain")
     assert r.exit_code == 0 and r.output == "removed remote plain\n"
     assert [x.name for x in remote.list_remotes(repo)] == ["origin"]
