@@ -262,7 +262,7 @@ class _Pull:
         try:
             bound = bindings(commit.message)
         except TrailerError as e:
-            raise BindingError(f"{where}: {e}") from None
+            raise TrailerError(f"{where}: {e}") from None
         if self.branch in bound:
             return
         if bound:
@@ -299,11 +299,11 @@ class _Pull:
         except CfsError as e:
             raise ManifestError(f"commit {commit.id}: malformed manifest: {e}") from None
         needed = check_manifest(root)
+        t = trailers(commit.message)  # they parse: _check_binding read them
         try:
-            t = trailers(commit.message)
             digest = bytes.fromhex(t.get(TRAILER_DIGEST, ""))
             fmt = int(t.get(TRAILER_FORMAT, ""))
-        except (TrailerError, ValueError):
+        except ValueError:
             digest, fmt = b"", -1
         if len(digest) != fsverity.HASH_SIZE or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
             raise ManifestError(f"commit {commit.id}: no valid {TRAILER_DIGEST} and {TRAILER_FORMAT} trailers")

@@ -146,6 +146,32 @@ def test_a_hand_edited_remote_with_wrong_types_is_a_clear_error(repo) -> None:
         remote.get(repo, "origin")
 
 
+def test_a_hand_edited_require_binding_must_be_a_boolean(repo) -> None:
+    with open(os.path.join(repo.path, "config.toml"), "a") as f:
+        f.write('[remote.origin]\nurl = "http://x"\nrequire-binding = "no"\n')
+    with pytest.raises(RemoteError, match="require-binding \\(boolean, optional\\)"):
+        remote.get(repo, "origin")
+
+
+def test_a_remote_requires_bindings_unless_told_not_to(repo) -> None:
+    assert remote.add(repo, "new", "http://n.example", gpg_verify=False).require_binding
+    assert not remote.add(repo, "old", "http://o.example", gpg_verify=False, require_binding=False).require_binding
+    assert config(repo)["remote"]["old"]["require-binding"] is False
+
+
+def test_a_remote_written_before_bindings_does_not_require_them(repo) -> None:
+    with open(os.path.join(repo.path, "config.toml"), "a") as f:
+        f.write('[remote.origin]\nurl = "http://x"\ngpg-verify = false\n')
+    assert remote.get(repo, "origin") == Remote("origin", "http://x", False, None, require_binding=False)
+
+
+def test_cli_remote_add_no_require_binding(repo) -> None:
+    r = invoke("remote", "add", "--repo", repo.path, "old", "http://o.example", "--no-gpg-verify",
+               "--no-require-binding")
+    assert r.exit_code == 0, r.output
+    assert invoke("remote", "list", "--repo", repo.path).output.endswith("no gpg-verify, no require-binding\n")
+
+
 def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
     r = invoke("remote", "add", "--repo", repo.path, "origin", "http://example.com/r",
                "--gpg-import", builder_key.public, "--branch", "os/stable")
