@@ -168,6 +168,8 @@ def init(repo_path: str) -> None:
 @click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
 @click.option("--body", help="Longer description.")
 @click.option("--version", "os_version", help="Human version of this OS build (Cfsdeploy-Version).")
+@click.option("--bind", multiple=True, metavar="BRANCH",
+              help="Also bind the commit to BRANCH, for pulls of it (repeatable; BRANCH is bound anyway).")
 @click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
 @click.option("--orphan", is_flag=True, help="Start a history with no parent.")
 @click.option("--sign-key", metavar="KEYID", help="Sign the commit with this OpenPGP key.")
@@ -177,7 +179,7 @@ def init(repo_path: str) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
               help="Files read at once, by as many processes (default: one per CPU).")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
-           os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
+           os_version: str | None, bind: tuple[str, ...], parent: str | None, orphan: bool, sign_key: str | None,
            gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
@@ -193,7 +195,7 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
                    f"{st.objects_written} new objects")
 
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
-        result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
+        result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
                              threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
         update_server_info(repo)
@@ -216,6 +218,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Author:  {info.author}")
     if info.version:
         click.echo(f"Version: {info.version}")
+    if full and info.branches:
+        click.echo(f"Branch:  {', '.join(info.branches)}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
     if info.signature:
@@ -876,14 +880,16 @@ def remote() -> None:
               help="Trust the OpenPGP public keys in KEYFILE for this remote (repeatable).")
 @click.option("--no-gpg-verify", is_flag=True, help="Accept unsigned commits from this remote.")
 @click.option("--branch", help="The branch `pull` fetches when none is named.")
+@click.option("--no-require-binding", is_flag=True,
+              help="Accept heads bound to no branch (commits made before bindings).")
 def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], no_gpg_verify: bool,
-               branch: str | None) -> None:
+               branch: str | None, no_require_binding: bool) -> None:
     """Add remote NAME at URL (http://, https://, file:// or a path)."""
     from . import remote as remotes
 
     repo = _open_repo(repo_path)
     r = remotes.add(repo, name, url, key_files=key_files, gpg_verify=not no_gpg_verify, branch=branch,
-                    on_lock_wait=_say_waiting)
+                    require_binding=not no_require_binding, on_lock_wait=_say_waiting)
     keys = remotes.trusted_keys(repo, name)
     click.echo(f"added remote {r.name} {r.url}" + (f", trusting {', '.join(keys)}" if keys else ""))
 
@@ -891,7 +897,7 @@ def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], 
 @remote.command("list")
 @repo_option
 def remote_list(repo_path: str) -> None:
-    """List remotes: name, URL, default branch, whether signatures are required."""
+    """List remotes: name, URL, default branch, whether signatures and bindings are required."""
     from . import remote as remotes
 
     repo = _open_repo(repo_path)
@@ -899,7 +905,8 @@ def remote_list(repo_path: str) -> None:
         verify = "no gpg-verify"
         if r.gpg_verify:
             verify = f"gpg-verify, trusted keys: {len(remotes.trusted_keys(repo, r.name))}"
-        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}")
+        binding = "require-binding" if r.require_binding else "no require-binding"
+        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}, {binding}")
 
 
 @remote.command("remove")

@@ -5,9 +5,13 @@ Each remote is a table in REPO/config.toml:
     [remote.origin]
     url = "https://example.com/os/repo"
     gpg-verify = true
+    require-binding = true                  # refuse heads that name no branch
     branch = "debian/13/x86_64/stable"      # optional default branch of `pull`
 
 and, with gpg-verify, a keyring of trusted public keys in REPO/remotes/NAME/trusted.gpg.
+A head bound to other branches than the one pulled is always refused; one bound to
+none (made before bindings) only with require-binding, which `add` sets unless
+told not to.  A table without the key, written before bindings, does not require them.
 URLs are http://, https:// or file://; plain paths are stored as file:// URLs.
 """
 
@@ -46,9 +50,11 @@ class Remote:
     url: str
     gpg_verify: bool = True
     branch: str | None = None
+    require_binding: bool = True
 
     def to_toml(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"url": self.url, "gpg-verify": self.gpg_verify}
+        out: dict[str, Any] = {"url": self.url, "gpg-verify": self.gpg_verify,
+                               "require-binding": self.require_binding}
         if self.branch:
             out["branch"] = self.branch
         return out
@@ -104,10 +110,13 @@ def _parse(name: str, table: object, where: str) -> Remote:
     if not isinstance(table, dict):
         raise RemoteError(f"{where}: remote {name!r} is not a table")
     url, verify, branch = table.get("url"), table.get("gpg-verify", True), table.get("branch")
-    if not isinstance(url, str) or not isinstance(verify, bool) or not isinstance(branch, (str, type(None))):
+    # Absent: a remote added before bindings, whose server may have only unbound commits.
+    binding = table.get("require-binding", False)
+    if (not isinstance(url, str) or not isinstance(verify, bool) or not isinstance(branch, (str, type(None)))
+            or not isinstance(binding, bool)):
         raise RemoteError(f"{where}: remote {name!r} needs url (string), gpg-verify (boolean), "
-                          "branch (string, optional)")
-    return Remote(name, url, verify, branch)
+                          "branch (string, optional), require-binding (boolean, optional)")
+    return Remote(name, url, verify, branch, binding)
 
 
 def list_remotes(repo: Repository) -> list[Remote]:
@@ -126,15 +135,18 @@ def get(repo: Repository, name: str) -> Remote:
 
 
 def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (), gpg_verify: bool = True,
-        branch: str | None = None, lock_wait: float = 60.0,
+        branch: str | None = None, require_binding: bool = True, lock_wait: float = 60.0,
         on_lock_wait: Callable[[], None] | None = None) -> Remote:
-    """Add a remote and import its trusted keys (the keyring first, the config last)."""
+    """Add a remote and import its trusted keys (the keyring first, the config last).
+
+    require_binding=False accepts heads bound to no branch (made before bindings)."""
     check_name(name)
     key_files = list(key_files)
     if gpg_verify and not key_files:
         raise RemoteError(f"remote {name}: checking signatures needs trusted keys: give --gpg-import KEYFILE, "
                           "or --no-gpg-verify")
-    remote = Remote(name, normalize_url(url), gpg_verify, check_branch(branch) if branch else None)
+    remote = Remote(name, normalize_url(url), gpg_verify, check_branch(branch) if branch else None,
+                    require_binding)
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
         tables = doc.setdefault("remote", {})
