@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterable
 
 from .errors import CfsError
-from .fsutil import exchange, fsync_dir
+from .fsutil import exchange, fsync_dir, remove_tree
 
 ENTRIES = "loader/entries"
 STAGED = "loader/entries.staged"
@@ -145,7 +145,7 @@ def number(entries: Iterable[BootEntry]) -> list[BootEntry]:
 
 def clean_staged(boot: str) -> None:
     """Remove what an interrupted switch left behind (call under the lock)."""
-    shutil.rmtree(os.path.join(boot, STAGED), ignore_errors=True)
+    remove_tree(os.path.join(boot, STAGED), ignore_errors=True)
 
 
 def switch_entries(boot: str, os_name: str, entries: list[BootEntry]) -> None:
@@ -245,7 +245,7 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
         raise BootError(f"boot directory {boot} is full: the kernel and initramfs need "
                         f"{need} bytes, {free} are free (try `cfsdeploy cleanup`)")
     staging = os.path.join(parent, f".{k.dirname}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging, ignore_errors=True)
     os.mkdir(staging)
     try:
         for f, name in ((kernel, KERNEL), (initramfs, INITRAMFS)):
@@ -258,7 +258,7 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
         os.rename(staging, dest)
         fsync_dir(parent)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise BootError(f"boot directory {boot} is full: cannot install kernel {kver} "
                             "(try `cfsdeploy cleanup`)") from None
@@ -274,7 +274,7 @@ def remove_unused_kernels(boot: str, os_name: str, keep: Iterable[Kernel]) -> li
     with contextlib.suppress(FileNotFoundError):
         for name in sorted(os.listdir(top)):
             if name not in keep_names:
-                shutil.rmtree(os.path.join(top, name))
+                remove_tree(os.path.join(top, name))
                 removed.append(name)
         if removed:
             fsync_dir(top)
