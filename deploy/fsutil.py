@@ -191,7 +191,11 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
             try:
                 nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
-                raise _open_error(e.errno, rel) from None
+                # O_DIRECTORY makes a symlink ENOTDIR: say which it was, as openat2 does.
+                err = e.errno
+                if err == errno.ENOTDIR and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                    err = errno.ELOOP
+                raise _open_error(err, rel) from None
             if fd != dirfd:
                 os.close(fd)
             fd = nxt
@@ -205,8 +209,6 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
 
 
 def _open_error(err: int, rel: bytes) -> OSError:
-    # O_NOFOLLOW|O_DIRECTORY on a symlink gives ENOTDIR on some paths: both mean "not
-    # the directory it was", but only ELOOP and EXDEV say a symlink or escape was met.
     if err in (errno.ELOOP, errno.EXDEV):
         return UnsafePathError(err, "a symlink is on the way", os.fsdecode(rel))
     return OSError(err, os.strerror(err), os.fsdecode(rel))
