@@ -10,7 +10,7 @@ import fcntl
 import os
 import stat
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 FICLONE = 0x40049409
 
@@ -192,7 +192,7 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
                 nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
                 # O_DIRECTORY makes a symlink ENOTDIR: say which it was, as openat2 does.
-                err = e.errno
+                err = e.errno or errno.EIO
                 if err == errno.ENOTDIR and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
                     err = errno.ELOOP
                 raise _open_error(err, rel) from None
@@ -202,7 +202,7 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
         try:
             return os.open(parts[-1], flags | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=fd)
         except OSError as e:
-            raise _open_error(e.errno, rel) from None
+            raise _open_error(e.errno or errno.EIO, rel) from None
     finally:
         if fd != dirfd:
             os.close(fd)
@@ -253,7 +253,7 @@ def _remove_entry(pfd: int, name: bytes) -> None:
         pass
     top = _open_dir(pfd, name, None)
     dev = os.fstat(top).st_dev
-    stack = [(pfd, name, top, iter(os.listdir(top)))]
+    stack = [(pfd, name, top, _names(top))]
     try:
         while stack:
             parent_fd, dir_name, fd, names = stack[-1]
@@ -271,10 +271,15 @@ def _remove_entry(pfd: int, name: bytes) -> None:
             except IsADirectoryError:
                 pass
             child_fd = _open_dir(fd, child, dev)
-            stack.append((fd, child, child_fd, iter(os.listdir(child_fd))))
+            stack.append((fd, child, child_fd, _names(child_fd)))
     finally:
         for _, _, fd, _ in stack:
             os.close(fd)
+
+
+def _names(fd: int) -> Iterator[bytes]:
+    # listdir() of an fd gives str names; bytes are the names themselves.
+    return iter([os.fsencode(n) for n in os.listdir(fd)])
 
 
 def _open_dir(pfd: int, name: bytes, dev: int | None) -> int:

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pygit2
 
@@ -176,7 +176,7 @@ class Repository:
         else:
             head = self.branch_head(branch)
             parents = [head.id] if head is not None else []
-        kw = {"warn": warn} if warn is not None else {}
+        kw: dict[str, Any] = {"warn": warn} if warn is not None else {}
         source = os.fspath(tree)
         cache_path = os.path.join(self.path, DIGEST_CACHE)
         with self.objects.transaction():

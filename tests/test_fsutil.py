@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -103,7 +103,7 @@ OPENERS: dict[str, Callable[[int, bytes, int], int]] = {"openat2": open_beneath,
 
 
 @pytest.fixture
-def top(tmp_path: Path):
+def top(tmp_path: Path) -> Iterator[int]:
     (tmp_path / "top" / "dir").mkdir(parents=True)
     (tmp_path / "top" / "dir" / "file").write_bytes(b"inside\n")
     outside = tmp_path / "outside"

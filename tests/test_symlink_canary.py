@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -61,7 +62,7 @@ def snapshot(top: Path) -> dict[str, tuple[int, int, int, bytes | None]]:
     return out
 
 
-def salt(m, canary: Path) -> None:
+def salt(m: SimpleNamespace, canary: Path) -> None:
     """Symlinks to the canary wherever a command reads or removes."""
     os_dir = m.root / "cfsdeploy/deploy" / OS
     links = [os_dir / "canary", os_dir / "var" / "canary",
@@ -82,7 +83,7 @@ def salt(m, canary: Path) -> None:
     (objects / free).symlink_to(canary / "objects")
 
 
-def two_deployments(m) -> None:
+def two_deployments(m: SimpleNamespace) -> None:
     commit_tree(m.sysroot, m.tree)
     deploy(m)
     new_version(m, "2")
@@ -93,40 +94,40 @@ def two_deployments(m) -> None:
 Action = Callable[[], object]
 
 
-def deploy_again(m) -> Action:
+def deploy_again(m: SimpleNamespace) -> Action:
     two_deployments(m)
     new_version(m, "3")
     return lambda: deploy(m)
 
 
-def upgrade(m) -> Action:
+def upgrade(m: SimpleNamespace) -> Action:
     two_deployments(m)
     new_version(m, "3")
     return lambda: admin.upgrade(m.sysroot, OS)
 
 
-def rollback(m) -> Action:
+def rollback(m: SimpleNamespace) -> Action:
     two_deployments(m)
     return lambda: admin.rollback(m.sysroot, OS)
 
 
-def undeploy(m) -> Action:
+def undeploy(m: SimpleNamespace) -> Action:
     two_deployments(m)
     return lambda: admin.undeploy(m.sysroot, OS, 1)
 
 
-def cleanup(m) -> Action:
+def cleanup(m: SimpleNamespace) -> Action:
     two_deployments(m)
     m.sysroot.config.keep_rollback = False  # so the rollback goes too
     return lambda: admin.cleanup(m.sysroot, OS)
 
 
-def kargs(m) -> Action:
+def kargs(m: SimpleNamespace) -> Action:
     two_deployments(m)
     return lambda: admin.set_kargs(m.sysroot, OS, append=("quiet",))
 
 
-def stage_and_finalize(m) -> Action:
+def stage_and_finalize(m: SimpleNamespace) -> Action:
     commit_tree(m.sysroot, m.tree)
     deploy(m)
     m.sysroot = booted_into(m)
@@ -135,7 +136,7 @@ def stage_and_finalize(m) -> Action:
     return lambda: admin.finalize_staged(m.sysroot)
 
 
-def prune_objects(m) -> Action:
+def prune_objects(m: SimpleNamespace) -> Action:
     two_deployments(m)
     repo = m.sysroot.repo
 
@@ -145,14 +146,14 @@ def prune_objects(m) -> Action:
     return act
 
 
-COMMANDS: dict[str, Callable[[object], Action]] = {
+COMMANDS: dict[str, Callable[[SimpleNamespace], Action]] = {
     "deploy": deploy_again, "upgrade": upgrade, "rollback": rollback, "undeploy": undeploy,
     "cleanup": cleanup, "kargs": kargs, "stage-and-finalize": stage_and_finalize, "prune": prune_objects,
 }
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_command_leaves_a_canary_behind_symlinks_untouched(machine, command: str) -> None:
+def test_command_leaves_a_canary_behind_symlinks_untouched(machine: SimpleNamespace, command: str) -> None:
     act = COMMANDS[command](machine)
     canary = make_canary(machine.tmp / "canary")
     before = snapshot(canary)
