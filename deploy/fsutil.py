@@ -160,7 +160,7 @@ class _OpenHow(ctypes.Structure):
 
 def _parts(rel: bytes) -> list[bytes]:
     parts = [p for p in rel.split(b"/") if p]
-    if not parts or any(p in (b".", b"..") for p in parts):
+    if not parts or b"\0" in rel or any(p in (b".", b"..") for p in parts):
         raise UnsafePathError(errno.EXDEV, "not a plain path beneath the directory", os.fsdecode(rel))
     return parts
 
@@ -246,12 +246,9 @@ def remove_tree(path: PathLike, *, ignore_errors: bool = False) -> None:
 def _remove_entry(pfd: int, name: bytes) -> None:
     """Remove name in pfd: unlink() never follows a symlink, and tells a directory
     (EISDIR), which is emptied through its own fd, depth first, then removed."""
-    try:
-        os.unlink(name, dir_fd=pfd)
+    top = _unlink_or_open(pfd, name, None)
+    if top is None:
         return
-    except IsADirectoryError:
-        pass
-    top = _open_dir(pfd, name, None)
     dev = os.fstat(top).st_dev
     stack = [(pfd, name, top, _names(top))]
     try:
@@ -263,18 +260,31 @@ def _remove_entry(pfd: int, name: bytes) -> None:
                 os.close(fd)
                 os.rmdir(dir_name, dir_fd=parent_fd)
                 continue
-            try:
-                os.unlink(child, dir_fd=fd)
-                continue
-            except FileNotFoundError:
-                continue
-            except IsADirectoryError:
-                pass
-            child_fd = _open_dir(fd, child, dev)
-            stack.append((fd, child, child_fd, _names(child_fd)))
+            child_fd = _unlink_or_open(fd, child, dev)
+            if child_fd is not None:
+                stack.append((fd, child, child_fd, _names(child_fd)))
     finally:
         for _, _, fd, _ in stack:
             os.close(fd)
+
+
+def _unlink_or_open(pfd: int, name: bytes, dev: int | None) -> int | None:
+    """Unlink name in pfd, or, for a directory, open it to be emptied.  What is swapped
+    between the two (a directory for a symlink) is unlinked all the same."""
+    for _ in range(2):
+        try:
+            os.unlink(name, dir_fd=pfd)
+            return None
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            pass
+        try:
+            return _open_dir(pfd, name, dev)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+    raise OSError(errno.EAGAIN, "keeps changing between a directory and something else", os.fsdecode(name))
 
 
 def _names(fd: int) -> Iterator[bytes]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -52,6 +54,37 @@ def test_remove_tree_never_chmods_or_enters_what_a_symlink_inside_points_to(tmp_
     tree.chmod(0o500)
     remove_tree(tree)
     assert not os.path.lexists(tree)
+    assert modes(outside) == before and (outside / "file").read_bytes() == b"keep\n"
+
+
+def test_remove_tree_racing_a_directory_swapped_for_a_symlink_never_touches_the_target(tmp_path: Path) -> None:
+    outside = target(tmp_path)
+    before = modes(outside)
+    tree, link = tmp_path / "tree", tmp_path / "link"
+    link.symlink_to(outside)
+    # The attacker, in a process of its own: swap tree/sub and the symlink, endlessly.
+    swapper = subprocess.Popen([sys.executable, "-c",
+                                "import sys\nfrom cfsdeploy.fsutil import exchange\nwhile True:\n"
+                                "    try: exchange(sys.argv[1], sys.argv[2])\n    except OSError: pass",
+                                tree / "sub", link])
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            build = tmp_path / "build"
+            (build / "sub" / "deeper").mkdir(parents=True)
+            (build / "sub").chmod(0o500)
+            build.rename(tree)
+            # A lost race may fail a removal (it is tried again); it must never follow.
+            while os.path.lexists(tree):
+                with contextlib.suppress(OSError):
+                    remove_tree(tree)
+            if not link.is_symlink():  # the directory was swapped out there: the link back
+                with contextlib.suppress(OSError):
+                    remove_tree(link)
+                    link.symlink_to(outside)
+    finally:
+        swapper.kill()
+        swapper.wait()
     assert modes(outside) == before and (outside / "file").read_bytes() == b"keep\n"
 
 
