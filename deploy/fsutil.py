@@ -148,6 +148,7 @@ class UnsafePathError(OSError):
     names something outside it."""
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYS_OPENAT2 = 437  # the same number on every architecture
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
@@ -188,14 +189,7 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
     fd = dirfd
     try:
         for part in parts[:-1]:
-            try:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as e:
-                # O_DIRECTORY makes a symlink ENOTDIR: say which it was, as openat2 does.
-                err = e.errno or errno.EIO
-                if err == errno.ENOTDIR and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
-                    err = errno.ELOOP
-                raise _open_error(err, rel) from None
+            nxt = _open_dir_nofollow(part, rel, fd)
             if fd != dirfd:
                 os.close(fd)
             fd = nxt
@@ -208,13 +202,21 @@ def open_beneath_walk(dirfd: int, rel: bytes, flags: int) -> int:
             os.close(fd)
 
 
+def _open_dir_nofollow(path: bytes, rel: bytes, dir_fd: int | None = None) -> int:
+    try:
+        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        # O_DIRECTORY makes a symlink ENOTDIR: say which it was, as openat2 does.
+        err = e.errno or errno.EIO
+        if err == errno.ENOTDIR and stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode):
+            err = errno.ELOOP
+        raise _open_error(err, rel) from None
+
+
 def _open_error(err: int, rel: bytes) -> OSError:
     if err in (errno.ELOOP, errno.EXDEV):
         return UnsafePathError(err, "a symlink is on the way", os.fsdecode(rel))
     return OSError(err, os.strerror(err), os.fsdecode(rel))
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def remove_tree(path: PathLike, *, ignore_errors: bool = False) -> None:
@@ -227,9 +229,14 @@ def remove_tree(path: PathLike, *, ignore_errors: bool = False) -> None:
     path_b = os.path.abspath(os.fsencode(path))
     parent, name = os.path.split(path_b)
     try:
-        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Not even the directory holding it may be a symlink (say deploy/<os> made one).
+        pfd = _open_dir_nofollow(parent, parent)
     except FileNotFoundError:
         return
+    except OSError:
+        if ignore_errors:
+            return
+        raise
     try:
         _remove_entry(pfd, name)
     except FileNotFoundError:

@@ -88,6 +88,14 @@ def test_remove_tree_racing_a_directory_swapped_for_a_symlink_never_touches_the_
     assert modes(outside) == before and (outside / "file").read_bytes() == b"keep\n"
 
 
+def test_remove_tree_refuses_a_path_whose_directory_is_a_symlink(tmp_path: Path) -> None:
+    outside = target(tmp_path)
+    (tmp_path / "link").symlink_to(outside)
+    with pytest.raises(UnsafePathError):
+        remove_tree(tmp_path / "link" / "file")
+    assert (outside / "file").read_bytes() == b"keep\n"
+
+
 def test_remove_tree_of_a_missing_path_does_nothing(tmp_path: Path) -> None:
     remove_tree(tmp_path / "absent")
     assert os.listdir(tmp_path) == []
