@@ -254,7 +254,7 @@ def _parent(rel: bytes) -> bytes:
 
 def _changed(rel: bytes) -> EtcMergeError:
     return EtcMergeError(f"{os.fsdecode(ETC + rel)} changed during the merge (it is not what was "
-                         "read, or a symlink now leads to it): deploy again")
+                         "read, or a symlink now leads to it): try again")
 
 
 class _Merge:
