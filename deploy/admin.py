@@ -29,7 +29,7 @@ from .checkout import checkout
 from .deployment import Deployment, Origin
 from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
-from .fsutil import exchange, force_rmtree, fsync_dir, syncfs
+from .fsutil import exchange, fsync_dir, remove_tree, syncfs
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -477,7 +477,7 @@ def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:
     node = lookup(c.root, b"/var")
     assert isinstance(node, Inode)
     staging = os.path.join(sysroot.os_dir(os_name), ".var.new")
-    force_rmtree(staging, ignore_errors=True)
+    remove_tree(staging, ignore_errors=True)
     checkout(node, sysroot.repo.objects, staging)
     syncfs(staging)
     os.rename(staging, var)  # replaces the empty directory in one step
@@ -612,7 +612,7 @@ def _remake_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment, dep: Deploym
     exchange(os.path.join(aside, "etc"), os.path.join(sysroot.dir_of(dep), "etc"))
     fsync_dir(sysroot.dir_of(dep))
     fsync_dir(aside)
-    force_rmtree(aside)
+    remove_tree(aside)
     return report
 
 

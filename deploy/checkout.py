@@ -13,7 +13,7 @@ import stat
 import tempfile
 
 from .errors import CfsError
-from .fsutil import copy_fd, force_rmtree
+from .fsutil import copy_fd, remove_tree
 from .objects import ObjectStore
 from .tree import Hardlink, Inode, walk
 
@@ -88,6 +88,6 @@ def checkout(root: Inode, store: ObjectStore, dest: str | os.PathLike[str]) -> N
             _finish(path, node)
         os.rename(staging, dest_s)
     except BaseException:
-        force_rmtree(staging, ignore_errors=True)
+        remove_tree(staging, ignore_errors=True)
         raise
 

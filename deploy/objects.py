@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from typing import Callable, Iterable, Iterator
 
 from . import fsverity
-from .fsutil import copy_fd, fsync_dir, syncfs
+from .fsutil import copy_fd, fsync_dir, remove_tree, syncfs
 
 PathLike = str | bytes | os.PathLike[str]
 
@@ -52,7 +51,7 @@ class ObjectStore:
             yield
             self._publish()
         finally:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            remove_tree(self._staging, ignore_errors=True)
             self._staging = None
 
     def _publish(self) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -33,7 +32,7 @@ import pygit2
 
 from . import dumpfile, fsverity, imagewriter, keyring, remote, serve
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, syncfs
+from .fsutil import atomic_write_bytes, remove_tree, syncfs
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
 from .repository import (
     MANIFEST,
@@ -226,7 +225,7 @@ class _Pull:
         if previous != head:
             self.repo.git.references.create(ref, head, force=True)
             serve.update_server_info(self.repo)
-        shutil.rmtree(self.resume_dir, ignore_errors=True)  # whatever is left, nothing needs
+        remove_tree(self.resume_dir, ignore_errors=True)  # whatever is left, nothing needs
         self._report("done")
         return PullResult(
             remote=name, branch=self.branch, ref=ref, commit=head, previous=previous, signer=signer,

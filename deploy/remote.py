@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tomllib
 import urllib.parse
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pygit2
 
 from . import keyring, serve, tomlfile
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from .repository import Repository
 
 CONFIG = "config.toml"
@@ -154,7 +153,7 @@ def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (),
             raise RemoteError(f"remote {name!r} exists (remove it first)")
         top = os.path.join(repo.path, REMOTES_DIR)
         # Left by an add that died before writing the config: nobody uses it.
-        shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+        remove_tree(os.path.join(top, name), ignore_errors=True)
         if key_files:
             staging = os.path.join(repo.path, "tmp", f"remote-{name}")
             os.mkdir(staging)
@@ -178,7 +177,7 @@ def remove(repo: Repository, name: str, *, lock_wait: float = 60.0,
         _save(repo, doc)
         for ref in [r for r in repo.git.references if r.startswith(f"refs/remotes/{name}/")]:
             repo.git.references.delete(ref)
-        shutil.rmtree(os.path.join(repo.path, REMOTES_DIR, name), ignore_errors=True)
+        remove_tree(os.path.join(repo.path, REMOTES_DIR, name), ignore_errors=True)
         serve.update_server_info(repo)
 
 

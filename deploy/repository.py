@@ -15,20 +15,20 @@ docs/architecture.md, "Commit").
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pygit2
 
 from . import dumpfile, fsverity, imagewriter, lockfile, signing
 from .digestcache import DigestCache
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from .objects import ObjectStore
 from .scan import ScanStats, scan
 from .tarscan import scan_tar
@@ -119,7 +119,7 @@ class Repository:
                 os.rmdir(path)  # empty, checked above
             os.rename(staging, path)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging, ignore_errors=True)
             raise
         fsync_dir(parent)
         return cls(path)
@@ -147,12 +147,7 @@ class Repository:
         for name in os.listdir(tmp):
             if name == RESUME_DIR:
                 continue
-            p = os.path.join(tmp, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+            remove_tree(os.path.join(tmp, name), ignore_errors=True)
 
     def mark_verified(self, commit_id: str, image_digest: bytes) -> None:
         """Record that the commit's manifest was built into the image its trailer names
@@ -202,7 +197,7 @@ class Repository:
         else:
             head = self.branch_head(branch)
             parents = [head.id] if head is not None else []
-        kw = {"warn": warn} if warn is not None else {}
+        kw: dict[str, Any] = {"warn": warn} if warn is not None else {}
         source = os.fspath(tree)
         cache_path = os.path.join(self.path, DIGEST_CACHE)
         with self.objects.transaction():
@@ -538,21 +533,30 @@ def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float =
     cutoff = time.time() - keep_younger_than
     removed = freed = kept = 0
     for sub in sorted(os.listdir(repo.objects.path)):
-        subdir = os.path.join(repo.objects.path, sub)
-        if len(sub) != 2 or not os.path.isdir(subdir):
+        if len(sub) != 2:
             continue
-        for name in os.listdir(subdir):
-            try:
-                digest = bytes.fromhex(sub + name)
-            except ValueError:
+        # Through the directory's own fd: a symlink in objects/ leads nowhere.
+        try:
+            fd = os.open(os.path.join(repo.objects.path, sub),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 continue
-            path = os.path.join(subdir, name)
-            st = os.lstat(path)
-            if digest in needed or st.st_mtime > cutoff:
-                kept += 1
-                continue
-            removed += 1
-            freed += st.st_size
-            if not dry_run:
-                os.unlink(path)
+            raise
+        try:
+            for name in os.listdir(fd):
+                try:
+                    digest = bytes.fromhex(sub + name)
+                except ValueError:
+                    continue
+                st = os.lstat(name, dir_fd=fd)
+                if digest in needed or st.st_mtime > cutoff:
+                    kept += 1
+                    continue
+                removed += 1
+                freed += st.st_size
+                if not dry_run:
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
     return PruneResult(removed, freed, kept)

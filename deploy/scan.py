@@ -84,14 +84,17 @@ def _inode_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Inode:
 def scan(top: str | bytes, *, store: ObjectStore | None = None,
          warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
          progress: Callable[[ScanStats], None] | None = None,
-         threads: int | None = None, cache: DigestCache | None = None) -> tuple[Inode, ScanStats]:
+         threads: int | None = None, cache: DigestCache | None = None,
+         identities: dict[bytes, tuple[int, int]] | None = None) -> tuple[Inode, ScanStats]:
     """Scan the directory `top` into a tree.  Sockets are skipped with a warning
     (they cannot be stored); anything unreadable raises TreeError naming the path.
 
     `threads` is how many files are read at once, by as many processes (default:
     one per CPU; one when this process has threads, which forking could deadlock).
     A digest from `cache` is used only if `store` (when given) holds its object;
-    digests computed are put into the cache."""
+    digests computed are put into the cache.  `identities`, if given, gets the
+    (st_dev, st_ino) of every path scanned, `top` included, for a caller that reads
+    the tree again and must know it reads what was scanned."""
     if threads is None:
         threads = len(os.sched_getaffinity(0))
     if threads < 1:
@@ -104,10 +107,12 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
         raise TreeError(f"cannot read tree {os.fsdecode(top_b)}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise TreeError(f"not a directory: {os.fsdecode(top_b)}")
+    if identities is not None:
+        identities[top_b] = (st.st_dev, st.st_ino)
     root = _inode_from_stat(st, read_xattrs(top_b))
     root.children = {}
     root.size = 0
-    walk = _Walk(store, cache, stats)
+    walk = _Walk(store, cache, stats, identities)
     # Depth-first in sorted pre-order, so the first name of a hardlinked file in
     # manifest order is its primary one.
     stack: list[tuple[bytes, Inode, Iterator[bytes]]] = [(top_b, root, iter(_listdir(top_b)))]
@@ -155,8 +160,10 @@ def _listdir(path: bytes) -> list[bytes]:
 class _Walk:
     """The first pass: one entry at a time from lstat; files to read are queued."""
 
-    def __init__(self, store: ObjectStore | None, cache: DigestCache | None, stats: ScanStats) -> None:
+    def __init__(self, store: ObjectStore | None, cache: DigestCache | None, stats: ScanStats,
+                 identities: dict[bytes, tuple[int, int]] | None) -> None:
         self.store = store
+        self.identities = identities
         self.cache = cache
         self.stats = stats
         self.seen: dict[tuple[int, int], Inode] = {}
@@ -165,6 +172,8 @@ class _Walk:
     def entry(self, path: bytes) -> Inode | Hardlink | None:
         st = os.lstat(path)
         mode = st.st_mode
+        if self.identities is not None:
+            self.identities[path] = (st.st_dev, st.st_ino)
         if stat.S_ISSOCK(mode):
             return None
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:

@@ -26,7 +26,7 @@ from . import bootloader, deployment, fsverity, kargs, lockfile, staged, tomlfil
 from .bootloader import BootEntry
 from .deployment import Deployment
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, force_rmtree, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from .repository import Repository
 from .staged import Staged
 
@@ -287,7 +287,7 @@ class Sysroot:
         top = self.os_dir(state.os)
         for name in sorted(os.listdir(top)):
             if name not in keep:
-                force_rmtree(os.path.join(top, name))
+                remove_tree(os.path.join(top, name))
                 removed.append(name)
         if removed:
             fsync_dir(top)

@@ -78,7 +78,9 @@ def undeploy() -> str:
 
 def setup() -> None:
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
-    for argv in (["mount", "-t", "tmpfs", "tmpfs", "/tmp"],
+    # What systemd would have mounted: /dev/shm (multiprocessing's semaphores) and /tmp
+    os.makedirs("/dev/shm", exist_ok=True)
+    for argv in (["mount", "-t", "tmpfs", "tmpfs", "/dev/shm"], ["mount", "-t", "tmpfs", "tmpfs", "/tmp"],
                  ["mount", "-t", "vfat", "-o", "umask=0077", "/dev/vda1", "/boot"],
                  ["mount", "-o", "ro", "/dev/vdb", "/mnt"]):
         r = subprocess.run(argv, capture_output=True, text=True)
