@@ -142,24 +142,27 @@ def check_inode(node: Inode) -> None:
     The one check for every way into a tree: the directory scan, the tar reader and
     the manifest parser (names are checked by check_name, hardlinks where they are
     resolved).  The message does not name the entry: the caller knows its path."""
-    if node.mode & S_IFMT not in VALID_TYPES or not 0 <= node.mode <= U32_MAX:
-        raise TreeError(f"invalid mode {node.mode:o}")
-    for number, what in ((node.uid, "uid"), (node.gid, "gid"), (node.nlink, "nlink")):
-        if not 0 <= number <= U32_MAX:
-            raise TreeError(f"{what} {number} out of range (0..{U32_MAX})")
-    if not MTIME_MIN <= node.mtime_sec <= MTIME_MAX:
-        raise TreeError(f"mtime {node.mtime_sec} out of range ({MTIME_MIN}..{MTIME_MAX})")
-    if not 0 <= node.mtime_nsec <= NSEC_MAX:
-        raise TreeError(f"mtime nanoseconds {node.mtime_nsec} out of range (0..{NSEC_MAX})")
-    if not 0 <= node.size < 2**64:
-        raise TreeError(f"size {node.size} out of range")
-    # The image stores a device number in 32 bits (the kernel's dev_t).
-    if not 0 <= node.rdev <= U32_MAX:
-        raise TreeError(f"device number {node.rdev} out of range (0..{U32_MAX})")
-    if node.type not in (S_IFCHR, S_IFBLK) and node.rdev:
+    mode, ftype, payload = node.mode, node.mode & S_IFMT, node.payload
+    # Manifests run to a million lines: one comparison chain for the common case.
+    if (ftype in VALID_TYPES and 0 <= mode <= U32_MAX and 0 <= node.uid <= U32_MAX
+            and 0 <= node.gid <= U32_MAX and 0 <= node.nlink <= U32_MAX
+            and MTIME_MIN <= node.mtime_sec <= MTIME_MAX and 0 <= node.mtime_nsec <= NSEC_MAX
+            and 0 <= node.size < 2**64 and 0 <= node.rdev <= U32_MAX):
+        pass
+    elif ftype not in VALID_TYPES or not 0 <= mode <= U32_MAX:
+        raise TreeError(f"invalid mode {mode:o}")
+    else:
+        for number, what, low, high in (
+                (node.uid, "uid", 0, U32_MAX), (node.gid, "gid", 0, U32_MAX),
+                (node.nlink, "nlink", 0, U32_MAX), (node.mtime_sec, "mtime", MTIME_MIN, MTIME_MAX),
+                (node.mtime_nsec, "mtime nanoseconds", 0, NSEC_MAX), (node.size, "size", 0, 2**64 - 1),
+                # The image stores a device number in 32 bits (the kernel's dev_t).
+                (node.rdev, "device number", 0, U32_MAX)):
+            if not low <= number <= high:
+                raise TreeError(f"{what} {number} out of range ({low}..{high})")
+    if node.rdev and ftype != S_IFCHR and ftype != S_IFBLK:
         raise TreeError("device number on a non-device")
-    payload = node.payload
-    if node.is_symlink():
+    if ftype == S_IFLNK:
         if not payload:
             raise TreeError("symlink with an empty target")
         if len(payload) > SYMLINK_MAX:
@@ -170,11 +173,12 @@ def check_inode(node: Inode) -> None:
         raise TreeError(f"payload longer than {PATH_MAX - 1} bytes")
     if payload is not None and b"\0" in payload:
         raise TreeError("symlink target or payload contains NUL")
-    if node.content is not None:
-        if len(node.content) != node.size:
-            raise TreeError(f"content length {len(node.content)} does not match size {node.size}")
-        if len(node.content) > INLINE_MAX:
-            raise TreeError(f"inline content size {len(node.content)} exceeds maximum {INLINE_MAX}")
+    content = node.content
+    if content is not None:
+        if len(content) != node.size:
+            raise TreeError(f"content length {len(content)} does not match size {node.size}")
+        if len(content) > INLINE_MAX:
+            raise TreeError(f"inline content size {len(content)} exceeds maximum {INLINE_MAX}")
     if node.digest is not None and len(node.digest) != DIGEST_SIZE:
         raise TreeError(f"digest of {len(node.digest)} bytes (must be {DIGEST_SIZE})")
     if node.xattrs:
