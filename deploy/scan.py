@@ -29,14 +29,13 @@ from typing import Callable, Iterable, Iterator
 
 from . import fsverity
 from .digestcache import DigestCache
-from .dumpfile import check_xattr, check_xattrs_budget
 from .errors import CfsError, TreeError
 from .objects import ObjectStore
 from .tree import (
     INLINE_MAX_RECOMMENDED,
-    PATH_MAX,
     Hardlink,
     Inode,
+    check_inode,
     check_name,
     digest_to_path,
     fix_dir_nlinks,
@@ -66,10 +65,7 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
         raise
     out: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
-        value = os.getxattr(path, name, follow_symlinks=False)
-        check_xattr(name, value)
-        out[name] = value
-    check_xattrs_budget(out)
+        out[name] = os.getxattr(path, name, follow_symlinks=False)
     return out
 
 
@@ -112,6 +108,10 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
     root = _inode_from_stat(st, read_xattrs(top_b))
     root.children = {}
     root.size = 0
+    try:
+        check_inode(root)
+    except TreeError as e:
+        raise _named(top_b, e) from None
     walk = _Walk(store, cache, stats, identities)
     # Depth-first in sorted pre-order, so the first name of a hardlinked file in
     # manifest order is its primary one.
@@ -187,13 +187,11 @@ class _Walk:
         if stat.S_ISDIR(mode):
             node.children = {}
         elif stat.S_ISLNK(mode):
-            target = os.readlink(path)
-            if len(target) >= PATH_MAX:
-                raise TreeError(f"symlink target longer than {PATH_MAX - 1} bytes")
-            node.payload = target
-            node.size = len(target)
+            node.payload = os.readlink(path)
+            node.size = len(node.payload)
         elif stat.S_ISREG(mode):
             self._file(path, st, node)
+        check_inode(node)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
             self.seen[(st.st_dev, st.st_ino)] = node
         return node

@@ -538,3 +538,22 @@ def test_verity_enable_reports_why_it_cannot_and_changes_nothing(machine) -> Non
 def entries_files(m) -> dict[str, bytes]:
     d = m.boot / "loader/entries"
     return {n: (d / n).read_bytes() for n in os.listdir(d)}
+
+
+def test_etc_and_var_hardlinked_to_usr_are_deployed_as_files(machine) -> None:
+    # Trees deduplicated by hardlink tools link /etc and /var names to files under /usr.
+    (machine.tree / "usr/share").mkdir()
+    (machine.tree / "usr/share/z").write_bytes(b"shared default\n" * 10)
+    os.link(machine.tree / "usr/share/z", machine.tree / "etc/y")
+    os.link(machine.tree / "usr/share/z", machine.tree / "etc/y2")
+    os.link(machine.tree / "usr/share/z", machine.tree / "var/lib/app/x")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine)
+    etc = machine.root / "cfsdeploy/deploy" / OS / r.deployment.name / "etc"
+    var = machine.root / "cfsdeploy/deploy" / OS / "var"
+    assert (etc / "y").read_bytes() == (var / "lib/app/x").read_bytes() == b"shared default\n" * 10
+    # Inside /etc the two names stay one file.
+    assert (etc / "y").stat().st_ino == (etc / "y2").stat().st_ino
+    machine.sysroot = booted_into(machine)
+    new_version(machine, "2")
+    assert deploy(machine).etc.modified == []
