@@ -51,23 +51,28 @@ _EVENT = re.compile(rf"^{MARK} (\w+) (.*?)\r?$", re.M)
 RUNNER = "/usr/libexec/cfsdeploy-vm/cut-runner"
 ENTRY_NAME = re.compile(rf"cfsdeploy-{vm.OS_NAME}-(\d+)(?:\+\d+(?:-\d+)?)?\.conf")
 
-# fsck.vfat's words for what a cut always leaves on a mounted FAT and that is no
-# damage: the "mounted" flag (dirty bit) and the free-cluster count, which the FAT
-# specification makes a hint (FSInfo) that readers must not trust.
+# fsck.vfat's words for what a cut leaves on a FAT that was mounted, and that is no
+# damage: the "mounted" flag (the dirty bit, byte 65 of the boot sector, so its
+# backup differs there), the free-cluster count (FSInfo, which the FAT specification
+# makes a hint readers must not trust) and lost clusters (allocated, named by no
+# file: the end of a long chain a cut caught while its clusters were being freed).
 FSCK_BENIGN = (
     re.compile(r"^fsck\.fat \d"),
-    re.compile(r"^(/dev/\S+|\S+\.img): \d+ files, \d+/\d+ clusters$"),
+    re.compile(r": \d+ files, \d+/\d+ clusters$"),
     re.compile(r"^Dirty bit is set\. Fs was not properly unmounted"),
-    re.compile(r"^ *and some data may be corrupt\.$"),
     re.compile(r"^ *Automatically removing dirty bit\.$"),
+    re.compile(r"^There are differences between boot sector and its backup\.$"),
+    re.compile(r"^This is mostly harmless\. Differences: \(offset:original/backup\)$"),
+    re.compile(r"^ *65:01/00$"),
+    re.compile(r"^ *Not automatically fixing this\.$"),
     re.compile(r"^Free cluster summary wrong \(\d+ vs\. really \d+\)$"),
+    re.compile(r"^Reclaimed \d+ unused clusters? \(\d+ bytes\)\.$"),
     re.compile(r"^ *Auto-correcting\.$"),
     re.compile(r"^Leaving filesystem unchanged\.$"),
-    re.compile(r"^\*\*\* Filesystem was changed \*\*\*$"),
-    re.compile(r"^The changes have not yet been written, you can still choose to leave the"),
-    re.compile(r"^filesystem unmodified:$"),
     re.compile(r"^$"),
 )
+# ... of which these are more than the dirty bit, counted for the report
+FSCK_MORE = {"free count": "Free cluster summary wrong", "lost clusters": "Reclaimed "}
 
 
 @contextlib.contextmanager
@@ -314,6 +319,11 @@ class Inspection:
     fsck_vfat_ok: bool
     entries: list[Entry]
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def fsck_notes(self) -> list[str]:
+        """What fsck.vfat found beyond the dirty bit that is no damage."""
+        return [k for k, words in FSCK_MORE.items() if words in self.fsck_vfat]
 
     @property
     def state(self) -> list[list[str]]:

@@ -60,8 +60,9 @@ def result(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
             inspections.append(i)
             where = (f"during command {cut.in_flight}" if cut.in_flight else f"after command {cut.done}")
             verdict = "; ".join(i.problems + ([why] if (why := powercut.lost(r, i)) else [])) or "ok"
+            notes = f" (fsck.vfat: {', '.join(i.fsck_notes)})" if i.fsck_notes else ""
             log(f"cut {cut.number} at {cut.seconds:.0f} s {where}{' (kill)' if cut.killed else ''}: "
-                f"{len(i.entries)} entries: {verdict}")
+                f"{len(i.entries)} entries: {verdict}{notes}".replace("\n", " | "))
         # Boot the real kill and a cut taken in the middle of a command.
         rng = random.Random(seed)
         middle = [i for i in inspections if i.cut.in_flight is not None and not i.cut.killed and i.entries]
