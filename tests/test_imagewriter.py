@@ -21,7 +21,7 @@ def build(v: Vector) -> imagewriter.BuildResult:
 
 
 def test_vectors_are_present() -> None:
-    assert len(VALID) >= 10 and len(SHOULD_FAIL) >= 10, "../shared/composefs-vectors is missing"
+    assert len(VALID) >= 10 and len(SHOULD_FAIL) >= 10, "tests/vectors/composefs is missing"
 
 
 @pytest.mark.parametrize("vector", VALID, ids=lambda v: v.name)

@@ -1,4 +1,4 @@
-"""The composefs known-answer vectors in ../shared/composefs-vectors (see its README)."""
+"""The composefs known-answer vectors in tests/vectors/composefs (see its README)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
-VECTOR_DIR = Path(__file__).resolve().parents[2] / "shared" / "composefs-vectors"
+VECTOR_DIR = Path(__file__).resolve().parent / "vectors" / "composefs"
 LENIENT = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
 
 
