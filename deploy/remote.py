@@ -69,7 +69,18 @@ def check_branch(branch: str) -> str:
 
 def normalize_url(url: str) -> str:
     """An http(s):// or file:// URL without a trailing slash; plain paths become file:// URLs."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        url.encode()
+    except UnicodeEncodeError:
+        raise RemoteError(f"invalid URL {url!r}: not UTF-8") from None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number, or out of range
+    except ValueError as e:
+        raise RemoteError(f"invalid URL {url!r}: {e}") from None
+    # urlsplit drops tabs and newlines silently, and http.client takes ASCII only.
+    if parts.scheme and not (url.isascii() and url.isprintable() and " " not in url):
+        raise RemoteError(f"URL with blanks, control or non-ASCII characters: {url!r}")
     if not parts.scheme:
         return "file://" + urllib.parse.quote(os.path.abspath(url))
     if parts.scheme not in SCHEMES:
@@ -107,6 +118,14 @@ def _parse(name: str, table: object, where: str) -> Remote:
     if not isinstance(url, str) or not isinstance(verify, bool) or not isinstance(branch, (str, type(None))):
         raise RemoteError(f"{where}: remote {name!r} needs url (string), gpg-verify (boolean), "
                           "branch (string, optional)")
+    try:
+        check_name(name)
+        if normalize_url(url) != url:
+            raise RemoteError(f"URL {url!r} is not in the form `remote add` writes")
+        if branch is not None:
+            check_branch(branch)
+    except RemoteError as e:
+        raise RemoteError(f"{where}: remote {name!r}: {e}") from None
     return Remote(name, url, verify, branch)
 
 

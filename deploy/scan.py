@@ -31,7 +31,7 @@ from . import fsverity
 from .digestcache import DigestCache
 from .dumpfile import check_xattr, check_xattrs_budget
 from .errors import CfsError, TreeError
-from .objects import ObjectStore
+from .objects import ObjectStore, ObjectWriteError
 from .tree import (
     INLINE_MAX_RECOMMENDED,
     PATH_MAX,
@@ -246,6 +246,8 @@ def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | No
             return digest, written
         finally:
             os.close(fd)
+    except ObjectWriteError:
+        raise  # the store's failure, not the file's
     except (OSError, CfsError) as e:
         raise _named(path, e) from None
 
