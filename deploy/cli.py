@@ -596,6 +596,7 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
+    from .booted import boot_verity
     from .sysroot import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
@@ -604,8 +605,10 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     rows = status(state)
     broken = state.broken
     pending = staged_status(s, name)
+    checked = boot_verity(s.cmdline()) if state.booted is not None else None
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
+                               "booted_verity": checked.to_json() if checked else None,
                                "staged": pending.to_json() if pending else None,
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken]},
                               indent=2))
@@ -640,7 +643,12 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         click.echo(f"    Entry:   {r.entry.filename}")
         if r.boot_counting:
             click.echo(f"    Boot:    {r.boot_counting}")
+        if r.booted and checked is not None:
+            click.echo(f"    Verity:  {'verified' if checked.verified else 'NOT VERIFIED'}: {checked.why}")
     booted = next((r for r in rows if r.booted), None)
+    if booted is not None and checked is not None and not checked.verified:
+        click.echo(f"WARNING: the booted deployment {booted.deployment.name} is NOT VERIFIED: {checked.why}",
+                   err=True)
     if rows and rows[0].boot_failed:
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
         click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "
