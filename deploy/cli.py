@@ -34,6 +34,29 @@ def fail(message: str, code: int = 1) -> NoReturn:
 class Group(click.Group):
     """Turns library errors into a one-line message and a non-zero exit."""
 
+    group_class = type  # subgroups are Groups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A group without a command is a usage error of one line, not the help text.
+        kwargs.setdefault("no_args_is_help", False)
+        super().__init__(*args, **kwargs)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Usage errors too are one line, "cfsdeploy: WHAT (see `COMMAND --help`)",
+        not click's usage text over several."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            fail(f"{e.format_message()} (see `{e.ctx.command_path if e.ctx else 'cfsdeploy'} --help`)",
+                 e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except (click.Abort, EOFError):
+            fail("aborted")
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -461,7 +484,8 @@ def whole_sysroot_options(fn: Any) -> Any:
 def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
     from .sysroot import Sysroot
 
-    s = Sysroot(sysroot_path or _default_sysroot(), boot_dir=boot_dir)
+    # An empty --sysroot is a mistake, not a request for the default one.
+    s = Sysroot(_default_sysroot() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
     s.lock_wait = wait_lock
     s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
     return s
