@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -27,13 +28,37 @@ if TYPE_CHECKING:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"cfsdeploy: {message}", err=True)
+    # A hostile name's newline or escape sequence is shown escaped: one line stays one.
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    click.echo(f"cfsdeploy: {shown}", err=True)
     sys.exit(code)
+
+
+class Command(click.Command):
+    """Text (names, messages, URLs, kernel arguments) must be UTF-8: it goes into
+    refs, commits and files that say so.  Paths (click.Path) may be any bytes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        for p in self.params:
+            value = ctx.params.get(p.name or "")
+            if isinstance(p.type, click.types.StringParamType) and any(
+                    isinstance(v, str) and not _is_utf8(v) for v in (value if isinstance(value, tuple) else [value])):
+                raise click.BadParameter("not UTF-8", ctx=ctx, param=p)
+        return super().invoke(ctx)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        return False
 
 
 class Group(click.Group):
     """Turns library errors into a one-line message and a non-zero exit."""
 
+    command_class = Command
     group_class = type  # subgroups are Groups too
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -44,6 +69,10 @@ class Group(click.Group):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Usage errors too are one line, "cfsdeploy: WHAT (see `COMMAND --help`)",
         not click's usage text over several."""
+        # Paths may be any bytes: printed as they are on stdout (as ls does), escaped on stderr.
+        for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors=errors)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -95,10 +124,10 @@ def image() -> None:
 
 
 @image.command("build")
-@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE")
-@click.option("--from-file", "from_file", metavar="DUMP|-",
+@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE", type=click.Path())
+@click.option("--from-file", "from_file", metavar="DUMP|-", type=click.Path(),
               help="Build from a composefs dumpfile instead of a directory.")
-@click.option("--digest-store", metavar="OBJDIR",
+@click.option("--digest-store", metavar="OBJDIR", type=click.Path(),
               help="Copy files over 64 bytes into OBJDIR, named by digest.")
 @click.option("--min-version", type=click.IntRange(0, imagewriter.FORMAT_VERSION_MAX), default=0,
               show_default=True, help="Lowest image format version to write.")
@@ -168,7 +197,7 @@ def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) ->
 
 # --- repository -----------------------------------------------------------------------
 
-repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH",
+repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH", type=click.Path(),
                            envvar="CFSDEPLOY_REPO", help="The repository (or $CFSDEPLOY_REPO).")
 
 
@@ -184,7 +213,7 @@ def init(repo_path: str) -> None:
 
 @main.command()
 @repo_option
-@click.option("--tree", required=True, metavar="DIR|tar:FILE",
+@click.option("--tree", required=True, metavar="DIR|tar:FILE", type=click.Path(),
               help="The root filesystem: a directory, or tar:FILE for an archive (streamed).")
 @click.option("--branch", "-b", required=True, help="Branch to move, e.g. debian/13/x86_64/stable.")
 @click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
@@ -193,7 +222,7 @@ def init(repo_path: str) -> None:
 @click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
 @click.option("--orphan", is_flag=True, help="Start a history with no parent.")
 @click.option("--sign-key", metavar="KEYID", help="Sign the commit with this OpenPGP key.")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
@@ -264,7 +293,7 @@ def _signature_line(sig: SignatureInfo) -> str:
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--gpg-homedir", metavar="DIR",
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(),
               help="Check signatures against the keys in this gpg home directory.")
 def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
         gpg_homedir: str | None) -> None:
@@ -324,7 +353,7 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 @main.command("ls")
 @repo_option
 @click.argument("rev")
-@click.argument("path", required=False, default="/")
+@click.argument("path", required=False, default="/", type=click.Path())
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
@@ -356,7 +385,7 @@ def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.argument("path")
+@click.argument("path", type=click.Path())
 def cat(repo_path: str, rev: str, path: str) -> None:
     """Print the content of the file PATH in commit REV (checked against its digest)."""
     from .repository import read_file
@@ -369,7 +398,7 @@ def cat(repo_path: str, rev: str, path: str) -> None:
 @main.command("checkout")
 @repo_option
 @click.argument("rev")
-@click.argument("dest", metavar="DIR")
+@click.argument("dest", metavar="DIR", type=click.Path())
 def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
     """Materialize the tree of REV in DIR (a new directory), metadata and all."""
     from .checkout import checkout
@@ -405,7 +434,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory with the trusted keys.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory with the trusted keys.")
 def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
     """Check the signature of commit REV and name its signer."""
     from .repository import verify_commit
@@ -473,9 +502,10 @@ def sysroot_options(fn: Any) -> Any:
 
 def whole_sysroot_options(fn: Any) -> Any:
     """The options of a command on a sysroot, not one os of it."""
-    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH",
+    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH", type=click.Path(),
                       help="The physical root (default /sysroot when booted into a deployment, else /).")(fn)
-    fn = click.option("--boot-dir", metavar="DIR", help="The boot directory (default: from the sysroot's config).")(fn)
+    fn = click.option("--boot-dir", metavar="DIR", type=click.Path(),
+                      help="The boot directory (default: from the sysroot's config).")(fn)
     fn = click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
                       help="How long to wait for another cfsdeploy changing deployments.")(fn)
     return fn
@@ -497,10 +527,10 @@ def sysroot() -> None:
 
 
 @sysroot.command("init")
-@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True,
+@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True, type=click.Path(),
               metavar="PATH", help="The physical root to lay out.")
 @click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot) to add.")
-@click.option("--boot-dir", metavar="DIR", help="The boot directory, relative to the sysroot or absolute "
+@click.option("--boot-dir", metavar="DIR", type=click.Path(), help="The boot directory, relative to the sysroot or absolute "
               "(default: boot).")
 @click.option("--karg", "karg_list", multiple=True, metavar="ARG",
               help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")

@@ -26,7 +26,7 @@ import pygit2
 from . import keyring, serve, tomlfile
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir
-from .repository import Repository
+from .repository import Repository, valid_ref_name
 
 CONFIG = "config.toml"
 CONFIG_HEADER = "cfsdeploy repository settings"
@@ -62,7 +62,7 @@ def check_name(name: str) -> str:
 
 
 def check_branch(branch: str) -> str:
-    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+    if not valid_ref_name(f"refs/heads/{branch}"):
         raise RemoteError(f"invalid branch name {branch!r}")
     return branch
 

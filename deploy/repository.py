@@ -244,8 +244,13 @@ class Repository:
 
 
 def _check_branch(branch: str) -> None:
-    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+    if not valid_ref_name(f"refs/heads/{branch}"):
         raise RepositoryError(f"invalid branch name {branch!r}")
+
+
+def valid_ref_name(ref: str) -> bool:
+    # libgit2 calls longer names valid, then fails to look them up (GIT_REFNAME_MAX).
+    return len(ref.encode()) < 1024 and pygit2.reference_is_valid_name(ref)
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -363,7 +368,7 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
 
 def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
     ref = f"refs/tags/{name}"
-    if not pygit2.reference_is_valid_name(ref):
+    if not valid_ref_name(ref):
         raise RepositoryError(f"invalid tag name {name!r}")
     if ref in repo.git.references and not force:
         raise RepositoryError(f"tag {name!r} already exists")
