@@ -93,7 +93,7 @@ class Repository:
                 f.write(CONFIG_TEMPLATE)
                 f.flush()
                 os.fsync(f.fileno())
-            open(os.path.join(staging, "lock"), "w").close()
+            lockfile.create(os.path.join(staging, "lock"))
             os.chmod(staging, 0o755)
             if os.path.isdir(path):
                 os.rmdir(path)  # empty, checked above

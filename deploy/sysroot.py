@@ -224,7 +224,7 @@ class Sysroot:
             # with cfsdeploy.verity=try; `cfsdeploy verity enable` moves them on.
             if not _verity_works(os.path.join(top, "repo", "tmp")):
                 config.verity = "try"
-            open(os.path.join(top, "lock"), "a").close()
+            lockfile.create(os.path.join(top, "lock"))
             config.check(config_path)
             atomic_write_bytes(config_path, config.render().encode())
         os.makedirs(os.path.join(top, "deploy", os_name, "var"), exist_ok=True)

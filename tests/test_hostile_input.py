@@ -4,12 +4,14 @@ line and exit 1 from the command line, and nothing changed."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cfsdeploy import lockfile
 from cfsdeploy.remote import RemoteError, list_remotes, normalize_url
 from cfsdeploy.repository import Repository
 from cfsdeploy.sysroot import Sysroot, SysrootError
@@ -179,3 +181,19 @@ def test_full_disk_during_commit_is_a_write_failure_of_the_repository(small_repo
     assert_one_line_error(p, f"cannot write an object in {small_repo.path}/tmp/")
     assert p.stderr.endswith(": No space left on device\n") and "cannot read" not in p.stderr
     assert list(small_repo.git.references) == []
+
+
+# --- the lock files ------------------------------------------------------------------------------
+
+
+def test_lock_files_are_the_owners_alone(sysroot: Path) -> None:
+    # flock needs only a read-only descriptor: a lock others could open, they could hold forever.
+    for lock in (sysroot / "cfsdeploy/lock", sysroot / "cfsdeploy/repo/lock"):
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+
+
+def test_holding_a_lock_takes_it_back_from_others(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch(mode=0o644)
+    with lockfile.hold(str(lock), "busy"):
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
