@@ -103,7 +103,7 @@ def _load(repo: Repository) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise RemoteError(f"{path}: {e}") from None
 
 

@@ -144,6 +144,13 @@ def test_a_bad_url_in_the_repository_config_is_named(repo: Repository) -> None:
     assert_one_line_error(cli("pull", "--repo", repo.path, "origin", "os/x"), "invalid URL 'http://x:99999'")
 
 
+def test_a_repository_config_that_is_not_utf8_is_named(repo: Repository) -> None:
+    path = Path(repo.path) / "config.toml"
+    path.write_bytes(b'[remote.origin]\nurl = "\xff"\n')
+    with pytest.raises(RemoteError, match=f"^{path}: 'utf-8' codec can't decode"):
+        list_remotes(repo)
+
+
 # --- the kernel command line -----------------------------------------------------------------
 
 def test_kernel_command_line_that_is_not_utf8_names_no_booted_deployment(sysroot: Path, tmp_path: Path) -> None:
