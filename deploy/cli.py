@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import click
 
@@ -66,7 +66,8 @@ class Group(click.Group):
         kwargs.setdefault("no_args_is_help", False)
         super().__init__(*args, **kwargs)
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         """Usage errors too are one line, "cfsdeploy: WHAT (see `COMMAND --help`)",
         not click's usage text over several."""
         # Paths may be any bytes: printed as they are on stdout (as ls does), escaped on stderr.
@@ -74,9 +75,9 @@ class Group(click.Group):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(errors=errors)
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             fail(f"{e.format_message()} (see `{e.ctx.command_path if e.ctx else 'cfsdeploy'} --help`)",
                  e.exit_code)

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -163,7 +164,7 @@ def test_kernel_command_line_that_is_not_utf8_names_no_booted_deployment(sysroot
 
 
 @pytest.fixture
-def small_repo(tmp_path: Path):
+def small_repo(tmp_path: Path) -> Iterator[Repository]:
     """A repository on a 1 MiB filesystem of its own."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
