@@ -114,6 +114,9 @@ def _save(repo: Repository, doc: dict[str, Any]) -> None:
 def _parse(name: str, table: object, where: str) -> Remote:
     if not isinstance(table, dict):
         raise RemoteError(f"{where}: remote {name!r} is not a table")
+    unknown = sorted(set(table) - {"url", "gpg-verify", "branch"})
+    if unknown:  # a typo, or a setting this version does not know: it must not be ignored
+        raise RemoteError(f"{where}: remote {name!r}: unknown setting {unknown[0]!r}")
     url, verify, branch = table.get("url"), table.get("gpg-verify", True), table.get("branch")
     if not isinstance(url, str) or not isinstance(verify, bool) or not isinstance(branch, (str, type(None))):
         raise RemoteError(f"{where}: remote {name!r} needs url (string), gpg-verify (boolean), "
@@ -129,12 +132,22 @@ def _parse(name: str, table: object, where: str) -> Remote:
     return Remote(name, url, verify, branch)
 
 
-def list_remotes(repo: Repository) -> list[Remote]:
+def _tables(repo: Repository, doc: dict[str, Any], *, but: str | None = None) -> dict[str, Any]:
+    """The [remote] tables of a loaded config, each checked but `but`'s (so that a
+    damaged remote can still be removed)."""
     where = os.path.join(repo.path, CONFIG)
-    tables = _load(repo).get("remote", {})
+    tables = doc.setdefault("remote", {})
     if not isinstance(tables, dict):
         raise RemoteError(f"{where}: [remote] must hold one table per remote")
-    return [_parse(name, table, where) for name, table in sorted(tables.items())]
+    for name, table in tables.items():
+        if name != but:
+            _parse(name, table, where)
+    return tables
+
+
+def list_remotes(repo: Repository) -> list[Remote]:
+    where = os.path.join(repo.path, CONFIG)
+    return [_parse(name, table, where) for name, table in sorted(_tables(repo, _load(repo)).items())]
 
 
 def get(repo: Repository, name: str) -> Remote:
@@ -156,7 +169,7 @@ def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (),
     remote = Remote(name, normalize_url(url), gpg_verify, check_branch(branch) if branch else None)
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
-        tables = doc.setdefault("remote", {})
+        tables = _tables(repo, doc)
         if name in tables:
             raise RemoteError(f"remote {name!r} exists (remove it first)")
         top = os.path.join(repo.path, REMOTES_DIR)
@@ -179,9 +192,10 @@ def remove(repo: Repository, name: str, *, lock_wait: float = 60.0,
     """Forget a remote: its settings, keyring and remote branches."""
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
-        if name not in doc.get("remote", {}):
+        tables = _tables(repo, doc, but=name)
+        if name not in tables:
             raise RemoteError(f"no remote named {name!r}")
-        del doc["remote"][name]
+        del tables[name]
         _save(repo, doc)
         for ref in [r for r in repo.git.references if r.startswith(f"refs/remotes/{name}/")]:
             repo.git.references.delete(ref)

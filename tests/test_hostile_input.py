@@ -145,6 +145,30 @@ def test_a_bad_url_in_the_repository_config_is_named(repo: Repository) -> None:
     assert_one_line_error(cli("pull", "--repo", repo.path, "origin", "os/x"), "invalid URL 'http://x:99999'")
 
 
+BAD_REMOTES = ['url = 5\n', 'url = "file:///x"\ngpg-verify = "yes"\n', 'url = "file:///x"\nbranch = [1]\n',
+               'url = "file:///x"\nbranch = "a..b"\n', 'url = "file:///x"\ngpg-verify = false\nweight = 1.5\n']
+
+
+@pytest.mark.parametrize("table", BAD_REMOTES)
+def test_a_damaged_remote_stops_every_remote_command_but_its_removal(repo: Repository, table: str) -> None:
+    path = Path(repo.path) / "config.toml"
+    text = f"[remote.other]\n{table}"
+    path.write_text(text)
+    for command in (["remote", "list"], ["pull", "other", "os/x"], ["remote", "remove", "origin"],
+                    ["remote", "add", "--no-gpg-verify", "origin", "file:///x"]):
+        assert_one_line_error(cli(*command, "--repo", repo.path), f"{path}: remote 'other'")
+    assert path.read_text() == text
+    assert cli("remote", "remove", "--repo", repo.path, "other").returncode == 0
+    assert list_remotes(repo) == []
+
+
+def test_a_remote_section_that_is_no_table_is_named(repo: Repository) -> None:
+    path = Path(repo.path) / "config.toml"
+    path.write_text("remote = 5\n")
+    for command in (["remote", "list"], ["remote", "remove", "origin"]):
+        assert_one_line_error(cli(*command, "--repo", repo.path), f"{path}: [remote] must hold one table per remote")
+
+
 def test_a_repository_config_that_is_not_utf8_is_named(repo: Repository) -> None:
     path = Path(repo.path) / "config.toml"
     path.write_bytes(b'[remote.origin]\nurl = "\xff"\n')
