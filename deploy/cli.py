@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import click
 
@@ -28,12 +29,64 @@ if TYPE_CHECKING:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"cfsdeploy: {message}", err=True)
+    # A hostile name's newline or escape sequence is shown escaped: one line stays one.
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    click.echo(f"cfsdeploy: {shown}", err=True)
     sys.exit(code)
+
+
+class Command(click.Command):
+    """Text (names, messages, URLs, kernel arguments) must be UTF-8: it goes into
+    refs, commits and files that say so.  Paths (click.Path) may be any bytes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        for p in self.params:
+            value = ctx.params.get(p.name or "")
+            if isinstance(p.type, click.types.StringParamType) and any(
+                    isinstance(v, str) and not _is_utf8(v) for v in (value if isinstance(value, tuple) else [value])):
+                raise click.BadParameter("not UTF-8", ctx=ctx, param=p)
+        return super().invoke(ctx)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        return False
 
 
 class Group(click.Group):
     """Turns library errors into a one-line message and a non-zero exit."""
+
+    command_class = Command
+    group_class = type  # subgroups are Groups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A group without a command is a usage error of one line, not the help text.
+        kwargs.setdefault("no_args_is_help", False)
+        super().__init__(*args, **kwargs)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        """Usage errors too are one line, "cfsdeploy: WHAT (see `COMMAND --help`)",
+        not click's usage text over several."""
+        # Paths may be any bytes: printed as they are on stdout (as ls does), escaped on stderr.
+        for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors=errors)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            fail(f"{e.format_message()} (see `{e.ctx.command_path if e.ctx else 'cfsdeploy'} --help`)",
+                 e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except (click.Abort, EOFError):
+            fail("aborted")
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,10 +126,10 @@ def image() -> None:
 
 
 @image.command("build")
-@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE")
-@click.option("--from-file", "from_file", metavar="DUMP|-",
+@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE", type=click.Path())
+@click.option("--from-file", "from_file", metavar="DUMP|-", type=click.Path(),
               help="Build from a composefs dumpfile instead of a directory.")
-@click.option("--digest-store", metavar="OBJDIR",
+@click.option("--digest-store", metavar="OBJDIR", type=click.Path(),
               help="Copy files over 64 bytes into OBJDIR, named by digest.")
 @click.option("--min-version", type=click.IntRange(0, imagewriter.FORMAT_VERSION_MAX), default=0,
               show_default=True, help="Lowest image format version to write.")
@@ -146,7 +199,7 @@ def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) ->
 
 # --- repository -----------------------------------------------------------------------
 
-repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH",
+repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH", type=click.Path(),
                            envvar="CFSDEPLOY_REPO", help="The repository (or $CFSDEPLOY_REPO).")
 
 
@@ -162,7 +215,7 @@ def init(repo_path: str) -> None:
 
 @main.command()
 @repo_option
-@click.option("--tree", required=True, metavar="DIR|tar:FILE",
+@click.option("--tree", required=True, metavar="DIR|tar:FILE", type=click.Path(),
               help="The root filesystem: a directory, or tar:FILE for an archive (streamed).")
 @click.option("--branch", "-b", required=True, help="Branch to move, e.g. debian/13/x86_64/stable.")
 @click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
@@ -173,7 +226,7 @@ def init(repo_path: str) -> None:
 @click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
 @click.option("--orphan", is_flag=True, help="Start a history with no parent.")
 @click.option("--sign-key", metavar="KEYID", help="Sign the commit with this OpenPGP key.")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
@@ -246,7 +299,7 @@ def _signature_line(sig: SignatureInfo) -> str:
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--gpg-homedir", metavar="DIR",
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(),
               help="Check signatures against the keys in this gpg home directory.")
 def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
         gpg_homedir: str | None) -> None:
@@ -306,7 +359,7 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 @main.command("ls")
 @repo_option
 @click.argument("rev")
-@click.argument("path", required=False, default="/")
+@click.argument("path", required=False, default="/", type=click.Path())
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
@@ -338,7 +391,7 @@ def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.argument("path")
+@click.argument("path", type=click.Path())
 def cat(repo_path: str, rev: str, path: str) -> None:
     """Print the content of the file PATH in commit REV (checked against its digest)."""
     from .repository import read_file
@@ -351,7 +404,7 @@ def cat(repo_path: str, rev: str, path: str) -> None:
 @main.command("checkout")
 @repo_option
 @click.argument("rev")
-@click.argument("dest", metavar="DIR")
+@click.argument("dest", metavar="DIR", type=click.Path())
 def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
     """Materialize the tree of REV in DIR (a new directory), metadata and all."""
     from .checkout import checkout
@@ -387,7 +440,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory with the trusted keys.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory with the trusted keys.")
 def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
     """Check the signature of commit REV and name its signer."""
     from .repository import verify_commit
@@ -455,9 +508,10 @@ def sysroot_options(fn: Any) -> Any:
 
 def whole_sysroot_options(fn: Any) -> Any:
     """The options of a command on a sysroot, not one os of it."""
-    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH",
+    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH", type=click.Path(),
                       help="The physical root (default /sysroot when booted into a deployment, else /).")(fn)
-    fn = click.option("--boot-dir", metavar="DIR", help="The boot directory (default: from the sysroot's config).")(fn)
+    fn = click.option("--boot-dir", metavar="DIR", type=click.Path(),
+                      help="The boot directory (default: from the sysroot's config).")(fn)
     fn = click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
                       help="How long to wait for another cfsdeploy changing deployments.")(fn)
     return fn
@@ -466,7 +520,8 @@ def whole_sysroot_options(fn: Any) -> Any:
 def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
     from .sysroot import Sysroot
 
-    s = Sysroot(sysroot_path or _default_sysroot(), boot_dir=boot_dir)
+    # An empty --sysroot is a mistake, not a request for the default one.
+    s = Sysroot(_default_sysroot() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
     s.lock_wait = wait_lock
     s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
     click.get_current_context().call_on_close(lambda: _say_repairs(s.repairs))
@@ -494,10 +549,10 @@ def sysroot() -> None:
 
 
 @sysroot.command("init")
-@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True,
+@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True, type=click.Path(),
               metavar="PATH", help="The physical root to lay out.")
 @click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot) to add.")
-@click.option("--boot-dir", metavar="DIR", help="The boot directory, relative to the sysroot or absolute "
+@click.option("--boot-dir", metavar="DIR", type=click.Path(), help="The boot directory, relative to the sysroot or absolute "
               "(default: boot).")
 @click.option("--karg", "karg_list", multiple=True, metavar="ARG",
               help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")
@@ -618,6 +673,7 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
     from . import admin
+    from .booted import boot_verity
     from .sysroot import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
@@ -627,8 +683,10 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     rows = status(state)
     broken = state.broken
     pending = staged_status(s, name)
+    checked = boot_verity(s.cmdline()) if state.booted is not None else None
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
+                               "booted_verity": checked.to_json() if checked else None,
                                "staged": pending.to_json() if pending else None,
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken],
                                "repairs": [{"kind": r.kind.value, "path": r.path, "detail": r.detail}
@@ -665,7 +723,12 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         click.echo(f"    Entry:   {r.entry.filename}")
         if r.boot_counting:
             click.echo(f"    Boot:    {r.boot_counting}")
+        if r.booted and checked is not None:
+            click.echo(f"    Verity:  {'verified' if checked.verified else 'NOT VERIFIED'}: {checked.why}")
     booted = next((r for r in rows if r.booted), None)
+    if booted is not None and checked is not None and not checked.verified:
+        click.echo(f"WARNING: the booted deployment {booted.deployment.name} is NOT VERIFIED: {checked.why}",
+                   err=True)
     if rows and rows[0].boot_failed:
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
         click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "

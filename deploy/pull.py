@@ -351,10 +351,13 @@ class _Pull:
 
     def _read_shallow(self) -> set[str]:
         try:
-            with open(self.shallow_path) as f:
-                return set(f.read().split())
+            with open(self.shallow_path, "rb") as f:
+                ids = set(f.read().split())
         except FileNotFoundError:
             return set()
+        if not all(len(i) == 40 and all(c in b"0123456789abcdef" for c in i) for i in ids):
+            raise PullError(f"{self.shallow_path} is damaged: it should list commit ids, one a line")
+        return {i.decode() for i in ids}
 
     def _write_shallow(self, ids: set[str]) -> None:
         if not ids:

@@ -24,12 +24,11 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import pygit2
 
 from . import keyring, serve, tomlfile
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from .repository import Repository
+from .repository import Repository, valid_ref_name
 
 CONFIG = "config.toml"
 CONFIG_HEADER = "cfsdeploy repository settings"
@@ -67,14 +66,25 @@ def check_name(name: str) -> str:
 
 
 def check_branch(branch: str) -> str:
-    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+    if not valid_ref_name(f"refs/heads/{branch}"):
         raise RemoteError(f"invalid branch name {branch!r}")
     return branch
 
 
 def normalize_url(url: str) -> str:
     """An http(s):// or file:// URL without a trailing slash; plain paths become file:// URLs."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        url.encode()
+    except UnicodeEncodeError:
+        raise RemoteError(f"invalid URL {url!r}: not UTF-8") from None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number, or out of range
+    except ValueError as e:
+        raise RemoteError(f"invalid URL {url!r}: {e}") from None
+    # urlsplit drops tabs and newlines silently, and http.client takes ASCII only.
+    if parts.scheme and not (url.isascii() and url.isprintable() and " " not in url):
+        raise RemoteError(f"URL with blanks, control or non-ASCII characters: {url!r}")
     if not parts.scheme:
         return "file://" + urllib.parse.quote(os.path.abspath(url))
     if parts.scheme not in SCHEMES:
@@ -97,7 +107,7 @@ def _load(repo: Repository) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise RemoteError(f"{path}: {e}") from None
 
 
@@ -108,6 +118,9 @@ def _save(repo: Repository, doc: dict[str, Any]) -> None:
 def _parse(name: str, table: object, where: str) -> Remote:
     if not isinstance(table, dict):
         raise RemoteError(f"{where}: remote {name!r} is not a table")
+    unknown = sorted(set(table) - {"url", "gpg-verify", "branch", "require-binding"})
+    if unknown:  # a typo, or a setting this version does not know: it must not be ignored
+        raise RemoteError(f"{where}: remote {name!r}: unknown setting {unknown[0]!r}")
     url, verify, branch = table.get("url"), table.get("gpg-verify", True), table.get("branch")
     # Absent: a remote added before bindings, whose server may have only unbound commits.
     binding = table.get("require-binding", False)
@@ -115,15 +128,33 @@ def _parse(name: str, table: object, where: str) -> Remote:
             or not isinstance(binding, bool)):
         raise RemoteError(f"{where}: remote {name!r} needs url (string), gpg-verify (boolean), "
                           "branch (string, optional), require-binding (boolean, optional)")
+    try:
+        check_name(name)
+        if normalize_url(url) != url:
+            raise RemoteError(f"URL {url!r} is not in the form `remote add` writes")
+        if branch is not None:
+            check_branch(branch)
+    except RemoteError as e:
+        raise RemoteError(f"{where}: remote {name!r}: {e}") from None
     return Remote(name, url, verify, branch, binding)
+
+
+def _tables(repo: Repository, doc: dict[str, Any], *, but: str | None = None) -> dict[str, Any]:
+    """The [remote] tables of a loaded config, each checked but `but`'s (so that a
+    damaged remote can still be removed)."""
+    where = os.path.join(repo.path, CONFIG)
+    tables = doc.setdefault("remote", {})
+    if not isinstance(tables, dict):
+        raise RemoteError(f"{where}: [remote] must hold one table per remote")
+    for name, table in tables.items():
+        if name != but:
+            _parse(name, table, where)
+    return tables
 
 
 def list_remotes(repo: Repository) -> list[Remote]:
     where = os.path.join(repo.path, CONFIG)
-    tables = _load(repo).get("remote", {})
-    if not isinstance(tables, dict):
-        raise RemoteError(f"{where}: [remote] must hold one table per remote")
-    return [_parse(name, table, where) for name, table in sorted(tables.items())]
+    return [_parse(name, table, where) for name, table in sorted(_tables(repo, _load(repo)).items())]
 
 
 def get(repo: Repository, name: str) -> Remote:
@@ -148,7 +179,7 @@ def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (),
                     require_binding)
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
-        tables = doc.setdefault("remote", {})
+        tables = _tables(repo, doc)
         if name in tables:
             raise RemoteError(f"remote {name!r} exists (remove it first)")
         top = os.path.join(repo.path, REMOTES_DIR)
@@ -171,9 +202,10 @@ def remove(repo: Repository, name: str, *, lock_wait: float = 60.0,
     """Forget a remote: its settings, keyring and remote branches."""
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
-        if name not in doc.get("remote", {}):
+        tables = _tables(repo, doc, but=name)
+        if name not in tables:
             raise RemoteError(f"no remote named {name!r}")
-        del doc["remote"][name]
+        del tables[name]
         _save(repo, doc)
         for ref in [r for r in repo.git.references if r.startswith(f"refs/remotes/{name}/")]:
             repo.git.references.delete(ref)

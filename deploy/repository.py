@@ -113,7 +113,7 @@ class Repository:
                 f.write(CONFIG_TEMPLATE)
                 f.flush()
                 os.fsync(f.fileno())
-            open(os.path.join(staging, "lock"), "w").close()
+            lockfile.create(os.path.join(staging, "lock"))
             os.chmod(staging, 0o755)
             if os.path.isdir(path):
                 os.rmdir(path)  # empty, checked above
@@ -251,8 +251,13 @@ class Repository:
 
 
 def _check_branch(branch: str) -> None:
-    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+    if not valid_ref_name(f"refs/heads/{branch}"):
         raise RepositoryError(f"invalid branch name {branch!r}")
+
+
+def valid_ref_name(ref: str) -> bool:
+    # libgit2 calls longer names valid, then fails to look them up (GIT_REFNAME_MAX).
+    return len(ref.encode()) < 1024 and pygit2.reference_is_valid_name(ref)
 
 
 def check_text(what: str, text: str, *, lines: bool = False) -> str:
@@ -438,7 +443,7 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
 
 def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
     ref = f"refs/tags/{name}"
-    if not pygit2.reference_is_valid_name(ref):
+    if not valid_ref_name(ref):
         raise RepositoryError(f"invalid tag name {name!r}")
     if ref in repo.git.references and not force:
         raise RepositoryError(f"tag {name!r} already exists")

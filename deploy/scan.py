@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 from . import fsverity
 from .digestcache import DigestCache
 from .errors import CfsError, TreeError
-from .objects import ObjectStore
+from .objects import ObjectStore, ObjectWriteError
 from .tree import (
     INLINE_MAX_RECOMMENDED,
     Hardlink,
@@ -253,6 +253,8 @@ def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | No
             return digest, written
         finally:
             os.close(fd)
+    except ObjectWriteError:
+        raise  # the store's failure, not the file's
     except (OSError, CfsError) as e:
         raise _named(path, e) from None
 
