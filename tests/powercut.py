@@ -191,7 +191,7 @@ def default_entry(disk: Path) -> tuple[str, str, str]:
 
 
 def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int, cuts_dir: Path,
-                spacing: tuple[float, float] = (2.0, 12.0), timeout: float = 2400, log: vm.Log = print) -> Run:
+                spacing: tuple[float, float] = (1.5, 8.0), timeout: float = 2400, log: vm.Log = print) -> Run:
     """Boot the disk straight into the cut runner (the kernel and initramfs of its
     default entry, no firmware) and cut at random moments until it is done."""
     linux, initrd, options = default_entry(disk)
