@@ -41,7 +41,7 @@ def test_os_names_with_digits_and_dots_parse() -> None:
 
 def test_entry_missing_a_key_is_rejected() -> None:
     with pytest.raises(BootError, match="missing linux"):
-        parse_entry("cfsdeploy-deb-1.conf", b"title x\ninitrd /i\noptions a\n")
+        parse_entry("cfsdeploy-deb-1.conf", b"title x\nversion 1\nsort-key cfsdeploy-deb\ninitrd /i\noptions a\n")
 
 
 def test_numbering_gives_the_first_the_highest_number() -> None:
@@ -57,7 +57,7 @@ def test_switch_replaces_our_entries_and_keeps_foreign_ones(tmp_path) -> None:
     switch_entries(boot, "deb", number([entry(0, title="new")]))
     assert sorted(os.listdir(tmp_path / "loader/entries")) == [
         "cfsdeploy-deb-1.conf", "cfsdeploy-other-1.conf", "windows.conf"]
-    assert [e.title for e in read_entries(boot, "deb")] == ["new"]
+    assert [e.title for e in read_entries(boot, "deb")[0]] == ["new"]
     assert not (tmp_path / "loader/entries.staged").exists()
 
 
@@ -90,7 +90,7 @@ def test_switch_exchanges_whole_directories(tmp_path) -> None:
     with boot_mount(tmp_path / "esp") as esp:
         switch_entries(str(esp), "deb", [entry(1)])
         switch_entries(str(esp), "deb", number([entry(0, title="b"), entry(0, title="a")]))
-        assert [e.title for e in read_entries(str(esp), "deb")] == ["b", "a"]
+        assert [e.title for e in read_entries(str(esp), "deb")[0]] == ["b", "a"]
         assert os.listdir(esp / "loader") == ["entries"]
 
 
