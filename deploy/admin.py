@@ -240,8 +240,9 @@ def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
 
 def _set_aside_entries(sysroot: Sysroot, state: State) -> None:
     """Before a switch drops them: copy aside the entries that failed to parse or name no
-    usable deployment, where they might name a directory that exists, which then stays."""
-    present = sysroot.directories(state.os)
+    usable deployment, where they might name a deployment directory that exists, which
+    then stays (with the kernels they name)."""
+    present = [n for n in os.listdir(sysroot.os_dir(state.os)) if deployment.is_name(n)]
     directory = os.path.join(sysroot.boot, bootloader.ENTRIES)
     drop = [d for d in state.damaged if d.kind == Kind.ENTRY]
     drop += [Damaged(Kind.ENTRY, os.path.join(directory, e.filename), why, e.render()) for e, why in state.broken]
