@@ -145,7 +145,7 @@ def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
             try:
                 name = bootloader.check_kver(kver.decode("ascii", errors="replace"))
             except bootloader.BootError as e:
-                raise DeployError(f"commit {cid[:12]}: /usr/lib/modules/{kver!r}: {e}") from None
+                raise DeployError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
             if initrd is None or not resolve(initrd).is_reg():
                 raise DeployError(f"commit {cid[:12]} has a kernel {name} but no "
                                   f"/usr/lib/modules/{name}/initramfs.img")
@@ -242,7 +242,7 @@ def _set_aside_entries(sysroot: Sysroot, state: State) -> None:
     """Before a switch drops them: copy aside the entries that failed to parse or name no
     usable deployment, where they might name a deployment directory that exists, which
     then stays (with the kernels they name)."""
-    present = [n for n in os.listdir(sysroot.os_dir(state.os)) if deployment.is_name(n)]
+    present = [n for n in sysroot.directories(state.os) if deployment.is_name(n)]
     directory = os.path.join(sysroot.boot, bootloader.ENTRIES)
     drop = [d for d in state.damaged if d.kind == Kind.ENTRY]
     drop += [Damaged(Kind.ENTRY, os.path.join(directory, e.filename), why, e.render()) for e, why in state.broken]

@@ -142,16 +142,21 @@ def edit(args: list[str], *, append: tuple[str, ...] = (), delete: tuple[str, ..
         old, sep2, new = _partition_unquoted(rest)
         if sep2:
             targets = [i for i, a in enumerate(out) if a == f"{k}={old}"]
-            replacement = f"{k}={new}"
+            replacement = check(f"{k}={new}")
         else:
             targets = [i for i, a in enumerate(out) if key(a) == k]
-            replacement = r
+            replacement = check(r)
         if not targets:
             raise KargsError(f"no kernel argument {k!r} to replace")
         for i in targets:
             out[i] = replacement
-    out += append
-    return check_line([check(a) for a in out])
+    for a in out:  # what was on the command line before, too
+        try:
+            check(a)
+        except KargsError as e:
+            raise KargsError(f"{e}; it is on the command line now: remove it with "
+                             "`cfsdeploy kargs --delete` (or `deploy --karg-delete`)") from None
+    return check_line(out + [check(a) for a in append])
 
 
 @dataclass(frozen=True)

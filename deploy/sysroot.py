@@ -198,7 +198,8 @@ class Sysroot:
                 raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
         else:
             config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
-                            kargs=[kargs.check(a) for a in karg_list or []], tries=check_tries(tries, "tries"))
+                            kargs=kargs.check_line([kargs.check(a) for a in karg_list or []]),
+                            tries=check_tries(tries, "tries"))
             os.makedirs(top, exist_ok=True)
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))
@@ -226,9 +227,11 @@ class Sysroot:
     def directories(self, os_name: str) -> list[str]:
         """The names of the os's deployment and kernel directories."""
         out = []
-        for top in (self.os_dir(os_name), os.path.join(self.boot, "cfsdeploy", os_name)):
-            with contextlib.suppress(FileNotFoundError):
-                out += os.listdir(top)
+        with contextlib.suppress(FileNotFoundError):
+            out += [n for n in os.listdir(self.os_dir(os_name)) if deployment.is_name(n)]
+        with contextlib.suppress(FileNotFoundError):
+            out += [n for n in os.listdir(os.path.join(self.boot, "cfsdeploy", os_name))
+                    if bootloader.KERNEL_DIR.fullmatch(n)]
         return out
 
     def os_names(self) -> list[str]:
