@@ -115,8 +115,10 @@ def load_commit(repo: Repository, rev: str) -> Commit:
     kver, kernel, initramfs = find_kernel(root, cid)
     t = trailers(c.message)
     fmt = t.get(TRAILER_FORMAT, "0")
+    # The version is text of the commit that goes into records and titles: one plain line.
+    version = bootloader.clean_title(t[TRAILER_VERSION]) or None if TRAILER_VERSION in t else None
     return Commit(cid, data, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
-                  t.get(TRAILER_VERSION), kver, kernel, initramfs)
+                  version, kver, kernel, initramfs)
 
 
 def origin_of(repo: Repository, rev: str) -> Origin | None:

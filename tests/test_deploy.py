@@ -270,6 +270,14 @@ def test_quoted_karg_with_spaces_boots_as_meant_through_every_rewrite(machine) -
     # ... and the fixture's guard checks that bootctl reads both entries so.
 
 
+def test_title_from_the_commit_is_one_plain_line(machine) -> None:
+    (machine.tree / "usr/lib/os-release").write_bytes(b'PRETTY_NAME="Evil\x1b[2J\x00OS\xe2\x80\xae 1"\n')
+    sysroot = machine.sysroot
+    sysroot.repo.commit(machine.tree, BRANCH, "build", version="1\x07")
+    deploy(machine)
+    assert sysroot.state(OS).entries[0].title == f"Evil [2J OS 1 (cfsdeploy {OS})"
+
+
 @pytest.mark.parametrize("kver", ["6.1\noptions systemd.unit=rescue.target x=", ".6.12"])
 @pytest.mark.parametrize("stage", [False, True], ids=["deploy", "stage"])
 def test_module_directory_that_is_no_plain_version_is_refused(machine, kver, stage) -> None:
