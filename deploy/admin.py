@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Callable, Concatenate, ParamSpec, TypeVar
 import pygit2
 
 from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs, staged
-from .bootloader import BootEntry, Damaged, Kernel, Kind
+from .bootloader import BootEntry, Damaged, Kernel, Kind, Repair, RepairKind
 from .checkout import checkout
 from .deployment import Deployment, Origin
 from .errors import CfsError, VerityError
 from .etcmerge import MergeReport, merge_etc
-from .fsutil import exchange, force_rmtree, fsync_dir, syncfs
+from .fsutil import exchange, fsync_dir, remove_tree, syncfs
 from .repository import (
     MANIFEST,
     TRAILER_FORMAT,
@@ -234,10 +234,10 @@ def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
     counters; `verity` changes the cfsdeploy.verity= of deployments it names."""
     by_name = {d.name: e for d, e in zip(state.deployments, state.entries)}
     by_name.update(new_entries or {})
-    entries = bootloader.number(_refresh(by_name[d.name], d, (verity or {}).get(d.name)) for d in order)
     _set_aside_entries(sysroot, state)
-    bootloader.switch_entries(sysroot.boot, state.os, entries)
-    return entries
+    return bootloader.switch_entries(sysroot.boot, state.os,
+                                     [_refresh(by_name[d.name], d, (verity or {}).get(d.name)) for d in order],
+                                     sysroot.switch_record)
 
 
 def _set_aside_entries(sysroot: Sysroot, state: State) -> None:
@@ -314,9 +314,41 @@ def _load_staged(sysroot: Sysroot) -> Staged | None:
 
 
 def _prepare(sysroot: Sysroot, os_name: str) -> State:
-    """Under the lock, before a change: clear leftovers of interrupted runs."""
-    bootloader.clean_staged(sysroot.boot)
+    """Under the lock, before a change: finish or clear what interrupted runs left."""
+    recover(sysroot)
     return _settle(sysroot, os_name)[0]
+
+
+def repair(sysroot: Sysroot) -> list[Repair]:
+    """recover() where something looks broken (what status runs: it takes the lock
+    only then)."""
+    damaged = bootloader.needs_recovery(sysroot.boot, sysroot.switch_record) or any(
+        k is not None and not os.path.isfile(os.path.join(sysroot.boot, k.relpath, bootloader.COMPLETE))
+        for os_name in sysroot.os_names() for k in _kernels(sysroot.state(os_name)))
+    return recover(sysroot) if damaged else []
+
+
+@locked
+def recover(sysroot: Sysroot) -> list[Repair]:
+    """Finish an interrupted switch of the boot entries and put back the kernels
+    entries name that a crash tore; what was done is also kept in sysroot.repairs."""
+    repairs = bootloader.recover(sysroot.boot, sysroot.switch_record)
+    for os_name in sysroot.os_names():
+        state = sysroot.state(os_name)
+        for dep, e in zip(state.deployments, state.entries):
+            k = bootloader.kernel_of(e)
+            if k is None or bootloader.kernel_complete(sysroot.boot, k):
+                continue
+            where = os.path.join(sysroot.boot, k.relpath)
+            try:
+                installed = _install_kernel(sysroot, os_name, load_commit(sysroot.repo, dep.commit))
+            except CfsError as err:
+                repairs.append(Repair(RepairKind.BROKEN_KERNEL, where, f"for {dep.name}: {err}"))
+                continue
+            repairs.append(Repair(RepairKind.REINSTALLED_KERNEL, where,
+                                  f"for {dep.name}" + ("" if installed == k else f" as {installed.dirname}")))
+    sysroot.repairs += repairs
+    return repairs
 
 
 # --- deploy -----------------------------------------------------------------------------
@@ -477,7 +509,7 @@ def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:
     node = lookup(c.root, b"/var")
     assert isinstance(node, Inode)
     staging = os.path.join(sysroot.os_dir(os_name), ".var.new")
-    force_rmtree(staging, ignore_errors=True)
+    remove_tree(staging, ignore_errors=True)
     checkout(node, sysroot.repo.objects, staging)
     syncfs(staging)
     os.rename(staging, var)  # replaces the empty directory in one step
@@ -616,7 +648,7 @@ def _remake_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment, dep: Deploym
     exchange(os.path.join(aside, "etc"), os.path.join(sysroot.dir_of(dep), "etc"))
     fsync_dir(sysroot.dir_of(dep))
     fsync_dir(aside)
-    force_rmtree(aside)
+    remove_tree(aside)
     return report
 
 

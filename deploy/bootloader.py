@@ -1,40 +1,52 @@
 """Boot Loader Specification Type #1 entries, kernels in the boot directory, and the switch.
 
     BOOT/loader/entries/cfsdeploy-<os>-<n>[+<left>[-<done>]].conf
-    BOOT/cfsdeploy/<os>/<kver>-<12 hex of sha256(kernel+initramfs)>/{vmlinuz,initramfs.img}
+    BOOT/cfsdeploy/<os>/<kver>-<12 hex of sha256(kernel+initramfs)>/{vmlinuz,initramfs.img,complete}
+    SYSROOT/cfsdeploy/boot-switch.json      the switch in progress (removed when done)
 
 An os's deployments are its entries in order of <n>, highest first: the highest is the
 default, the next the rollback.  GRUB sorts entries by file name (read as a version,
 descending) and systemd-boot by `sort-key` ascending then `version` descending; all of
 an os's entries share one sort-key and carry <n> as version, so both agree.
 
-The switch: the whole new set of entries (ours rewritten, other entries copied) is
-written to loader/entries.staged and exchanged with loader/entries in one
-renameat2(RENAME_EXCHANGE), which ext4, xfs, btrfs and (since Linux 6.0) vfat ESPs do
-atomically.  A crash leaves either the old directory or the new one in place, never a
-mix; the leftover staged directory is removed by the next writer.
+The boot directory is usually a vfat ESP: no journal, and Linux writes a change's
+FAT sectors and directory sectors back in no set order.  So nothing here relies on
+a rename (a torn one leaves two names on the same clusters); every step is made
+durable (syncfs) before the next one starts, and each step is one whose partial
+writes still leave a bootable directory:
+
+  1. a kernel directory is written under its final name, made durable, then marked
+     `complete` (an empty file: a name and no clusters); no entry names it before;
+  2. the switch is recorded on the sysroot (journaled) before the boot directory
+     changes, so an interrupted one is finished by recover();
+  3. new entry files get numbers above every existing one and are written default
+     first: once the default's file is on disk it wins, before that the old
+     default still does;
+  4. only when all new files are durable do replaced entries go, names first while
+     the files are held open, then their clusters (remove_durably);
+  5. kernel directories no entry names go last, the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import hashlib
+import json
 import os
 import re
-import shutil
 import stat
 import unicodedata
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import BinaryIO, Iterable
 
 from . import kargs
 from .errors import CfsError
-from .fsutil import exchange, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, syncfs
 
 ENTRIES = "loader/entries"
-STAGED = "loader/entries.staged"
+STAGED = "loader/entries.staged"  # what switches of older versions left
 KERNEL = "vmlinuz"
 INITRAMFS = "initramfs.img"
 MAX_TRIES = 99
@@ -74,7 +86,7 @@ def clean_title(text: str) -> str:
     return " ".join(text.split())[:MAX_TITLE]
 
 
-class Kind(str, enum.Enum):
+class Kind(str, Enum):
     ENTRY = "entry"          # a boot entry of the os
     STAGED = "staged"        # the staged record
     ASIDE = "aside"          # a damaged record set aside
@@ -132,8 +144,10 @@ class BootEntry:
         return kargs.value(kargs.split(self.options), key)
 
     def fields(self) -> dict[str, str]:
+        """The entry's lines, in the order written: `linux` last, since a file cut short
+        by a crash then lacks it, and loaders skip it."""
         return {"title": self.title, "version": str(self.index), "sort-key": self.sort_key,
-                "linux": self.linux, "initrd": self.initrd, "options": self.options}
+                "options": self.options, "initrd": self.initrd, "linux": self.linux}
 
     def render(self) -> bytes:
         """The entry file; BootError for a field that would not parse back as it is."""
@@ -215,7 +229,12 @@ def read_record(path: str, limit: int = MAX_ENTRY) -> bytes:
     return data
 
 
-def read_entries(boot: str, os_name: str) -> tuple[list[BootEntry], list[Damaged]]:
+def read_entries(boot: str, os_name: str) -> list[BootEntry]:
+    """The os's entries that parse, in boot order (default first)."""
+    return scan_entries(boot, os_name)[0]
+
+
+def scan_entries(boot: str, os_name: str) -> tuple[list[BootEntry], list[Damaged]]:
     """The os's entries in boot order (default first), and those that failed to parse
     or share their number with another (which of them boots is the loader's guess)."""
     directory = os.path.join(boot, ENTRIES)
@@ -244,64 +263,267 @@ def read_entries(boot: str, os_name: str) -> tuple[list[BootEntry], list[Damaged
     return out, damaged
 
 
-def number(entries: Iterable[BootEntry]) -> list[BootEntry]:
-    """Renumber entries given in boot order so the first gets the highest number."""
+def number(entries: Iterable[BootEntry], existing: Iterable[BootEntry] = (), above: int = 0) -> list[BootEntry]:
+    """Number entries given in boot order so the first gets the highest number.
+
+    An entry already on disk (in `existing`) keeps its file (number, boot counter)
+    when its text is unchanged and its number still sorts above the entry after it;
+    every other one gets a number above `above` and all that exist, so new files
+    never collide with the ones they replace, and the first one written (the
+    default) takes over the boot at once (see switch_entries)."""
     entries = list(entries)
-    return [replace(e, index=len(entries) - i) for i, e in enumerate(entries)]
+    on_disk = {e.filename: e for e in existing}
+    top = max([above, *(e.index for e in on_disk.values())])
+    out: list[BootEntry] = []
+    floor = 0
+    for e in reversed(entries):
+        if not (e.index > floor and on_disk.get(e.filename) == e):
+            top += 1
+            e = replace(e, index=top)
+        floor = e.index
+        out.append(e)
+    return out[::-1]
 
 
-def clean_staged(boot: str) -> None:
-    """Remove what an interrupted switch left behind (call under the lock)."""
-    shutil.rmtree(os.path.join(boot, STAGED), ignore_errors=True)
+@dataclass(frozen=True)
+class Plan:
+    """A switch of an os's entries, as recorded before it starts: the files to
+    write, default first, and the entries (by id) to remove once they are durable."""
+    os: str
+    write: list[tuple[str, bytes]]
+    remove: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return {"os": self.os, "write": [[n, d.decode()] for n, d in self.write], "remove": self.remove}
+
+    @classmethod
+    def parse(cls, data: bytes) -> Plan:
+        """A plan read back from disk, checked before anything is done with it."""
+        try:
+            doc = json.loads(data)
+            os_name, write, remove = doc["os"], doc["write"], doc["remove"]
+            if not (isinstance(os_name, str) and isinstance(write, list) and isinstance(remove, list)):
+                raise TypeError
+            plan = cls(os_name, [(str(n), str(d).encode()) for n, d in write], [str(i) for i in remove])
+        except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+            raise BootError("not a boot-entry switch record") from None
+        for name, text in plan.write:
+            if entry_os(name) != plan.os:
+                raise BootError(f"switch record names {name!r}, not an entry of os {plan.os!r}")
+            parse_entry(name, text)
+        for id_ in plan.remove:
+            if entry_os(id_ + ".conf") != plan.os:
+                raise BootError(f"switch record removes {id_!r}, not an entry of os {plan.os!r}")
+        return plan
 
 
-def switch_entries(boot: str, os_name: str, entries: list[BootEntry]) -> None:
-    """Make `entries` the os's whole set of boot entries, in one atomic step."""
-    loader = os.path.join(boot, "loader")
-    current = os.path.join(boot, ENTRIES)
-    staged = os.path.join(boot, STAGED)
-    os.makedirs(loader, exist_ok=True)
-    clean_staged(boot)
-    os.mkdir(staged)
+class RepairKind(Enum):
+    FINISHED_SWITCH = "finished-switch"      # an interrupted switch of entries, completed
+    REMOVED_LEFTOVER = "removed-leftover"    # what an interrupted older switch left
+    DAMAGED_RECORD = "damaged-record"        # a switch record that does not parse, set aside
+    SUSPECT_LEFTOVER = "suspect-leftover"    # a leftover that may share clusters: left for fsck
+    REINSTALLED_KERNEL = "reinstalled-kernel"  # an entry's kernel or initramfs was missing or torn
+    BROKEN_KERNEL = "broken-kernel"          # ... and could not be put back
+
+
+@dataclass(frozen=True)
+class Repair:
+    kind: RepairKind
+    path: str
+    detail: str = ""
+
+
+def entry_files(boot: str, os_name: str) -> dict[str, str]:
+    """The os's entry files by entry id (its name without the boot counter), whatever
+    their content."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(os.path.join(boot, ENTRIES)):
+            if entry_os(name) == os_name:
+                out[_id(name)] = name
+    return out
+
+
+def switch_entries(boot: str, os_name: str, entries: list[BootEntry], record: str) -> list[BootEntry]:
+    """Make `entries` (in boot order) the os's whole set of boot entries; returns them
+    numbered.  The plan is first made durable in `record` (on the sysroot, whose
+    journal orders what vfat does not), so that recover() completes an interrupted
+    switch; on the boot directory, the new files, default first, are durable before
+    any old one goes (see docs/architecture.md, "Writing the boot directory")."""
+    for e in entries:
+        if e.os != os_name:
+            raise BootError(f"entry {e.id} is not of os {os_name!r}")
+    files = entry_files(boot, os_name)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            for name in sorted(os.listdir(current)):
-                if entry_os(name) != os_name:
-                    with open(os.path.join(current, name), "rb") as f:
-                        _write_synced(os.path.join(staged, name), f.read())
-        for e in entries:
-            if e.os != os_name:
-                raise BootError(f"entry {e.id} is not of os {os_name!r}")
-            _write_synced(os.path.join(staged, e.filename), e.render())
-        fsync_dir(staged)
-        if os.path.isdir(current):
-            _exchange(staged, current)
-        else:
-            os.rename(staged, current)
-        fsync_dir(loader)
+        current = read_entries(boot, os_name)
+    except BootError:
+        current = []
+    numbered = number(entries, current, above=max((_number_of(i) for i in files), default=0))
+    keep = {e.filename for e in numbered}
+    plan = Plan(os_name, [(e.filename, e.render()) for e in numbered if e not in current],
+                sorted(i for i, name in files.items() if name not in keep))
+    if not plan.write and not plan.remove:
+        return numbered
+    atomic_write_bytes(record, json.dumps(plan.to_json()).encode())
+    _carry_out(boot, plan, record)
+    return numbered
+
+
+def _carry_out(boot: str, plan: Plan, record: str) -> None:
+    """Apply a recorded plan and drop the record; where the boot directory is full,
+    undo what was written (nothing old is removed before every new file is there)."""
+    try:
+        _apply(boot, plan)
     except OSError as e:
-        clean_staged(boot)
-        if e.errno == errno.ENOSPC:
-            raise BootError(f"boot directory {boot} is full: cannot write boot entries") from None
-        raise
-    clean_staged(boot)
+        if e.errno != errno.ENOSPC:
+            raise
+        present = entry_files(boot, plan.os)
+        remove_durably(boot, [os.path.join(boot, ENTRIES, present[i])
+                              for i in {_id(n) for n, _ in plan.write} if i in present])
+        os.unlink(record)
+        fsync_dir(os.path.dirname(record))
+        raise BootError(f"boot directory {boot} is full: cannot write boot entries") from None
+    os.unlink(record)
+    fsync_dir(os.path.dirname(record))
+
+
+def _id(filename: str) -> str:
+    m = _ENTRY_NAME.fullmatch(filename)
+    assert m is not None
+    return f"cfsdeploy-{m['os']}-{m['n']}"
+
+
+def _number_of(entry_id: str) -> int:
+    return int(entry_id.rsplit("-", 1)[1])
+
+
+def _apply(boot: str, plan: Plan) -> None:
+    """Carry out a plan, or finish one a crash interrupted: files already written
+    whole are kept (whatever boot counting renamed them to), torn ones rewritten."""
+    directory = os.path.join(boot, ENTRIES)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        syncfs(boot)
+    present = entry_files(boot, plan.os)
+    pending, torn = [], []
+    for name, data in plan.write:
+        have = present.get(_id(name))
+        if have is None or _read(os.path.join(directory, have)) != data:
+            pending.append((name, data))
+            if have is not None:
+                torn.append(os.path.join(directory, have))
+    remove_durably(boot, torn)
+    for name, data in pending:
+        _write_synced(os.path.join(directory, name), data)
+    syncfs(boot)
+    present = entry_files(boot, plan.os)
+    remove_durably(boot, [os.path.join(directory, present[i]) for i in plan.remove if i in present])
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return None
+
+
+def recover(boot: str, record: str) -> list[Repair]:
+    """Finish what an interrupted switch left (call under the lock): the switch
+    recorded in `record`, and the staging directory of older versions."""
+    repairs = []
+    leftover = os.path.join(boot, STAGED)
+    if os.path.isdir(leftover) and not os.path.islink(leftover):
+        ours = os.path.join(boot, ENTRIES)
+        if _listing(leftover) == _listing(ours):
+            # Both names may hold the same clusters after a torn exchange on vfat:
+            # removing one would free the other's files.  fsck.vfat sorts it out.
+            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover,
+                                  f"same files as {ours}: check the boot filesystem with fsck.vfat"))
+        else:
+            remove_durably(boot, _tree(leftover))
+            repairs.append(Repair(RepairKind.REMOVED_LEFTOVER, leftover))
+    try:
+        with open(record, "rb") as f:
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        return repairs
+    try:
+        plan = Plan.parse(data)
+    except BootError as e:
+        aside = record + ".damaged"
+        os.replace(record, aside)
+        fsync_dir(os.path.dirname(record))
+        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, str(e))]
+    _carry_out(boot, plan, record)
+    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES),
+                             f"os {plan.os}: {len(plan.write)} written, {len(plan.remove)} removed")]
+
+
+def needs_recovery(boot: str, record: str) -> bool:
+    """Whether recover() has anything to do (a cheap look, without the lock)."""
+    return os.path.lexists(record) or os.path.lexists(os.path.join(boot, STAGED))
+
+
+def _listing(directory: str) -> list[tuple[str, bytes | None]]:
+    try:
+        return sorted((n, _read(os.path.join(directory, n))) for n in os.listdir(directory))
+    except OSError:
+        return []
 
 
 def _write_synced(path: str, data: bytes) -> None:
+    """Create a file and make it durable: on vfat, fsync writes its data, then its
+    directory entry, then its clusters in the FAT."""
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _exchange(a: str, b: str) -> None:
+def _tree(top: str) -> list[str]:
+    """Every path below and including top, children before their directory; symlinks
+    are names to remove, never followed."""
+    if not stat.S_ISDIR(os.lstat(top).st_mode):
+        return [top]
+    out = []
+    with os.scandir(top) as it:
+        for d in it:
+            if d.is_dir(follow_symlinks=False):
+                out += _tree(d.path)
+            else:
+                out.append(d.path)
+    return out + [top]
+
+
+def remove_durably(boot: str, paths: list[str]) -> None:
+    """Remove files and directories (children listed before their directory) from the
+    boot filesystem so that at every instant each is either there whole or unnamed.
+
+    vfat frees a removed file's clusters in the FAT and drops its name from its
+    directory in one writeback, in no set order: a name that reaches the disk after
+    its clusters were freed (and perhaps given to a new file) is what broke ESPs.
+    So the names go first, each file held open so its clusters stay allocated, and
+    are made durable; only then are the files closed and their clusters freed."""
+    if not paths:
+        return
+    held = []
     try:
-        exchange(a, b)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            raise BootError(f"the filesystem of {b} cannot exchange directories atomically "
-                            "(renameat2 RENAME_EXCHANGE; vfat needs Linux 6.0 or newer)") from None
-        raise
+        for p in paths:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(p)
+                continue
+            held.append(os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p)
+            else:
+                os.unlink(p)
+        syncfs(boot)
+    finally:
+        for fd in held:
+            os.close(fd)
+    syncfs(boot)
 
 
 # --- kernels ----------------------------------------------------------------------------
@@ -333,6 +555,9 @@ def kernel_of(entry: BootEntry) -> Kernel | None:
     return Kernel(m[1], m[2])
 
 
+COMPLETE = "complete"
+
+
 def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initramfs: BinaryIO) -> Kernel:
     """Copy a kernel and its initramfs into the boot directory, once per distinct pair."""
     h = hashlib.sha256()
@@ -344,8 +569,10 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
             need += len(chunk)
     k = Kernel(os_name, f"{kver}-{h.hexdigest()[:12]}")
     dest = os.path.join(boot, k.relpath)
-    if os.path.isdir(dest):
+    if kernel_complete(boot, k):
         return k
+    if os.path.lexists(dest):  # torn by a crash: no entry can name it yet
+        remove_durably(boot, _tree(dest))
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     st = os.statvfs(parent)
@@ -353,21 +580,21 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
         free = st.f_bavail * st.f_frsize
         raise BootError(f"boot directory {boot} is full: the kernel and initramfs need "
                         f"{need} bytes, {free} are free (try `cfsdeploy cleanup`)")
-    staging = os.path.join(parent, f".{k.dirname}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging)
     try:
+        os.mkdir(dest)
         for f, name in ((kernel, KERNEL), (initramfs, INITRAMFS)):
             f.seek(0)
-            with open(os.path.join(staging, name), "xb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
+            with open(os.path.join(dest, name), "xb") as out:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-        fsync_dir(staging)
-        os.rename(staging, dest)
-        fsync_dir(parent)
+        syncfs(boot)
+        _write_synced(os.path.join(dest, COMPLETE), b"")
+        syncfs(boot)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_durably(boot, _tree(dest))
         if e.errno == errno.ENOSPC:
             raise BootError(f"boot directory {boot} is full: cannot install kernel {kver} "
                             "(try `cfsdeploy cleanup`)") from None
@@ -375,17 +602,34 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
     return k
 
 
+def kernel_complete(boot: str, k: Kernel) -> bool:
+    """Whether the kernel directory was written whole; one from an older version
+    (which renamed it into place whole) is checked against its name once and marked."""
+    dest = os.path.join(boot, k.relpath)
+    if os.path.isfile(os.path.join(dest, COMPLETE)):
+        return True
+    h = hashlib.sha256()
+    try:
+        for name in (KERNEL, INITRAMFS):
+            with open(os.path.join(dest, name), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    except OSError:
+        return False
+    if not k.dirname.endswith("-" + h.hexdigest()[:12]):
+        return False
+    _write_synced(os.path.join(dest, COMPLETE), b"")
+    syncfs(boot)
+    return True
+
+
 def remove_unused_kernels(boot: str, os_name: str, keep: Iterable[Kernel]) -> list[str]:
     """Remove the os's kernel directories (and staging leftovers) not in `keep`."""
     keep_names = {k.dirname for k in keep if k.os == os_name}
     top = os.path.join(boot, "cfsdeploy", os_name)
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir(top)):
-            if name not in keep_names:
-                shutil.rmtree(os.path.join(top, name))
-                removed.append(name)
-        if removed:
-            fsync_dir(top)
+    try:
+        removed = sorted(n for n in os.listdir(top) if n not in keep_names)
+    except FileNotFoundError:
+        return []
+    remove_durably(boot, [p for n in removed for p in _tree(os.path.join(top, n))])
     return removed
-

@@ -4,6 +4,10 @@ Entries are created in manifest order, each owner set before its mode (chown
 clears setuid bits and file capabilities) and its xattrs after; directories get
 their mode, xattrs and mtime last, deepest first, so a read-only directory can
 still be filled.  The tree is built beside the destination and renamed into place.
+
+A subtree (deploy checks out /etc and /var alone) may hold hardlinks to a file whose
+primary name lies outside it, as trees deduplicated by hardlink tools do: the first
+such name inside the subtree becomes the file, and the others link to it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import stat
 import tempfile
 
 from .errors import CfsError
-from .fsutil import copy_fd, force_rmtree
+from .fsutil import copy_fd, remove_tree
 from .objects import ObjectStore
 from .tree import Hardlink, Inode, walk
 
@@ -83,11 +87,17 @@ def checkout(root: Inode, store: ObjectStore, dest: str | os.PathLike[str]) -> N
                 _create(path, entry, store)
                 _finish(path, entry)
         for path, target in links:
-            os.link(primary[id(target)], path)
+            first = primary.get(id(target))
+            if first is None:
+                _create(path, target, store)
+                _finish(path, target)
+                primary[id(target)] = path
+            else:
+                os.link(first, path)
         for path, node in reversed(dirs):
             _finish(path, node)
         os.rename(staging, dest_s)
     except BaseException:
-        force_rmtree(staging, ignore_errors=True)
+        remove_tree(staging, ignore_errors=True)
         raise
 

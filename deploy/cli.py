@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import click
 
@@ -18,6 +19,7 @@ from .fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .admin import DeployResult
+    from .bootloader import Repair
     from .deployment import Origin
     from .etcmerge import MergeReport
     from .progress import Progress
@@ -28,12 +30,64 @@ if TYPE_CHECKING:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"cfsdeploy: {message}", err=True)
+    # A hostile name's newline or escape sequence is shown escaped: one line stays one.
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    click.echo(f"cfsdeploy: {shown}", err=True)
     sys.exit(code)
+
+
+class Command(click.Command):
+    """Text (names, messages, URLs, kernel arguments) must be UTF-8: it goes into
+    refs, commits and files that say so.  Paths (click.Path) may be any bytes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        for p in self.params:
+            value = ctx.params.get(p.name or "")
+            if isinstance(p.type, click.types.StringParamType) and any(
+                    isinstance(v, str) and not _is_utf8(v) for v in (value if isinstance(value, tuple) else [value])):
+                raise click.BadParameter("not UTF-8", ctx=ctx, param=p)
+        return super().invoke(ctx)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        return False
 
 
 class Group(click.Group):
     """Turns library errors into a one-line message and a non-zero exit."""
+
+    command_class = Command
+    group_class = type  # subgroups are Groups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A group without a command is a usage error of one line, not the help text.
+        kwargs.setdefault("no_args_is_help", False)
+        super().__init__(*args, **kwargs)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        """Usage errors too are one line, "cfsdeploy: WHAT (see `COMMAND --help`)",
+        not click's usage text over several."""
+        # Paths may be any bytes: printed as they are on stdout (as ls does), escaped on stderr.
+        for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors=errors)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            fail(f"{e.format_message()} (see `{e.ctx.command_path if e.ctx else 'cfsdeploy'} --help`)",
+                 e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except (click.Abort, EOFError):
+            fail("aborted")
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,10 +127,10 @@ def image() -> None:
 
 
 @image.command("build")
-@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE")
-@click.option("--from-file", "from_file", metavar="DUMP|-",
+@click.argument("args", nargs=-1, required=True, metavar="[DIR] IMAGE", type=click.Path())
+@click.option("--from-file", "from_file", metavar="DUMP|-", type=click.Path(),
               help="Build from a composefs dumpfile instead of a directory.")
-@click.option("--digest-store", metavar="OBJDIR",
+@click.option("--digest-store", metavar="OBJDIR", type=click.Path(),
               help="Copy files over 64 bytes into OBJDIR, named by digest.")
 @click.option("--min-version", type=click.IntRange(0, imagewriter.FORMAT_VERSION_MAX), default=0,
               show_default=True, help="Lowest image format version to write.")
@@ -146,7 +200,7 @@ def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) ->
 
 # --- repository -----------------------------------------------------------------------
 
-repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH",
+repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH", type=click.Path(),
                            envvar="CFSDEPLOY_REPO", help="The repository (or $CFSDEPLOY_REPO).")
 
 
@@ -162,22 +216,24 @@ def init(repo_path: str) -> None:
 
 @main.command()
 @repo_option
-@click.option("--tree", required=True, metavar="DIR|tar:FILE",
+@click.option("--tree", required=True, metavar="DIR|tar:FILE", type=click.Path(),
               help="The root filesystem: a directory, or tar:FILE for an archive (streamed).")
 @click.option("--branch", "-b", required=True, help="Branch to move, e.g. debian/13/x86_64/stable.")
 @click.option("--subject", "-m", required=True, help="One-line subject of the commit.")
 @click.option("--body", help="Longer description.")
 @click.option("--version", "os_version", help="Human version of this OS build (Cfsdeploy-Version).")
+@click.option("--bind", multiple=True, metavar="BRANCH",
+              help="Also bind the commit to BRANCH, for pulls of it (repeatable; BRANCH is bound anyway).")
 @click.option("--parent", metavar="REV", help="Parent commit (default: the branch head).")
 @click.option("--orphan", is_flag=True, help="Start a history with no parent.")
 @click.option("--sign-key", metavar="KEYID", help="Sign the commit with this OpenPGP key.")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory holding the key.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory holding the key.")
 @click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another writer.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
               help="Files read at once, by as many processes (default: one per CPU).")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
-           os_version: str | None, parent: str | None, orphan: bool, sign_key: str | None,
+           os_version: str | None, bind: tuple[str, ...], parent: str | None, orphan: bool, sign_key: str | None,
            gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
@@ -193,7 +249,7 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
                    f"{st.objects_written} new objects")
 
     with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
-        result = repo.commit(tree, branch, subject, body=body, version=os_version, parent=parent,
+        result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
                              orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
                              threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
         update_server_info(repo)
@@ -216,6 +272,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Author:  {info.author}")
     if info.version:
         click.echo(f"Version: {info.version}")
+    if full and info.branches:
+        click.echo(f"Branch:  {', '.join(info.branches)}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
     if info.signature:
@@ -242,7 +300,7 @@ def _signature_line(sig: SignatureInfo) -> str:
 @click.argument("rev", required=False, default="HEAD")
 @click.option("-n", "--max-count", type=int, help="Show at most this many commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--gpg-homedir", metavar="DIR",
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(),
               help="Check signatures against the keys in this gpg home directory.")
 def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
         gpg_homedir: str | None) -> None:
@@ -302,7 +360,7 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 @main.command("ls")
 @repo_option
 @click.argument("rev")
-@click.argument("path", required=False, default="/")
+@click.argument("path", required=False, default="/", type=click.Path())
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
@@ -334,7 +392,7 @@ def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.argument("path")
+@click.argument("path", type=click.Path())
 def cat(repo_path: str, rev: str, path: str) -> None:
     """Print the content of the file PATH in commit REV (checked against its digest)."""
     from .repository import read_file
@@ -347,7 +405,7 @@ def cat(repo_path: str, rev: str, path: str) -> None:
 @main.command("checkout")
 @repo_option
 @click.argument("rev")
-@click.argument("dest", metavar="DIR")
+@click.argument("dest", metavar="DIR", type=click.Path())
 def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
     """Materialize the tree of REV in DIR (a new directory), metadata and all."""
     from .checkout import checkout
@@ -383,7 +441,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 @main.command()
 @repo_option
 @click.argument("rev")
-@click.option("--gpg-homedir", metavar="DIR", help="The gpg home directory with the trusted keys.")
+@click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory with the trusted keys.")
 def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
     """Check the signature of commit REV and name its signer."""
     from .repository import verify_commit
@@ -451,9 +509,10 @@ def sysroot_options(fn: Any) -> Any:
 
 def whole_sysroot_options(fn: Any) -> Any:
     """The options of a command on a sysroot, not one os of it."""
-    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH",
+    fn = click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", metavar="PATH", type=click.Path(),
                       help="The physical root (default /sysroot when booted into a deployment, else /).")(fn)
-    fn = click.option("--boot-dir", metavar="DIR", help="The boot directory (default: from the sysroot's config).")(fn)
+    fn = click.option("--boot-dir", metavar="DIR", type=click.Path(),
+                      help="The boot directory (default: from the sysroot's config).")(fn)
     fn = click.option("--wait-lock", type=float, default=60.0, show_default=True, metavar="SECONDS",
                       help="How long to wait for another cfsdeploy changing deployments.")(fn)
     return fn
@@ -462,10 +521,27 @@ def whole_sysroot_options(fn: Any) -> Any:
 def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
     from .sysroot import Sysroot
 
-    s = Sysroot(sysroot_path or _default_sysroot(), boot_dir=boot_dir)
+    # An empty --sysroot is a mistake, not a request for the default one.
+    s = Sysroot(_default_sysroot() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
     s.lock_wait = wait_lock
     s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
+    click.get_current_context().call_on_close(lambda: _say_repairs(s.repairs))
     return s
+
+
+def _say_repairs(repairs: list[Repair]) -> None:
+    """What a command found broken by a crash and repaired before its own work."""
+    from .bootloader import RepairKind
+
+    for r in repairs:
+        click.echo({
+            RepairKind.FINISHED_SWITCH: f"repaired: finished an interrupted switch of the boot entries ({r.detail})",
+            RepairKind.REMOVED_LEFTOVER: f"repaired: removed {r.path}, left by an interrupted switch",
+            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.detail})",
+            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: {r.detail}",
+            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} {r.detail}",
+            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: {r.detail}",
+        }[r.kind], err=True)
 
 
 @main.group()
@@ -474,10 +550,10 @@ def sysroot() -> None:
 
 
 @sysroot.command("init")
-@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True,
+@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True, type=click.Path(),
               metavar="PATH", help="The physical root to lay out.")
 @click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot) to add.")
-@click.option("--boot-dir", metavar="DIR", help="The boot directory, relative to the sysroot or absolute "
+@click.option("--boot-dir", metavar="DIR", type=click.Path(), help="The boot directory, relative to the sysroot or absolute "
               "(default: boot).")
 @click.option("--karg", "karg_list", multiple=True, metavar="ARG",
               help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")
@@ -597,22 +673,29 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
+    from . import admin
+    from .booted import boot_verity
     from .sysroot import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
+    admin.repair(s)
     state = s.state(name)
     rows = status(state)
     broken = state.broken
     pending = staged_status(s, name)
+    checked = boot_verity(s.cmdline()) if state.booted is not None else None
     present = s.directories(name)
     damaged = [(bad, sorted(bad.mentions(present))) for bad in state.damaged]
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
+                               "booted_verity": checked.to_json() if checked else None,
                                "staged": pending.to_json() if pending else None,
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken],
                                "damaged": [{"kind": bad.kind.value, "path": bad.path, "reason": bad.reason,
-                                            "keeps": keeps} for bad, keeps in damaged]},
+                                            "keeps": keeps} for bad, keeps in damaged],
+                               "repairs": [{"kind": r.kind.value, "path": r.path, "detail": r.detail}
+                                           for r in s.repairs]},
                               indent=2))
         return
     if pending is not None:
@@ -649,7 +732,12 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         click.echo(f"    Entry:   {r.entry.filename}")
         if r.boot_counting:
             click.echo(f"    Boot:    {r.boot_counting}")
+        if r.booted and checked is not None:
+            click.echo(f"    Verity:  {'verified' if checked.verified else 'NOT VERIFIED'}: {checked.why}")
     booted = next((r for r in rows if r.booted), None)
+    if booted is not None and checked is not None and not checked.verified:
+        click.echo(f"WARNING: the booted deployment {booted.deployment.name} is NOT VERIFIED: {checked.why}",
+                   err=True)
     if rows and rows[0].boot_failed:
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
         click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "
@@ -870,14 +958,16 @@ def remote() -> None:
               help="Trust the OpenPGP public keys in KEYFILE for this remote (repeatable).")
 @click.option("--no-gpg-verify", is_flag=True, help="Accept unsigned commits from this remote.")
 @click.option("--branch", help="The branch `pull` fetches when none is named.")
+@click.option("--no-require-binding", is_flag=True,
+              help="Accept heads bound to no branch (commits made before bindings).")
 def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], no_gpg_verify: bool,
-               branch: str | None) -> None:
+               branch: str | None, no_require_binding: bool) -> None:
     """Add remote NAME at URL (http://, https://, file:// or a path)."""
     from . import remote as remotes
 
     repo = _open_repo(repo_path)
     r = remotes.add(repo, name, url, key_files=key_files, gpg_verify=not no_gpg_verify, branch=branch,
-                    on_lock_wait=_say_waiting)
+                    require_binding=not no_require_binding, on_lock_wait=_say_waiting)
     keys = remotes.trusted_keys(repo, name)
     click.echo(f"added remote {r.name} {r.url}" + (f", trusting {', '.join(keys)}" if keys else ""))
 
@@ -885,7 +975,7 @@ def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], 
 @remote.command("list")
 @repo_option
 def remote_list(repo_path: str) -> None:
-    """List remotes: name, URL, default branch, whether signatures are required."""
+    """List remotes: name, URL, default branch, whether signatures and bindings are required."""
     from . import remote as remotes
 
     repo = _open_repo(repo_path)
@@ -893,7 +983,8 @@ def remote_list(repo_path: str) -> None:
         verify = "no gpg-verify"
         if r.gpg_verify:
             verify = f"gpg-verify, trusted keys: {len(remotes.trusted_keys(repo, r.name))}"
-        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}")
+        binding = "require-binding" if r.require_binding else "no require-binding"
+        click.echo(f"{r.name}\t{r.url}\t{r.branch or '-'}\t{verify}, {binding}")
 
 
 @remote.command("remove")

@@ -1,4 +1,4 @@
-"""A deployment's record: deploy/<os>/<name>/deployment.json (see ARCHITECTURE.md, "Sysroot")."""
+"""A deployment's record: deploy/<os>/<name>/deployment.json (see docs/architecture.md, "Sysroot")."""
 
 from __future__ import annotations
 

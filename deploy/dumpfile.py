@@ -18,8 +18,6 @@ from typing import IO, Iterable
 from .errors import DumpfileError, TreeError
 from .tree import (
     DIGEST_SIZE,
-    INLINE_MAX,
-    PATH_MAX,
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
@@ -27,49 +25,19 @@ from .tree import (
     S_IFMT,
     S_IFREG,
     VALID_TYPES,
+    XATTR_BUDGET,
     Hardlink,
     Inode,
+    check_inode,
     check_name,
     lookup,
     no_gc,
     walk,
+    xattr_cost,
 )
 
 # An xattr line section longer than this is rejected (the reference caps it too).
 XATTR_LINE_MAX = 0xFFFF
-# Per-inode xattr budget of the reference writer: 12 bytes of header, then
-# 2*4-1 bytes of worst-case overhead plus key and value for each attribute.
-XATTR_BUDGET = 0xFFFF // 2
-XATTR_NAME_MAX = 255
-XATTR_VALUE_MAX = 0xFFFF
-
-
-def xattr_cost(key: bytes, value: bytes) -> int:
-    return 7 + len(key) + len(value)
-
-
-def xattrs_size(xattrs: dict[bytes, bytes]) -> int:
-    if not xattrs:
-        return 0
-    return 12 + sum(xattr_cost(k, v) for k, v in xattrs.items())
-
-
-def check_xattr(key: bytes, value: bytes) -> None:
-    if not key:
-        raise TreeError("empty xattr name")
-    if len(key) > XATTR_NAME_MAX:
-        raise TreeError(f"xattr name longer than {XATTR_NAME_MAX} bytes: {key[:40]!r}...")
-    if b"\0" in key:
-        raise TreeError(f"xattr name contains NUL: {key!r}")
-    if len(value) > XATTR_VALUE_MAX:
-        raise TreeError(f"xattr {key!r} value longer than {XATTR_VALUE_MAX} bytes")
-
-
-def check_xattrs_budget(xattrs: dict[bytes, bytes]) -> None:
-    if xattrs_size(xattrs) > XATTR_BUDGET:
-        raise TreeError(f"xattrs too large: {xattrs_size(xattrs)} bytes (limit {XATTR_BUDGET})")
-
-
 _ESCAPE_RE = re.compile(rb"\\(?:x(..)|(.)|$)", re.S)
 _SIMPLE_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -153,7 +121,7 @@ def _int(field: bytes, what: str, base: int = 10) -> int:
     return int(field, base)
 
 
-_NUMBERS = re.compile(rb"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+)\.([0-9]+)")
+_NUMBERS = re.compile(rb"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) (-?[0-9]+)\.([0-9]+)")
 _DIGEST = re.compile(rb"[0-9a-fA-F]{%d}" % (2 * DIGEST_SIZE))
 
 
@@ -250,16 +218,11 @@ class _Parser:
             sec, dot, nsec = fields[7].partition(b".")
             if not dot:
                 raise ValueError(f"invalid mtime {fields[7].decode('latin-1')!r}: expected SEC.NSEC")
-            mtime_sec = _int(sec, "mtime seconds")
+            # Times before 1970 are negative, as the reference prints them (PRIi64).
+            negative = sec.startswith(b"-")
+            mtime_sec = _int(sec[1:] if negative else sec, "mtime seconds")
+            mtime_sec = -mtime_sec if negative else mtime_sec
             mtime_nsec = _int(nsec, "mtime nanoseconds")
-        if (nlink | uid | gid) > 0xFFFFFFFF or (size | rdev) >= 2**64 or mtime_sec >= 2**63 \
-                or mtime_nsec > 999_999_999:
-            for value, what, limit in ((nlink, "nlink", 0xFFFFFFFF), (uid, "uid", 0xFFFFFFFF),
-                                       (gid, "gid", 0xFFFFFFFF), (size, "size", 2**64 - 1),
-                                       (rdev, "rdev", 2**64 - 1), (mtime_sec, "mtime", 2**63 - 1),
-                                       (mtime_nsec, "mtime nanoseconds", 999_999_999)):
-                if value > limit:
-                    raise ValueError(f"{what} out of range: {value}")
         payload = _optional(fields[8])
         content = _optional(fields[9])
         digest_field = _optional(fields[10])
@@ -276,24 +239,14 @@ class _Parser:
             digest = bytes.fromhex(digest_field.decode())
 
         if ftype == S_IFLNK:
-            if not payload:
-                raise ValueError("symlink without a target")
-            if len(payload) >= PATH_MAX:
-                raise ValueError(f"symlink target longer than {PATH_MAX - 1} bytes")
             if self.strict:
-                if size != len(payload):
+                if payload is not None and size != len(payload):
                     raise ValueError(f"symlink size {size} does not match its target's length {len(payload)}")
                 if content:
                     raise ValueError("symlink cannot have content")
-            size = len(payload)
+            size = len(payload or b"")
             content = None
         else:
-            if content is not None and len(content) != size:
-                raise ValueError(f"content length {len(content)} does not match size {size}")
-            if content is not None and len(content) > INLINE_MAX:
-                raise ValueError(f"inline content size {len(content)} exceeds maximum {INLINE_MAX}")
-            if payload is not None and len(payload) >= PATH_MAX:
-                raise ValueError(f"payload longer than {PATH_MAX - 1} bytes")
             if content == b"":
                 content = None
             if payload == b"" and ftype == S_IFREG:
@@ -316,11 +269,6 @@ class _Parser:
                     key = unescape(key)
                 if b"\\" in value:
                     value = _unescape_value(value)
-                if not key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX or b"\0" in key:
-                    try:
-                        check_xattr(key, value)
-                    except TreeError as e:
-                        raise ValueError(str(e)) from None
                 old = node.xattrs.pop(key, None)
                 if old is not None:
                     budget = budget - xattr_cost(key, old) if node.xattrs else 0
@@ -329,6 +277,10 @@ class _Parser:
                     raise ValueError(f"xattrs too large (limit {XATTR_BUDGET} bytes per file)")
                 budget += cost
                 node.xattrs[key] = value
+        try:
+            check_inode(node)
+        except TreeError as e:
+            raise ValueError(f"{escape(path).decode()}: {e}") from None
 
         if parent is None:
             self.root = node

@@ -34,7 +34,10 @@ FEATURE_INCOMPAT_ALL = 0x7F
 # magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
 # build_time, build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid,
 # volume_name, feature_incompat, then the rest (zero for composefs).
-SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sI44x")
+# build_time and an extended inode's mtime are u64 on disk, but the reference keeps
+# times as int64_t and casts: a time before 1970 is stored two's complement and read
+# back negative (mkcomposefs writes -1 as 0xffffffffffffffff), so they are signed here.
+SUPERBLOCK = struct.Struct("<IIIBBHQqIIII16s16sI44x")
 assert SUPERBLOCK.size == 128
 SB_EXTSLOT_SIZE = 16
 # Offset inside the superblock of u8 xattr_prefix_count (in the part SUPERBLOCK skips).
@@ -54,7 +57,7 @@ INODE_CHUNK_BASED = 4
 INODE_COMPACT = struct.Struct("<HHHHIIIIHHI")
 # format, xattr_icount, mode, reserved, size, i_u, ino, uid, gid, mtime,
 # mtime_nsec, nlink, reserved2[16]
-INODE_EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
+INODE_EXTENDED = struct.Struct("<HHHHQIIIIqII16x")
 assert INODE_COMPACT.size == 32 and INODE_EXTENDED.size == 64
 
 CHUNK_FORMAT_BLKBITS_MASK = 0x1F

@@ -10,18 +10,22 @@ the conflict reported, the merge goes on.
 
 Local entries are copied with their full metadata.  Hardlinks inside /etc become
 separate copies and sockets are skipped: neither can be a configuration edit.
+
+The local /etc belongs partly to users (a directory someone owns may be swapped for a
+symlink at any moment), so everything copied from it is opened beneath an fd of the
+/etc directory with no symlink followed in any component, and must be the very
+inode the scan saw (device, inode number, type); anything else stops the merge.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from dataclasses import dataclass, field
 
 from .checkout import checkout
 from .errors import CfsError, TreeError
-from .fsutil import copy_fd
+from .fsutil import UnsafePathError, copy_fd, open_beneath, remove_tree
 from .objects import ObjectStore
 from .scan import read_xattrs, scan
 from .tree import Inode, lookup, new_dir, resolve, walk
@@ -80,34 +84,74 @@ class _Change:
     after: Inode | None  # None: removed locally
 
 
+@dataclass
+class LocalEtc:
+    """A local /etc as scanned: its tree, the (st_dev, st_ino) of each path scanned,
+    the sockets skipped, and an fd of the directory, beneath which what is copied is
+    opened."""
+
+    path: bytes
+    fd: int
+    root: Inode
+    identities: dict[bytes, tuple[int, int]]
+    sockets: set[bytes]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_local(path: bytes) -> LocalEtc:
+    """Scan the local /etc at path (close the result).  All of it is read before
+    anything is created, so an unreadable file fails the merge early and cleanly."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise EtcMergeError(f"cannot read the local /etc: {os.fsdecode(path)}: {e.strerror}") from None
+    try:
+        identities: dict[bytes, tuple[int, int]] = {}
+        try:
+            root, stats = scan(path, warn=lambda m: None, identities=identities)
+        except TreeError as e:
+            raise EtcMergeError(f"cannot read the local /etc: {e}") from None
+        etc = LocalEtc(path, fd, root, identities, {p[len(path):] for p in stats.skipped})
+        st = os.fstat(fd)
+        if identities[path] != (st.st_dev, st.st_ino):
+            raise _changed(b"")
+        return etc
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def merge_etc(orig: Inode | None, local: bytes | None, new: Inode | None,
               store: ObjectStore, dest: bytes) -> MergeReport:
     """Create `dest` (which must not exist) as the new commit's /etc `new` with the
     local changes of `local` against `orig` applied.  Without `local` (a first
     deployment) it is a plain checkout of `new`; a missing `new` or `orig` counts as
     an empty directory, mode 0755, owned by root."""
-    new_root = _etc_dir(new, "new")
-    orig_root = _etc_dir(orig, "original")
     if local is None:
-        checkout(new_root, store, os.fsdecode(dest))
+        checkout(_etc_dir(new, "new"), store, os.fsdecode(dest))
         return MergeReport()
-    local_b = os.fsencode(local)
-    # Read all of the local /etc before creating anything, so an unreadable file
-    # fails the merge early and cleanly.
+    etc = read_local(os.fsencode(local))
     try:
-        local_root, stats = scan(local_b, warn=lambda m: None)
-    except TreeError as e:
-        raise EtcMergeError(f"cannot read the local /etc: {e}") from None
-    sockets = {p[len(local_b):] for p in stats.skipped}
-    changes = _local_changes(orig_root, local_root, sockets)
+        return merge_local(orig, etc, new, store, dest)
+    finally:
+        etc.close()
+
+
+def merge_local(orig: Inode | None, local: LocalEtc, new: Inode | None,
+                store: ObjectStore, dest: bytes) -> MergeReport:
+    """merge_etc with the local /etc already read."""
+    new_root = _etc_dir(new, "new")
+    changes = _local_changes(_etc_dir(orig, "original"), local.root, local.sockets)
     checkout(new_root, store, os.fsdecode(dest))
-    merge = _Merge(local_b, local_root, os.fsencode(dest))
+    merge = _Merge(local, os.fsencode(dest))
     try:
         for change in changes:
             merge.apply(change)
         merge.finish()
     except BaseException as e:
-        shutil.rmtree(merge.dest, ignore_errors=True)
+        remove_tree(merge.dest, ignore_errors=True)
         if isinstance(e, OSError):
             where = os.fsdecode(e.filename if e.filename is not None else merge.dest)
             raise EtcMergeError(f"cannot merge /etc: {where}: {e.strerror}") from None
@@ -185,13 +229,6 @@ def _lstat_type(path: bytes) -> int | None:
         return None
 
 
-def _remove(path: bytes) -> None:
-    if _lstat_type(path) == stat.S_IFDIR:
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def _set_metadata(path: bytes, node: Inode, keep: frozenset[bytes] = frozenset()) -> None:
     """Give path node's owner, mode, exact xattrs (but those named in keep, left as
     they are) and mtime.  The owner comes before the mode (chown clears setuid bits
@@ -215,15 +252,20 @@ def _parent(rel: bytes) -> bytes:
     return rel.rpartition(b"/")[0]
 
 
+def _changed(rel: bytes) -> EtcMergeError:
+    return EtcMergeError(f"{os.fsdecode(ETC + rel)} changed during the merge (it is not what was "
+                         "read, or a symlink now leads to it): try again")
+
+
 class _Merge:
     """Applies local changes to dest, a fresh checkout of the new /etc.
 
     Every path is checked component by component with lstat before it is used, so
     a symlink upstream put where a local directory was never leads outside dest."""
 
-    def __init__(self, local: bytes, local_root: Inode, dest: bytes) -> None:
+    def __init__(self, local: LocalEtc, dest: bytes) -> None:
         self.local = local
-        self.local_root = local_root
+        self.local_root = local.root
         self.dest = dest
         self.report = MergeReport()
         # Directories of dest whose entries or metadata changed: they get the local
@@ -235,7 +277,7 @@ class _Merge:
         problem = self._prepare_parents(rel, create=after is not None)
         if after is None:
             if problem is None and _lstat_type(self.dest + rel) is not None:
-                _remove(self.dest + rel)
+                remove_tree(self.dest + rel)
                 self.touched.add(_parent(rel))
             self.report.removed.append(ETC + rel)
             return
@@ -277,6 +319,7 @@ class _Merge:
             ftype = _lstat_type(self.dest + parent)
             if ftype is None and create:
                 template = resolve(lookup(self.local_root, parent))  # type: ignore[arg-type]
+                os.close(self._open_local(parent, template))
                 os.mkdir(self.dest + parent, 0o700)
                 _set_metadata(self.dest + parent, template)
                 self.touched.add(_parent(parent))
@@ -285,6 +328,7 @@ class _Merge:
         return None
 
     def _set_dir_metadata(self, rel: bytes, node: Inode, exists: bool) -> None:
+        os.close(self._open_local(rel, node))
         if exists:
             # Upstream's label stays: SELinux labels are not user edits (see SELINUX).
             _set_metadata(self.dest + rel, node, keep=frozenset({SELINUX}))
@@ -301,6 +345,7 @@ class _Merge:
         path = self.dest + rel
         upstream = _lstat_type(path)
         if upstream == stat.S_IFDIR and node.is_dir():
+            os.close(self._open_local(rel, node))
             _set_metadata(path, node)
             self.touched.add(rel)
             for name in sorted(node.children or {}):
@@ -314,39 +359,59 @@ class _Merge:
                     self._place(child_rel, child)
             return
         if upstream is not None:
-            _remove(path)
+            remove_tree(path)
         self._copy(rel, node)
         self.touched.add(_parent(rel))
 
     def _copy(self, rel: bytes, top: Inode) -> None:
         """Copy the local entry top (a whole subtree for a directory) to rel in dest;
-        directories get their metadata last, deepest first, once their children exist."""
+        directories get their metadata last, deepest first, once their children exist.
+        Each entry is checked to be what the scan saw before anything of it is copied."""
         dirs: list[tuple[bytes, Inode]] = []
         for sub, entry in walk(top):
             sub_rel = rel if sub == b"/" else rel + sub
             node, path = resolve(entry), self.dest + sub_rel
-            if node.is_dir():
-                os.mkdir(path, 0o700)
-                dirs.append((path, node))
-                continue
-            if node.is_reg():
-                self._copy_file(self.local + sub_rel, path)
-            elif node.is_symlink():
-                os.symlink(node.payload or b"", path)
-            else:
-                os.mknod(path, node.type | 0o600, node.rdev)
+            src = self._open_local(sub_rel, node)
+            try:
+                if node.is_dir():
+                    os.mkdir(path, 0o700)
+                    dirs.append((path, node))
+                    continue
+                if node.is_reg():
+                    _copy_file(src, path)
+                elif node.is_symlink():
+                    os.symlink(node.payload or b"", path)
+                else:
+                    os.mknod(path, node.type | 0o600, node.rdev)
+            finally:
+                os.close(src)
             _set_metadata(path, node)
         for path, node in reversed(dirs):
             _set_metadata(path, node)
 
-    @staticmethod
-    def _copy_file(src_path: bytes, dst_path: bytes) -> None:
-        src = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    def _open_local(self, rel: bytes, node: Inode) -> int:
+        """An fd of the local entry at rel, reached with no symlink followed, that is
+        the inode the scan saw as node: readable for a regular file, else O_PATH."""
+        # O_NONBLOCK: should a fifo have taken a file's place, the open must not hang.
+        flags = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK if node.is_reg() else os.O_PATH
         try:
-            dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                copy_fd(src, dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+            fd = os.dup(self.local.fd) if not rel else open_beneath(self.local.fd, rel[1:], flags)
+        except (UnsafePathError, FileNotFoundError, NotADirectoryError):
+            raise _changed(rel) from None
+        try:
+            st = os.fstat(fd)
+            if ((st.st_dev, st.st_ino) != self.local.identities.get(self.local.path + rel)
+                    or stat.S_IFMT(st.st_mode) != node.type):
+                raise _changed(rel)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _copy_file(src: int, dst_path: bytes) -> None:
+    dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        copy_fd(src, dst)
+    finally:
+        os.close(dst)

@@ -21,7 +21,6 @@ from itertools import chain
 from typing import Iterable
 
 from . import erofs as E
-from .dumpfile import XATTR_BUDGET, check_xattr, xattr_cost, xattrs_size
 from .errors import ImageError, TreeError
 from .tree import (
     INLINE_MAX,
@@ -32,9 +31,13 @@ from .tree import (
     S_IFMT,
     S_IFREG,
     VALID_TYPES,
+    XATTR_BUDGET,
     Hardlink,
     Inode,
+    check_xattr,
     no_gc,
+    xattr_cost,
+    xattrs_size,
 )
 
 FORMAT_VERSION_MAX = 1

@@ -15,15 +15,27 @@ of what was staged, so forked workers can add objects too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
 import tempfile
 from typing import Callable, Iterable, Iterator
 
 from . import fsverity
-from .fsutil import copy_fd, fsync_dir, syncfs
+from .errors import CfsError
+from .fsutil import copy_fd, fsync_dir, remove_tree, syncfs
 
 PathLike = str | bytes | os.PathLike[str]
+
+# What a copy's failure means about its destination, not its source.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class ObjectWriteError(CfsError):
+    """The store could not write an object: a full or read-only disk, say."""
+
+
+def _write_error(directory: str, e: OSError) -> ObjectWriteError:
+    return ObjectWriteError(f"cannot write an object in {directory}: {e.strerror or e}")
 
 
 class ObjectStore:
@@ -52,7 +64,7 @@ class ObjectStore:
             yield
             self._publish()
         finally:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            remove_tree(self._staging, ignore_errors=True)
             self._staging = None
 
     def _publish(self) -> None:
@@ -127,16 +139,28 @@ class ObjectStore:
         # The dot keeps temp files apart from staged objects (named by digest).
         directory = self._staging or self.tmpdir
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
-        except FileNotFoundError:  # a new store: its directory comes with the first object
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
+            except FileNotFoundError:  # a new store: its directory comes with the first object
+                os.makedirs(directory, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".obj-", dir=directory)
+        except OSError as e:
+            raise _write_error(directory, e) from None
         try:
             try:
-                fill(fd)
-                os.fchmod(fd, 0o644)
-                if self._staging is None:
-                    os.fsync(fd)
+                try:
+                    fill(fd)
+                except OSError as e:
+                    # The rest (a source that cannot be read) is the caller's to name.
+                    if e.errno in _WRITE_ERRNOS:
+                        raise _write_error(directory, e) from None
+                    raise
+                try:
+                    os.fchmod(fd, 0o644)
+                    if self._staging is None:
+                        os.fsync(fd)
+                except OSError as e:
+                    raise _write_error(directory, e) from None
             finally:
                 os.close(fd)
         except BaseException:

@@ -2,7 +2,9 @@
 
  1. git/info/refs names the branch's head commit.
  2. The head commit (checked against its id) must carry a good signature by a key
-    of the remote's keyring (gpg-verify) before anything else is fetched.
+    of the remote's keyring (gpg-verify), and be bound to the branch pulled (its
+    Cfsdeploy-Branch trailers name it; a commit with none only from a remote that
+    does not require bindings), before anything else is fetched.
  3. Its tree and manifest (checked against their ids): the manifest must parse, each
     regular file's payload must be its digest's object path, and the image built
     from it here must have the commit's Composefs-Digest.  Images never travel.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -31,14 +32,17 @@ import pygit2
 
 from . import dumpfile, fsverity, imagewriter, keyring, remote, serve
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, syncfs
+from .fsutil import atomic_write_bytes, remove_tree, syncfs
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
 from .repository import (
     MANIFEST,
     RESUME_DIR,
+    TRAILER_BRANCH,
     TRAILER_DIGEST,
     TRAILER_FORMAT,
     Repository,
+    TrailerError,
+    bindings,
     trailers,
 )
 from .signing import SignatureError, Signer
@@ -60,6 +64,11 @@ class DowngradeError(PullError):
 
 class ManifestError(PullError):
     """A commit's manifest is malformed, unsafe, or does not give the commit's image."""
+
+
+class BindingError(PullError):
+    """The head was not made for the branch pulled: a server may not present one
+    branch's (validly signed) commit as another's."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,7 @@ class _Pull:
 
         commit, head_is_new = self._commit(head)
         signer = self._verify(commit)
+        self._check_binding(commit)
         if previous is not None and previous != head and not allow_downgrade:
             self._refuse_downgrade(previous, commit, head_is_new)
         needed, image = self._content(commit, head_is_new)
@@ -215,7 +225,7 @@ class _Pull:
         if previous != head:
             self.repo.git.references.create(ref, head, force=True)
             serve.update_server_info(self.repo)
-        shutil.rmtree(self.resume_dir, ignore_errors=True)  # whatever is left, nothing needs
+        remove_tree(self.resume_dir, ignore_errors=True)  # whatever is left, nothing needs
         self._report("done")
         return PullResult(
             remote=name, branch=self.branch, ref=ref, commit=head, previous=previous, signer=signer,
@@ -243,6 +253,25 @@ class _Pull:
         except SignatureError as e:
             raise SignatureError(f"{where}: {e}") from None
 
+    def _check_binding(self, commit: CommitData) -> None:
+        """The head must be bound to the branch pulled.  Only the head: a branch's
+        history may hold commits made for others (a branch forked from another, a
+        promotion), and the head is what upgrades deploy."""
+        where = f"commit {commit.id[:12]} from remote {self.remote.name}"
+        try:
+            bound = bindings(commit.message)
+        except TrailerError as e:
+            raise TrailerError(f"{where}: {e}") from None
+        if self.branch in bound:
+            return
+        if bound:
+            named = ", ".join(bound[:3]) + (", ..." if len(bound) > 3 else "")
+            raise BindingError(f"{where} was made for {named}, not {self.branch}: refusing it "
+                               "(the server names another branch's commit)")
+        if self.remote.require_binding:
+            raise BindingError(f"{where} names no branch ({TRAILER_BRANCH}), and the remote requires "
+                               "one (require-binding)")
+
     def _refuse_downgrade(self, previous: str, commit: CommitData, is_new: bool) -> None:
         old = self.repo.git[previous].peel(pygit2.Commit)
         older = commit.time < old.commit_time
@@ -269,7 +298,7 @@ class _Pull:
         except CfsError as e:
             raise ManifestError(f"commit {commit.id}: malformed manifest: {e}") from None
         needed = check_manifest(root)
-        t = trailers(commit.message)
+        t = trailers(commit.message)  # they parse: _check_binding read them
         try:
             digest = bytes.fromhex(t.get(TRAILER_DIGEST, ""))
             fmt = int(t.get(TRAILER_FORMAT, ""))
@@ -322,10 +351,13 @@ class _Pull:
 
     def _read_shallow(self) -> set[str]:
         try:
-            with open(self.shallow_path) as f:
-                return set(f.read().split())
+            with open(self.shallow_path, "rb") as f:
+                ids = set(f.read().split())
         except FileNotFoundError:
             return set()
+        if not all(len(i) == 40 and all(c in b"0123456789abcdef" for c in i) for i in ids):
+            raise PullError(f"{self.shallow_path} is damaged: it should list commit ids, one a line")
+        return {i.decode() for i in ids}
 
     def _write_shallow(self, ids: set[str]) -> None:
         if not ids:

@@ -8,25 +8,27 @@
     REPO/lock          flock()ed by writers
 
 A commit's tree holds one file, manifest.dump; its message ends in trailers
-naming the image digest and format (see ARCHITECTURE.md, "Commit").
+naming the image digest and format and the branches it was made for (see
+docs/architecture.md, "Commit").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
+import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pygit2
 
 from . import dumpfile, fsverity, imagewriter, lockfile, signing
 from .digestcache import DigestCache
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from .objects import ObjectStore
 from .scan import ScanStats, scan
 from .tarscan import scan_tar
@@ -39,6 +41,14 @@ DIGEST_CACHE = "cache/digests"
 TRAILER_DIGEST = "Composefs-Digest"
 TRAILER_FORMAT = "Composefs-Format"
 TRAILER_VERSION = "Cfsdeploy-Version"
+TRAILER_BRANCH = "Cfsdeploy-Branch"  # the binding: a branch the commit was made for
+# The only trailer a message may give more than once; every other key appears at most once.
+REPEATABLE = frozenset({TRAILER_BRANCH})
+_TRAILER_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+# C0 controls, DEL, C1 controls and the Unicode line and paragraph separators: what
+# could end a line, or look like it, in git, a terminal or str.splitlines().
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_IN_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # keeps \t and \n
 DEFAULT_AUTHOR = ("cfsdeploy", "cfsdeploy@localhost")
 # tmp/resume/ keeps partial downloads for the next pull to resume (it checks them in full).
 RESUME_DIR = "resume"
@@ -54,6 +64,16 @@ pygit2.option(pygit2.enums.Option.ENABLE_FSYNC_GITDIR, True)
 
 class RepositoryError(CfsError):
     pass
+
+
+class CommitTextError(RepositoryError):
+    """User text cannot become part of a commit message (a usage error)."""
+
+    exit_code = 2
+
+
+class TrailerError(RepositoryError):
+    """A commit message's trailers are ambiguous."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +113,13 @@ class Repository:
                 f.write(CONFIG_TEMPLATE)
                 f.flush()
                 os.fsync(f.fileno())
-            open(os.path.join(staging, "lock"), "w").close()
+            lockfile.create(os.path.join(staging, "lock"))
             os.chmod(staging, 0o755)
             if os.path.isdir(path):
                 os.rmdir(path)  # empty, checked above
             os.rename(staging, path)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging, ignore_errors=True)
             raise
         fsync_dir(parent)
         return cls(path)
@@ -127,12 +147,7 @@ class Repository:
         for name in os.listdir(tmp):
             if name == RESUME_DIR:
                 continue
-            p = os.path.join(tmp, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+            remove_tree(os.path.join(tmp, name), ignore_errors=True)
 
     def mark_verified(self, commit_id: str, image_digest: bytes) -> None:
         """Record that the commit's manifest was built into the image its trailer names
@@ -161,7 +176,8 @@ class Repository:
         return None if ref is None else self.git[ref.target].peel(pygit2.Commit)
 
     def commit(self, tree: str | os.PathLike[str], branch: str, subject: str, *,
-               body: str | None = None, version: str | None = None, parent: str | None = None,
+               body: str | None = None, version: str | None = None, bind: Sequence[str] = (),
+               parent: str | None = None,
                orphan: bool = False, author: tuple[str, str] = DEFAULT_AUTHOR,
                sign_key: str | None = None, gpg_homedir: str | None = None,
                threads: int | None = None,
@@ -169,11 +185,11 @@ class Repository:
                progress: Callable[[ScanStats], None] | None = None) -> CommitResult:
         """Store a tree's objects, its manifest and image, and move `branch` to a new commit.
 
+        The commit is bound to `branch` and to the branches in `bind` (its
+        Cfsdeploy-Branch trailers): a pull of any other branch refuses it.
         The new objects are published durably (one transaction) before the ref moves;
         if anything fails first, nothing new is named and the branch stays."""
-        _check_branch(branch)
-        if not subject.strip() or "\n" in subject:
-            raise RepositoryError("the subject must be one non-empty line")
+        message = CommitMessage(subject, body, version, (branch, *bind))
         if orphan:
             parents = []
         elif parent is not None:
@@ -181,7 +197,7 @@ class Repository:
         else:
             head = self.branch_head(branch)
             parents = [head.id] if head is not None else []
-        kw = {"warn": warn} if warn is not None else {}
+        kw: dict[str, Any] = {"warn": warn} if warn is not None else {}
         source = os.fspath(tree)
         cache_path = os.path.join(self.path, DIGEST_CACHE)
         with self.objects.transaction():
@@ -194,8 +210,8 @@ class Repository:
                                    cache=cache, **kw)
             manifest = dumpfile.dumps(root)
             image_digest, image_format = self._image_of(manifest, root, parents)
-            commit_id = self._create_commit(manifest, image_digest, image_format, subject, body,
-                                            version, parents, author, sign_key, gpg_homedir)
+            commit_id = self._create_commit(manifest, message.render(image_digest, image_format),
+                                            parents, author, sign_key, gpg_homedir)
         if cache is not None:
             cache.save(cache_path)
         self.mark_verified(str(commit_id), image_digest)
@@ -208,28 +224,19 @@ class Repository:
         (what fsck checks), so building it again would give the same bytes."""
         if parents:
             parent = self.git[parents[0]].peel(pygit2.Commit)
-            fmt = trailers(parent.message).get(TRAILER_FORMAT, "")
-            if (MANIFEST in parent.tree and parent.tree[MANIFEST].id == pygit2.hash(manifest)
-                    and fmt.isdigit()):
-                with contextlib.suppress(RepositoryError):  # no valid digest trailer: build
+            if MANIFEST in parent.tree and parent.tree[MANIFEST].id == pygit2.hash(manifest):
+                with contextlib.suppress(RepositoryError):  # no valid trailers: build
+                    fmt = trailers(parent.message).get(TRAILER_FORMAT, "")
                     digest = image_digest_of(parent)
-                    if self.objects.has(digest):
+                    if fmt.isdigit() and self.objects.has(digest):
                         return digest, int(fmt)
         built = imagewriter.build(root)
         return self.objects.add_bytes(built.image), built.version
 
-    def _create_commit(self, manifest: bytes, image_digest: bytes, image_format: int, subject: str,
-                       body: str | None, version: str | None, parents: list[pygit2.Oid],
+    def _create_commit(self, manifest: bytes, message: str, parents: list[pygit2.Oid],
                        author: tuple[str, str], sign_key: str | None,
                        gpg_homedir: str | None) -> pygit2.Oid:
         """The git commit of a manifest (signed if asked), not yet on any ref."""
-        trailers = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {image_format}"]
-        if version:
-            trailers.append(f"{TRAILER_VERSION}: {version}")
-        message = subject.strip() + "\n\n"
-        if body and body.strip():
-            message += body.strip() + "\n\n"
-        message += "\n".join(trailers) + "\n"
         blob = self.git.create_blob(manifest)
         builder = self.git.TreeBuilder()
         builder.insert(MANIFEST, blob, pygit2.enums.FileMode.BLOB)
@@ -244,19 +251,90 @@ class Repository:
 
 
 def _check_branch(branch: str) -> None:
-    if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
+    if not valid_ref_name(f"refs/heads/{branch}"):
         raise RepositoryError(f"invalid branch name {branch!r}")
 
 
-def trailers(message: str) -> dict[str, str]:
-    """The trailers of a commit message (last paragraph, `Key: value` lines)."""
-    last = message.rstrip("\n").split("\n\n")[-1]
-    out = {}
-    for line in last.splitlines():
+def valid_ref_name(ref: str) -> bool:
+    # libgit2 calls longer names valid, then fails to look them up (GIT_REFNAME_MAX).
+    return len(ref.encode()) < 1024 and pygit2.reference_is_valid_name(ref)
+
+
+def check_text(what: str, text: str, *, lines: bool = False) -> str:
+    """text, refused if it holds a control character (in `lines` text, newlines and
+    tabs are allowed): user text must not become lines of its own where only one
+    line is expected, e.g. a trailer after the real ones."""
+    bad = (_CONTROL_IN_LINES if lines else _CONTROL).search(text)
+    if bad:
+        rule = "only newlines and tabs are allowed there" if lines else "it must be one line of text"
+        raise CommitTextError(f"{what} contains the control character U+{ord(bad.group()):04X}: {rule}")
+    return text
+
+
+@dataclass(frozen=True)
+class CommitMessage:
+    """The user's text of a commit, checked when made: the subject, version and
+    branches single lines, the body lines, none with a control character; so no
+    part can add a trailer, hide one, or pass for the trailer block."""
+
+    subject: str
+    body: str | None = None
+    version: str | None = None
+    branches: tuple[str, ...] = ()  # the binding: the branches the commit is made for
+
+    def __post_init__(self) -> None:
+        # Checked before stripping: str.strip() removes some controls (\x1c-\x1f, \x85).
+        subject = check_text("the subject", self.subject).strip()
+        if not subject:
+            raise CommitTextError("the subject must be one non-empty line")
+        for branch in self.branches:
+            _check_branch(check_text(f"branch name {branch!r}", branch))
+        object.__setattr__(self, "subject", subject)
+        object.__setattr__(self, "body", check_text("the body", self.body or "", lines=True).strip())
+        object.__setattr__(self, "version", check_text("the version", self.version or "").strip() or None)
+        object.__setattr__(self, "branches", tuple(dict.fromkeys(self.branches)))
+
+    def render(self, image_digest: bytes, image_format: int) -> str:
+        """Subject, body, trailers: the message of the commit of this image."""
+        lines = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {image_format}"]
+        if self.version:
+            lines.append(f"{TRAILER_VERSION}: {self.version}")
+        lines += [f"{TRAILER_BRANCH}: {branch}" for branch in self.branches]
+        return "\n\n".join(p for p in (self.subject, self.body, "\n".join(lines)) if p) + "\n"
+
+
+def _split_message(message: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The paragraphs of a message before its trailers, and the trailers.
+
+    The trailers are the last paragraph, never the first (the subject), and only
+    when every line of it is `Key: value` with a single-line value without leading
+    or trailing space; otherwise the message has none.  So a trailer-looking line
+    in the body never counts, and a key other than the repeatable ones must appear
+    once: twice is ambiguous, and refused rather than resolved."""
+    paragraphs = message.rstrip("\n").split("\n\n")
+    if len(paragraphs) < 2:
+        return paragraphs, {}
+    found: dict[str, list[str]] = {}
+    for line in paragraphs[-1].split("\n"):
         key, sep, value = line.partition(": ")
-        if sep:
-            out[key] = value
-    return out
+        if (not sep or not _TRAILER_KEY.fullmatch(key) or not value or value != value.strip()
+                or _CONTROL.search(value)):
+            return paragraphs, {}
+        found.setdefault(key, []).append(value)
+    for key, values in found.items():
+        if len(values) > 1 and key not in REPEATABLE:
+            raise TrailerError(f"the trailer {key} appears {len(values)} times in one commit message")
+    return paragraphs[:-1], found
+
+
+def trailers(message: str) -> dict[str, str]:
+    """The single-valued trailers of a commit message (see _split_message)."""
+    return {key: values[0] for key, values in _split_message(message)[1].items() if key not in REPEATABLE}
+
+
+def bindings(message: str) -> list[str]:
+    """The branches a commit message binds the commit to (its Cfsdeploy-Branch trailers)."""
+    return _split_message(message)[1].get(TRAILER_BRANCH, [])
 
 
 def image_digest_of(commit: pygit2.Commit) -> bytes:
@@ -296,10 +374,12 @@ class CommitInfo:
     parents: list[str]
     image_digest: str | None
     image_format: int | None
+    branches: list[str]  # the binding; empty for commits made before bindings
     signature: SignatureInfo | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"commit": self.id, "subject": self.subject, "version": self.version,
+                "branches": self.branches,
                 "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
                 "image_digest": self.image_digest, "image_format": self.image_format,
                 "signature": self.signature.to_json() if self.signature else None}
@@ -327,12 +407,12 @@ def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> 
 
 
 def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> CommitInfo:
-    t = trailers(commit.message)
-    paragraphs = commit.message.rstrip("\n").split("\n\n")
-    body = "\n\n".join(paragraphs[1:-1]) if t and len(paragraphs) > 2 else ""
+    paragraphs, found = _split_message(commit.message)
+    t = {key: values[0] for key, values in found.items()}
     fmt = t.get(TRAILER_FORMAT)
     return CommitInfo(
-        id=str(commit.id), subject=paragraphs[0], body=body, version=t.get(TRAILER_VERSION),
+        id=str(commit.id), subject=paragraphs[0], body="\n\n".join(paragraphs[1:]),
+        version=t.get(TRAILER_VERSION), branches=found.get(TRAILER_BRANCH, []),
         timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
         parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
         image_format=int(fmt) if fmt and fmt.isdigit() else None,
@@ -363,7 +443,7 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
 
 def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
     ref = f"refs/tags/{name}"
-    if not pygit2.reference_is_valid_name(ref):
+    if not valid_ref_name(ref):
         raise RepositoryError(f"invalid tag name {name!r}")
     if ref in repo.git.references and not force:
         raise RepositoryError(f"tag {name!r} already exists")
@@ -458,21 +538,30 @@ def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float =
     cutoff = time.time() - keep_younger_than
     removed = freed = kept = 0
     for sub in sorted(os.listdir(repo.objects.path)):
-        subdir = os.path.join(repo.objects.path, sub)
-        if len(sub) != 2 or not os.path.isdir(subdir):
+        if len(sub) != 2:
             continue
-        for name in os.listdir(subdir):
-            try:
-                digest = bytes.fromhex(sub + name)
-            except ValueError:
+        # Through the directory's own fd: a symlink in objects/ leads nowhere.
+        try:
+            fd = os.open(os.path.join(repo.objects.path, sub),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 continue
-            path = os.path.join(subdir, name)
-            st = os.lstat(path)
-            if digest in needed or st.st_mtime > cutoff:
-                kept += 1
-                continue
-            removed += 1
-            freed += st.st_size
-            if not dry_run:
-                os.unlink(path)
+            raise
+        try:
+            for name in os.listdir(fd):
+                try:
+                    digest = bytes.fromhex(sub + name)
+                except ValueError:
+                    continue
+                st = os.lstat(name, dir_fd=fd)
+                if digest in needed or st.st_mtime > cutoff:
+                    kept += 1
+                    continue
+                removed += 1
+                freed += st.st_size
+                if not dry_run:
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
     return PruneResult(removed, freed, kept)

@@ -29,14 +29,13 @@ from typing import Callable, Iterable, Iterator
 
 from . import fsverity
 from .digestcache import DigestCache
-from .dumpfile import check_xattr, check_xattrs_budget
 from .errors import CfsError, TreeError
-from .objects import ObjectStore
+from .objects import ObjectStore, ObjectWriteError
 from .tree import (
     INLINE_MAX_RECOMMENDED,
-    PATH_MAX,
     Hardlink,
     Inode,
+    check_inode,
     check_name,
     digest_to_path,
     fix_dir_nlinks,
@@ -66,10 +65,7 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
         raise
     out: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
-        value = os.getxattr(path, name, follow_symlinks=False)
-        check_xattr(name, value)
-        out[name] = value
-    check_xattrs_budget(out)
+        out[name] = os.getxattr(path, name, follow_symlinks=False)
     return out
 
 
@@ -84,14 +80,17 @@ def _inode_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Inode:
 def scan(top: str | bytes, *, store: ObjectStore | None = None,
          warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
          progress: Callable[[ScanStats], None] | None = None,
-         threads: int | None = None, cache: DigestCache | None = None) -> tuple[Inode, ScanStats]:
+         threads: int | None = None, cache: DigestCache | None = None,
+         identities: dict[bytes, tuple[int, int]] | None = None) -> tuple[Inode, ScanStats]:
     """Scan the directory `top` into a tree.  Sockets are skipped with a warning
     (they cannot be stored); anything unreadable raises TreeError naming the path.
 
     `threads` is how many files are read at once, by as many processes (default:
     one per CPU; one when this process has threads, which forking could deadlock).
     A digest from `cache` is used only if `store` (when given) holds its object;
-    digests computed are put into the cache."""
+    digests computed are put into the cache.  `identities`, if given, gets the
+    (st_dev, st_ino) of every path scanned, `top` included, for a caller that reads
+    the tree again and must know it reads what was scanned."""
     if threads is None:
         threads = len(os.sched_getaffinity(0))
     if threads < 1:
@@ -104,10 +103,16 @@ def scan(top: str | bytes, *, store: ObjectStore | None = None,
         raise TreeError(f"cannot read tree {os.fsdecode(top_b)}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise TreeError(f"not a directory: {os.fsdecode(top_b)}")
+    if identities is not None:
+        identities[top_b] = (st.st_dev, st.st_ino)
     root = _inode_from_stat(st, read_xattrs(top_b))
     root.children = {}
     root.size = 0
-    walk = _Walk(store, cache, stats)
+    try:
+        check_inode(root)
+    except TreeError as e:
+        raise _named(top_b, e) from None
+    walk = _Walk(store, cache, stats, identities)
     # Depth-first in sorted pre-order, so the first name of a hardlinked file in
     # manifest order is its primary one.
     stack: list[tuple[bytes, Inode, Iterator[bytes]]] = [(top_b, root, iter(_listdir(top_b)))]
@@ -155,8 +160,10 @@ def _listdir(path: bytes) -> list[bytes]:
 class _Walk:
     """The first pass: one entry at a time from lstat; files to read are queued."""
 
-    def __init__(self, store: ObjectStore | None, cache: DigestCache | None, stats: ScanStats) -> None:
+    def __init__(self, store: ObjectStore | None, cache: DigestCache | None, stats: ScanStats,
+                 identities: dict[bytes, tuple[int, int]] | None) -> None:
         self.store = store
+        self.identities = identities
         self.cache = cache
         self.stats = stats
         self.seen: dict[tuple[int, int], Inode] = {}
@@ -165,6 +172,8 @@ class _Walk:
     def entry(self, path: bytes) -> Inode | Hardlink | None:
         st = os.lstat(path)
         mode = st.st_mode
+        if self.identities is not None:
+            self.identities[path] = (st.st_dev, st.st_ino)
         if stat.S_ISSOCK(mode):
             return None
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
@@ -178,13 +187,11 @@ class _Walk:
         if stat.S_ISDIR(mode):
             node.children = {}
         elif stat.S_ISLNK(mode):
-            target = os.readlink(path)
-            if len(target) >= PATH_MAX:
-                raise TreeError(f"symlink target longer than {PATH_MAX - 1} bytes")
-            node.payload = target
-            node.size = len(target)
+            node.payload = os.readlink(path)
+            node.size = len(node.payload)
         elif stat.S_ISREG(mode):
             self._file(path, st, node)
+        check_inode(node)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
             self.seen[(st.st_dev, st.st_ino)] = node
         return node
@@ -246,6 +253,8 @@ def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | No
             return digest, written
         finally:
             os.close(fd)
+    except ObjectWriteError:
+        raise  # the store's failure, not the file's
     except (OSError, CfsError) as e:
         raise _named(path, e) from None
 

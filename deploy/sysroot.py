@@ -20,13 +20,13 @@ import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from . import bootloader, deployment, fsverity, kargs, lockfile, staged, tomlfile
 from .bootloader import BootEntry, Damaged, Kind
 from .deployment import Deployment
 from .errors import CfsError
-from .fsutil import atomic_write_bytes, force_rmtree, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from .repository import Repository
 from .staged import Staged
 
@@ -76,27 +76,53 @@ class Config:
     @classmethod
     def parse(cls, data: bytes, where: str) -> Config:
         try:
-            t = tomllib.loads(data.decode())
-            s, b, d = t.get("sysroot", {}), t.get("boot", {}), t.get("deploy", {})
-            c = cls(default_os=s.get("default-os"), boot_dir=s.get("boot-dir", "boot"),
-                    kargs=list(b.get("kargs", [])), verity=b.get("verity", "require"),
-                    tries=b.get("tries", 0), keep_rollback=d.get("keep-rollback", True),
-                    keep_extra=d.get("keep-extra", 0))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError) as e:
+            doc = tomllib.loads(data.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise SysrootError(f"{where}: {e}") from None
-        if c.verity not in kargs.VERITY_MODES:
-            raise SysrootError(f"{where}: verity must be one of {', '.join(kargs.VERITY_MODES)}")
-        check_tries(c.tries, f"{where}: tries")
-        if not isinstance(c.keep_extra, int) or c.keep_extra < 0:
-            raise SysrootError(f"{where}: keep-extra must be a number >= 0")
-        for a in c.kargs:
-            kargs.check(a)
+        s, b, d = (_table(doc, name, where) for name in ("sysroot", "boot", "deploy"))
+        c = cls(default_os=s.get("default-os"), boot_dir=s.get("boot-dir", "boot"),
+                kargs=b.get("kargs", []), verity=b.get("verity", "require"), tries=b.get("tries", 0),
+                keep_rollback=d.get("keep-rollback", True), keep_extra=d.get("keep-extra", 0))
+        c.check(where)
         return c
+
+    def check(self, where: str) -> None:
+        """Refuse a value of the wrong type or out of range, naming the key and the
+        file: the file is edited by hand, and a deploy acts on every key."""
+        def bad(key: str, want: str) -> SysrootError:
+            return SysrootError(f"{where}: {key} must be {want}")
+
+        if self.default_os is not None and not (isinstance(self.default_os, str)
+                                                and bootloader.OS_NAME.fullmatch(self.default_os)):
+            raise bad("sysroot.default-os", "an os name (letters, digits, '_' and '.')")
+        if not isinstance(self.boot_dir, str) or not self.boot_dir or "\0" in self.boot_dir:
+            raise bad("sysroot.boot-dir", "a path (a non-empty string)")
+        if not isinstance(self.kargs, list) or not all(isinstance(a, str) for a in self.kargs):
+            raise bad("boot.kargs", "a list of strings")
+        for a in self.kargs:
+            try:
+                kargs.check(a)
+            except kargs.KargsError as e:
+                raise SysrootError(f"{where}: boot.kargs: {e}") from None
+        if self.verity not in kargs.VERITY_MODES:
+            raise bad("boot.verity", " or ".join(kargs.VERITY_MODES))
+        check_tries(self.tries, f"{where}: boot.tries")
+        if not isinstance(self.keep_rollback, bool):
+            raise bad("deploy.keep-rollback", "true or false")
+        if type(self.keep_extra) is not int or self.keep_extra < 0:
+            raise bad("deploy.keep-extra", "a number >= 0")
+
+
+def _table(doc: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    t = doc.get(name, {})
+    if not isinstance(t, dict):
+        raise SysrootError(f"{where}: [{name}] must be a table")
+    return t
 
 
 def check_tries(tries: object, what: str) -> int:
     """Boot counting tries: 0 (off) to what systemd-boot's entry names can carry."""
-    if not isinstance(tries, int) or not 0 <= tries <= bootloader.MAX_TRIES:
+    if type(tries) is not int or not 0 <= tries <= bootloader.MAX_TRIES:
         raise SysrootError(f"{what} must be 0..{bootloader.MAX_TRIES}")
     return tries
 
@@ -174,9 +200,18 @@ class Sysroot:
         self.lock_wait = 0.0
         self.on_lock_wait: Callable[[], None] | None = None
         self.locked = False
+        # What commands found broken and repaired (bootloader.recover), for the CLI to tell.
+        self.repairs: list[bootloader.Repair] = []
+
+    @property
+    def switch_record(self) -> str:
+        """Where a switch of the boot entries is recorded while it runs."""
+        return os.path.join(self.top, "boot-switch.json")
 
     def save_config(self) -> None:
-        atomic_write_bytes(os.path.join(self.top, "config.toml"), self.config.render().encode())
+        where = os.path.join(self.top, "config.toml")
+        self.config.check(where)
+        atomic_write_bytes(where, self.config.render().encode())
 
     @property
     def repo(self) -> Repository:
@@ -207,7 +242,8 @@ class Sysroot:
             # with cfsdeploy.verity=try; `cfsdeploy verity enable` moves them on.
             if not _verity_works(os.path.join(top, "repo", "tmp")):
                 config.verity = "try"
-            open(os.path.join(top, "lock"), "a").close()
+            lockfile.create(os.path.join(top, "lock"))
+            config.check(config_path)
             atomic_write_bytes(config_path, config.render().encode())
         os.makedirs(os.path.join(top, "deploy", os_name, "var"), exist_ok=True)
         fsync_dir(os.path.join(top, "deploy"))
@@ -245,7 +281,8 @@ class Sysroot:
         if os_name is None:
             booted = self.booted_path()
             if booted is not None and booted.startswith("/cfsdeploy/deploy/"):
-                os_name = booted.split("/")[3]
+                # A mangled command line names no os: the configured one is meant then.
+                os_name = booted.split("/")[3] if bootloader.OS_NAME.fullmatch(booted.split("/")[3]) else None
         os_name = os_name or self.config.default_os
         if os_name is None:
             raise SysrootError("which os? give --os")
@@ -261,17 +298,23 @@ class Sysroot:
 
     # --- state -------------------------------------------------------------------------
 
-    def booted_path(self) -> str | None:
-        """The deployment the running system booted (its cfsdeploy= argument)."""
+    def cmdline(self) -> list[str]:
+        """The running kernel's command line, in words (none if it cannot be read)."""
         text = self._cmdline
         if text is None:
             source = os.environ.get(CMDLINE_ENV, "/proc/cmdline")
             try:
-                with open(source) as f:
+                # Not UTF-8 (a boot loader's garbage, an attacker's edit): the
+                # undecodable bytes name no deployment, and must not stop a command.
+                with open(source, encoding="utf-8", errors="surrogateescape") as f:
                     text = f.read()
             except OSError:
-                return None
-        return kargs.value(kargs.split(text), kargs.DEPLOYMENT)
+                return []
+        return kargs.split(text)
+
+    def booted_path(self) -> str | None:
+        """The deployment the running system booted (its cfsdeploy= argument)."""
+        return kargs.value(self.cmdline(), kargs.DEPLOYMENT)
 
     def set_aside(self, d: Damaged, *, move: bool = False) -> str:
         """Keep a damaged record (a copy, or itself moved) in SYSROOT/cfsdeploy/aside/
@@ -312,7 +355,7 @@ class Sysroot:
     def state(self, os_name: str) -> State:
         deps, entries, broken = [], [], []
         prefix = f"/cfsdeploy/deploy/{os_name}/"
-        good, damaged = bootloader.read_entries(self.boot, os_name)
+        good, damaged = bootloader.scan_entries(self.boot, os_name)
         for e in good:
             path = e.option(kargs.DEPLOYMENT)
             if path is None or not path.startswith(prefix) or not deployment.is_name(path[len(prefix):]):
@@ -340,7 +383,7 @@ class Sysroot:
         removed = []
         for name in names:
             if name not in keep:
-                force_rmtree(os.path.join(top, name))
+                remove_tree(os.path.join(top, name))
                 removed.append(name)
         if removed:
             fsync_dir(top)

@@ -4,14 +4,17 @@ Image builders hand over tarballs; they are read in one pass without unpacking t
 disk: each file's content is hashed while it is copied into the object store's
 staging area.  Paths that are absolute or climb out with "..", and hardlinks to
 names outside the archive, are refused.  xattrs come from PAX SCHILY.xattr records.
+PAX numbers are read strictly (tarfile turns a bad one into 0 silently), and every
+entry passes the same check as a scanned directory's or a manifest's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tarfile
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 from . import fsverity
 from .errors import TreeError
@@ -19,9 +22,11 @@ from .objects import ObjectStore
 from .scan import ScanStats
 from .tree import (
     INLINE_MAX_RECOMMENDED,
+    U32_MAX,
     Hardlink,
     Inode,
     canonical_hardlinks,
+    check_inode,
     check_name,
     digest_to_path,
     fix_dir_nlinks,
@@ -46,12 +51,89 @@ def _parts(name: str) -> list[bytes]:
     return parts
 
 
-def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
+# A PAX time: decimal seconds since the epoch, maybe negative, maybe with a fraction
+# (POSIX allows 21 digits before the point); unsigned numbers are plain digits.
+_PAX_TIME = re.compile(r"(-?)([0-9]{1,21})(?:\.([0-9]+))?")
+_PAX_UINT = re.compile(r"[0-9]{1,20}")
+
+
+def _pax_time(text: str) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a PAX time, as GNU tar reads it: "-5.5" is 5.5 s
+    before the epoch, (-6, 500000000); digits past nanoseconds round down."""
+    m = _PAX_TIME.fullmatch(text)
+    if m is None:
+        raise TreeError(f"invalid PAX mtime {text[:40]!r}")
+    sign, whole, frac = m.group(1), m.group(2), m.group(3) or ""
+    ns = int(whole) * 10**9 + int((frac + "000000000")[:9])
+    if sign:
+        ns = -ns - (1 if frac[9:].strip("0") else 0)
+    sec, nsec = divmod(ns, 10**9)
+    return sec, nsec
+
+
+def _pax_uint(member: tarfile.TarInfo, key: str, default: int) -> int:
+    text = member.pax_headers.get(key)
+    if text is None:
+        return default
+    if _PAX_UINT.fullmatch(text) is None:
+        raise TreeError(f"invalid PAX {key} {text[:40]!r}")
+    return int(text)
+
+
+def _metadata(member: tarfile.TarInfo, ftype: int) -> Inode:
+    """The inode of a member before its content: mode, owner, time, xattrs, device."""
     text = member.pax_headers.get("mtime")
-    if text:
-        sec, _, frac = text.partition(".")
-        return int(sec), int((frac + "000000000")[:9]) if frac else 0
-    return int(member.mtime), 0
+    # Without a PAX record tarfile gives the header's integer.
+    sec, nsec = _pax_time(text) if text is not None else (int(member.mtime), 0)
+    # tarfile used the PAX size already, and a bad one as 0: refuse it instead.
+    _pax_uint(member, "size", 0)
+    xattrs = {os.fsencode(k[len(_XATTR):]): v.encode("utf-8", "surrogateescape")
+              for k, v in sorted(member.pax_headers.items()) if k.startswith(_XATTR)}
+    node = Inode(mode=ftype | (member.mode & 0o7777), uid=_pax_uint(member, "uid", member.uid),
+                 gid=_pax_uint(member, "gid", member.gid), mtime_sec=sec, mtime_nsec=nsec,
+                 xattrs=xattrs)
+    if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+        if not (0 <= member.devmajor <= U32_MAX and 0 <= member.devminor <= U32_MAX):
+            raise TreeError(f"invalid device number {member.devmajor},{member.devminor}")
+        node.rdev = os.makedev(member.devmajor, member.devminor)
+    return node
+
+
+def _inode(tar: tarfile.TarFile, member: tarfile.TarInfo, ftype: int, store: ObjectStore | None,
+           stats: ScanStats) -> Inode:
+    """The checked inode of a member, its content hashed (and stored)."""
+    node = _metadata(member, ftype)
+    if ftype == stat.S_IFDIR:
+        node.children = {}
+        node.nlink = 2
+    elif ftype == stat.S_IFLNK:
+        node.payload = os.fsencode(member.linkname)
+        node.size = len(node.payload)
+    elif ftype == stat.S_IFREG:
+        src = tar.extractfile(member)
+        assert src is not None
+        node.size = member.size
+        stats.files += 1
+        stats.bytes += member.size
+        if member.size <= INLINE_MAX_RECOMMENDED:
+            node.content = src.read() or None
+        else:
+            node.digest = _store(src, member.size, store)
+            node.payload = digest_to_path(node.digest)
+    check_inode(node)
+    return node
+
+
+def _members(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
+    while True:
+        try:
+            member = tar.next()
+        except (tarfile.TarError, ValueError) as e:
+            # tarfile lets the int() of some PAX records (GNU.sparse.*) fail through.
+            raise TreeError(f"corrupt archive {path}: {e}") from None
+        if member is None:
+            return
+        yield member
 
 
 def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> bytes:
@@ -74,12 +156,12 @@ def scan_tar(path: str, *, store: ObjectStore | None = None,
     root = Inode(mode=stat.S_IFDIR | 0o755, nlink=2, children={})
     names: dict[tuple[bytes, ...], Inode] = {(): root}
     try:
-        tar = tarfile.open(path, mode="r|*")
-    except (OSError, tarfile.TarError) as e:
+        tar = tarfile.open(path, mode="r|*")  # reads the first member: see _members
+    except (OSError, tarfile.TarError, ValueError) as e:
         raise TreeError(f"cannot read archive {path}: {e}") from None
     with tar:
         try:
-            for member in tar:
+            for member in _members(tar, path):
                 _add(tar, member, root, names, store, stats, warn)
                 if progress is not None:
                     progress(stats)
@@ -105,30 +187,10 @@ def _add(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Inode,
     if ftype is None:
         warn(f"warning: skipping {member.name}: unsupported tar entry type {member.type!r}")
         return
-    sec, nsec = _mtime(member)
-    xattrs = {os.fsencode(k[len(_XATTR):]): v.encode("utf-8", "surrogateescape")
-              for k, v in sorted(member.pax_headers.items()) if k.startswith(_XATTR)}
-    node = Inode(mode=ftype | (member.mode & 0o7777), uid=member.uid, gid=member.gid,
-                 mtime_sec=sec, mtime_nsec=nsec, xattrs=xattrs)
-    if ftype == stat.S_IFDIR:
-        node.children = {}
-        node.nlink = 2
-    elif ftype == stat.S_IFLNK:
-        node.payload = os.fsencode(member.linkname)
-        node.size = len(node.payload)
-    elif ftype in (stat.S_IFCHR, stat.S_IFBLK):
-        node.rdev = os.makedev(member.devmajor, member.devminor)
-    elif ftype == stat.S_IFREG:
-        src = tar.extractfile(member)
-        assert src is not None
-        node.size = member.size
-        stats.files += 1
-        stats.bytes += member.size
-        if member.size <= INLINE_MAX_RECOMMENDED:
-            node.content = src.read() or None
-        else:
-            node.digest = _store(src, member.size, store)
-            node.payload = digest_to_path(node.digest)
+    try:
+        node = _inode(tar, member, ftype, store, stats)
+    except TreeError as e:
+        raise TreeError(f"{member.name}: {e}") from None
     if not parts:
         # The archive's "./" entry: the root's own metadata.
         node.children = root.children

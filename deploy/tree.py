@@ -33,6 +33,19 @@ INLINE_MAX_RECOMMENDED = 64
 INLINE_MAX = 5000
 NAME_MAX = 255
 PATH_MAX = 4096
+# A symlink target is 1..SYMLINK_MAX bytes (the reference: non-empty, shorter than PATH_MAX).
+SYMLINK_MAX = PATH_MAX - 1
+U32_MAX = 0xFFFFFFFF
+# mtime seconds are signed 64-bit, as the reference keeps them (int64_t) and as the
+# image's u64 fields carry them, two's complement.
+MTIME_MIN = -(2**63)
+MTIME_MAX = 2**63 - 1
+NSEC_MAX = 999_999_999
+# Per-inode xattr budget of the reference writer: 12 bytes of header, then
+# 2*4-1 bytes of worst-case overhead plus key and value for each attribute.
+XATTR_BUDGET = 0xFFFF // 2
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 0xFFFF
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +108,83 @@ def check_name(name: bytes) -> None:
         raise TreeError(f"invalid file name {name!r}")
     if len(name) > NAME_MAX:
         raise TreeError(f"file name longer than {NAME_MAX} bytes: {name[:40]!r}...")
+
+
+def xattr_cost(key: bytes, value: bytes) -> int:
+    return 7 + len(key) + len(value)
+
+
+def xattrs_size(xattrs: dict[bytes, bytes]) -> int:
+    if not xattrs:
+        return 0
+    return 12 + sum(xattr_cost(k, v) for k, v in xattrs.items())
+
+
+def check_xattr(key: bytes, value: bytes) -> None:
+    if not key:
+        raise TreeError("empty xattr name")
+    if len(key) > XATTR_NAME_MAX:
+        raise TreeError(f"xattr name longer than {XATTR_NAME_MAX} bytes: {key[:40]!r}...")
+    if b"\0" in key:
+        raise TreeError(f"xattr name contains NUL: {key!r}")
+    if len(value) > XATTR_VALUE_MAX:
+        raise TreeError(f"xattr {key!r} value longer than {XATTR_VALUE_MAX} bytes")
+
+
+def check_xattrs_budget(xattrs: dict[bytes, bytes]) -> None:
+    if xattrs_size(xattrs) > XATTR_BUDGET:
+        raise TreeError(f"xattrs too large: {xattrs_size(xattrs)} bytes (limit {XATTR_BUDGET})")
+
+
+def check_inode(node: Inode) -> None:
+    """Refuse an inode that a manifest or an image cannot carry, or could not read back.
+
+    The one check for every way into a tree: the directory scan, the tar reader and
+    the manifest parser (names are checked by check_name, hardlinks where they are
+    resolved).  The message does not name the entry: the caller knows its path."""
+    mode, ftype, payload = node.mode, node.mode & S_IFMT, node.payload
+    # Manifests run to a million lines: one comparison chain for the common case.
+    if (ftype in VALID_TYPES and 0 <= mode <= U32_MAX and 0 <= node.uid <= U32_MAX
+            and 0 <= node.gid <= U32_MAX and 0 <= node.nlink <= U32_MAX
+            and MTIME_MIN <= node.mtime_sec <= MTIME_MAX and 0 <= node.mtime_nsec <= NSEC_MAX
+            and 0 <= node.size < 2**64 and 0 <= node.rdev <= U32_MAX):
+        pass
+    elif ftype not in VALID_TYPES or not 0 <= mode <= U32_MAX:
+        raise TreeError(f"invalid mode {mode:o}")
+    else:
+        for number, what, low, high in (
+                (node.uid, "uid", 0, U32_MAX), (node.gid, "gid", 0, U32_MAX),
+                (node.nlink, "nlink", 0, U32_MAX), (node.mtime_sec, "mtime", MTIME_MIN, MTIME_MAX),
+                (node.mtime_nsec, "mtime nanoseconds", 0, NSEC_MAX), (node.size, "size", 0, 2**64 - 1),
+                # The image stores a device number in 32 bits (the kernel's dev_t).
+                (node.rdev, "device number", 0, U32_MAX)):
+            if not low <= number <= high:
+                raise TreeError(f"{what} {number} out of range ({low}..{high})")
+    if node.rdev and ftype != S_IFCHR and ftype != S_IFBLK:
+        raise TreeError("device number on a non-device")
+    if ftype == S_IFLNK:
+        if not payload:
+            raise TreeError("symlink with an empty target")
+        if len(payload) > SYMLINK_MAX:
+            raise TreeError(f"symlink target longer than {SYMLINK_MAX} bytes")
+        if node.size != len(payload):
+            raise TreeError(f"symlink size {node.size} is not its target's length {len(payload)}")
+    elif payload is not None and len(payload) >= PATH_MAX:
+        raise TreeError(f"payload longer than {PATH_MAX - 1} bytes")
+    if payload is not None and b"\0" in payload:
+        raise TreeError("symlink target or payload contains NUL")
+    content = node.content
+    if content is not None:
+        if len(content) != node.size:
+            raise TreeError(f"content length {len(content)} does not match size {node.size}")
+        if len(content) > INLINE_MAX:
+            raise TreeError(f"inline content size {len(content)} exceeds maximum {INLINE_MAX}")
+    if node.digest is not None and len(node.digest) != DIGEST_SIZE:
+        raise TreeError(f"digest of {len(node.digest)} bytes (must be {DIGEST_SIZE})")
+    if node.xattrs:
+        for key, value in node.xattrs.items():
+            check_xattr(key, value)
+        check_xattrs_budget(node.xattrs)
 
 
 def walk(root: Inode) -> Iterator[tuple[bytes, Inode | Hardlink]]:

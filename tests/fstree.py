@@ -7,9 +7,11 @@ Paths are bytes throughout because the tree holds names that are not UTF-8.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import stat
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +184,9 @@ def make_everything_tree(root: Path) -> None:
 
 
 def _set_mtimes(top: bytes) -> None:
-    """Give every entry its own mtime with nonzero nanoseconds, children before
-    parents so creating children cannot disturb a directory's mtime afterwards."""
+    """Give every entry its own mtime with nonzero nanoseconds, every fifth one before
+    1970, children before parents so creating children cannot disturb a directory's
+    mtime afterwards."""
     paths: list[bytes] = []
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
         paths.extend(os.path.join(dirpath, n) for n in filenames)
@@ -192,6 +195,8 @@ def _set_mtimes(top: bytes) -> None:
         paths.append(dirpath)
     for i, path in enumerate(paths):
         ns = MTIME_BASE_NS + i * 1_000_003_001
+        if i % 5 == 2:
+            ns = -ns // 10**5  # 1969-12-31, around 19:00
         os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
 
@@ -329,3 +334,16 @@ def compare_trees(
 
 def _dev(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def tar_with(name: str, *, kind: bytes = tarfile.REGTYPE, linkname: str = "",
+             pax: dict[str, str] | None = None) -> bytes:
+    """A PAX archive of one member, empty, with the PAX records given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = linkname
+        info.pax_headers = pax or {}
+        tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()

@@ -110,10 +110,11 @@ def publish(repo_dir: Path, tree: Path, branch: str = "os/stable", subject: str 
     return result.commit
 
 
-def client(path: Path, url: str, *, key: Key | None = None, branch: str | None = None) -> Repository:
+def client(path: Path, url: str, *, key: Key | None = None, branch: str | None = None,
+           require_binding: bool = True) -> Repository:
     repo = Repository.init(path)
     remote.add(repo, "origin", url, key_files=[key.public] if key else [], gpg_verify=key is not None,
-               branch=branch)
+               branch=branch, require_binding=require_binding)
     return repo
 
 
@@ -136,3 +137,10 @@ def assert_only_verified_additions(repo: Repository, before: set[str]) -> None:
         elif parts[2] not in ("pack", "info"):
             with open(path, "rb") as f:
                 assert hashlib.sha1(zlib.decompress(f.read())).hexdigest() == parts[2] + parts[3], rel
+
+
+def serve_branch_as(repo_dir: Path, branch: str, commit: str) -> None:
+    """What a hostile server does: its git/info/refs names `commit` as the head of `branch`."""
+    refs = repo_dir / "git" / "info" / "refs"
+    kept = [line for line in refs.read_text().splitlines() if not line.endswith(f"\trefs/heads/{branch}")]
+    refs.write_text("".join(f"{line}\n" for line in [*kept, f"{commit}\trefs/heads/{branch}"]))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import pytest
 
 from cfsdeploy import bootloader
-from cfsdeploy.bootloader import BootEntry, BootError, Kind, number, parse_entry, read_entries, switch_entries
+from cfsdeploy.bootloader import (BootEntry, BootError, Kind, Plan, RepairKind, number, parse_entry, read_entries,
+                                  recover, scan_entries, switch_entries)
 
 from .sysroots import bootctl_list, bootctl_reads, boot_mount
 
@@ -89,7 +91,7 @@ def test_damaged_entries_are_listed_apart_and_the_rest_read(tmp_path) -> None:
     (d / "cfsdeploy-deb-2.conf").write_bytes(b"")
     (d / "cfsdeploy-deb-1.conf").write_bytes(b"\xff" + entry(1).render())
     (d / "cfsdeploy-deb-4.conf").symlink_to("cfsdeploy-deb-3.conf")
-    good, damaged = read_entries(str(tmp_path), "deb")
+    good, damaged = scan_entries(str(tmp_path), "deb")
     assert good == [entry(3)]
     assert [(x.kind, os.path.basename(x.path)) for x in damaged] == [(Kind.ENTRY, f"cfsdeploy-deb-{n}.conf") for n in (1, 2, 4)]
     assert [x.reason for x in damaged] == ["not UTF-8", "missing title, version, sort-key, linux, initrd, options",
@@ -102,7 +104,7 @@ def test_entries_sharing_a_number_are_both_damaged(tmp_path) -> None:
     (d / "cfsdeploy-deb-2.conf").write_bytes(entry(2).render())
     (d / "cfsdeploy-deb-2+1.conf").write_bytes(entry(2, tries_left=1).render())
     (d / "cfsdeploy-deb-1.conf").write_bytes(entry(1).render())
-    good, damaged = read_entries(str(tmp_path), "deb")
+    good, damaged = scan_entries(str(tmp_path), "deb")
     assert good == [entry(1)]
     assert sorted(os.path.basename(x.path) for x in damaged) == ["cfsdeploy-deb-2+1.conf", "cfsdeploy-deb-2.conf"]
     assert damaged[0].reason == "another entry has its number 2"
@@ -111,8 +113,8 @@ def test_entries_sharing_a_number_are_both_damaged(tmp_path) -> None:
 def test_bootctl_reads_quoted_arguments_as_meant(tmp_path) -> None:
     args = ['a="b  c"', 'systemd.setenv="A=1 B=2"', '"quiet"', "cfsdeploy=/d/1"]
     with boot_mount(tmp_path / "esp") as esp:
-        switch_entries(str(esp), "deb", [entry(1, options=" ".join(args))])
-        bootctl_reads(esp, {"cfsdeploy-deb-1.conf": ("Deb 1", args)})
+        switch_entries(str(esp), "deb", [entry(1, options=" ".join(args))], record(tmp_path))
+        bootctl_reads(esp, {e.filename: ("Deb 1", args) for e in read_entries(str(esp), "deb")})
 
 
 @pytest.mark.parametrize("name", ["6.12.0-1-amd64", "6.1.0+deb12~rc1", "a"])
@@ -142,17 +144,34 @@ def test_numbering_gives_the_first_the_highest_number() -> None:
     assert [e.index for e in number([entry(1), entry(7), entry(2)])] == [3, 2, 1]
 
 
+def test_numbering_keeps_unchanged_entries_that_still_sort_in_order() -> None:
+    old = [entry(5), entry(3)]
+    assert [e.index for e in number([entry(0, title="new"), *old], old)] == [6, 5, 3]
+
+
+def test_numbering_puts_a_moved_entry_above_every_existing_number() -> None:
+    old = [entry(5), entry(3)]
+    assert [e.index for e in number([old[1], old[0]], old)] == [6, 5]
+
+
+def test_numbering_never_reuses_a_number_taken_by_any_file() -> None:
+    assert [e.index for e in number([entry(0)], above=9)] == [10]
+
+
+def record(tmp_path) -> str:
+    return str(tmp_path / "boot-switch.json")
+
+
 def test_switch_replaces_our_entries_and_keeps_foreign_ones(tmp_path) -> None:
     boot = str(tmp_path)
     os.makedirs(tmp_path / "loader/entries")
     (tmp_path / "loader/entries/windows.conf").write_text("title Windows\nefi /EFI/x.efi\n")
     (tmp_path / "loader/entries/cfsdeploy-other-1.conf").write_bytes(entry(1, os="other").render())
-    switch_entries(boot, "deb", number([entry(0), entry(0)]))
-    switch_entries(boot, "deb", number([entry(0, title="new")]))
+    switch_entries(boot, "deb", [entry(0), entry(0)], record(tmp_path))
+    switch_entries(boot, "deb", [entry(0, title="new")], record(tmp_path))
     assert sorted(os.listdir(tmp_path / "loader/entries")) == [
-        "cfsdeploy-deb-1.conf", "cfsdeploy-other-1.conf", "windows.conf"]
-    assert [e.title for e in read_entries(boot, "deb")[0]] == ["new"]
-    assert not (tmp_path / "loader/entries.staged").exists()
+        "cfsdeploy-deb-3.conf", "cfsdeploy-other-1.conf", "windows.conf"]
+    assert [e.title for e in read_entries(boot, "deb")] == ["new"]
 
 
 def test_entries_sort_the_same_for_grub_names_and_systemd_boot(tmp_path) -> None:
@@ -162,7 +181,7 @@ def test_entries_sort_the_same_for_grub_names_and_systemd_boot(tmp_path) -> None
             for p in (e.linux, e.initrd):
                 os.makedirs(esp / os.path.dirname(p[1:]), exist_ok=True)
                 (esp / p[1:]).write_bytes(b"x")
-        switch_entries(str(esp), "deb", entries)
+        switch_entries(str(esp), "deb", entries, record(tmp_path))
         listed = [json.loads(line) for line in bootctl_list(esp).splitlines()]
         # systemd-boot's order (sort-key, then version descending) is ours ...
         assert [e["title"] for e in listed] == [f"t{i}" for i in range(12)]
@@ -176,16 +195,117 @@ def test_entries_sort_the_same_for_grub_names_and_systemd_boot(tmp_path) -> None
 def test_failed_entry_sorts_last_for_systemd_boot(tmp_path) -> None:
     with boot_mount(tmp_path / "esp") as esp:
         switch_entries(str(esp), "deb", [entry(2, title="new", tries_left=0, tries_done=3),
-                                         entry(1, title="old")])
+                                         entry(1, title="old")], record(tmp_path))
         assert [json.loads(x)["title"] for x in bootctl_list(esp).splitlines()] == ["old", "new"]
 
 
-def test_switch_exchanges_whole_directories(tmp_path) -> None:
+def inodes(boot) -> dict[str, int]:
+    d = boot / "loader/entries"
+    return {n: os.lstat(d / n).st_ino for n in os.listdir(d)}
+
+
+def test_a_switch_writes_only_the_entries_that_changed(tmp_path) -> None:
     with boot_mount(tmp_path / "esp") as esp:
-        switch_entries(str(esp), "deb", [entry(1)])
-        switch_entries(str(esp), "deb", number([entry(0, title="b"), entry(0, title="a")]))
-        assert [e.title for e in read_entries(str(esp), "deb")[0]] == ["b", "a"]
+        old = switch_entries(str(esp), "deb", [entry(0, title="b"), entry(0, title="a")], record(tmp_path))
+        before = inodes(esp)
+        switch_entries(str(esp), "deb", [entry(0, title="c"), *old], record(tmp_path))
+        after = inodes(esp)
+        assert {n: i for n, i in after.items() if n in before} == before
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["c", "b", "a"]
+
+
+def test_the_switch_record_is_gone_once_the_switch_returns(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        switch_entries(str(esp), "deb", [entry(0)], record(tmp_path))
+        assert not os.path.exists(record(tmp_path))
         assert os.listdir(esp / "loader") == ["entries"]
+
+
+def interrupted(tmp_path, esp, write_new: int) -> Plan:
+    """A switch from [a] to [c, a'] (a' with another title) whose record was made and
+    whose first `write_new` new files were written when the machine stopped."""
+    [a] = switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
+    new = number([entry(0, title="c"), entry(0, title="a2")], [a])
+    plan = Plan("deb", [(e.filename, e.render()) for e in new], [a.id])
+    (tmp_path / "boot-switch.json").write_text(json.dumps(plan.to_json()))
+    for name, data in plan.write[:write_new]:
+        (esp / "loader/entries" / name).write_bytes(data)
+    return plan
+
+
+@pytest.mark.parametrize("written", [0, 1, 2])
+def test_recover_finishes_an_interrupted_switch(tmp_path, written) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        interrupted(tmp_path, esp, written)
+        [r] = recover(str(esp), record(tmp_path))
+        assert r.kind == RepairKind.FINISHED_SWITCH
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["c", "a2"]
+        assert not os.path.exists(record(tmp_path))
+
+
+def test_recover_rewrites_a_new_entry_the_cut_tore(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        plan = interrupted(tmp_path, esp, 1)
+        (esp / "loader/entries" / plan.write[0][0]).write_bytes(b"title c\nlin")
+        recover(str(esp), record(tmp_path))
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["c", "a2"]
+
+
+def test_recover_keeps_a_new_entry_that_boot_counting_renamed(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        plan = interrupted(tmp_path, esp, 2)
+        name, data = plan.write[0]
+        os.rename(esp / "loader/entries" / name, esp / "loader/entries" / name.replace(".conf", "+1-1.conf"))
+        recover(str(esp), record(tmp_path))
+        assert [(e.title, e.tries_left) for e in read_entries(str(esp), "deb")] == [("c", 1), ("a2", None)]
+
+
+def test_recover_sets_a_damaged_record_aside_and_changes_no_entry(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
+        (tmp_path / "boot-switch.json").write_text('{"os": "deb", "write": [["../../x.conf", "x"]], "remove": []}')
+        [r] = recover(str(esp), record(tmp_path))
+        assert r.kind == RepairKind.DAMAGED_RECORD and r.path == record(tmp_path) + ".damaged"
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["a"]
+
+
+def test_recover_removes_the_staging_directory_older_versions_left(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
+        (esp / "loader/entries.staged").mkdir()
+        (esp / "loader/entries.staged/cfsdeploy-deb-9.conf").write_bytes(entry(9).render())
+        [r] = recover(str(esp), record(tmp_path))
+        assert r.kind == RepairKind.REMOVED_LEFTOVER
+        assert os.listdir(esp / "loader") == ["entries"]
+
+
+def test_recover_leaves_a_staging_directory_that_may_share_clusters_with_the_entries(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
+        shutil.copytree(esp / "loader/entries", esp / "loader/entries.staged")
+        [r] = recover(str(esp), record(tmp_path))
+        assert r.kind == RepairKind.SUSPECT_LEFTOVER
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["a"]
+
+
+def test_a_full_boot_directory_undoes_the_switch_and_keeps_the_old_entries(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp", size_mib=1) as esp:
+        switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
+        (esp / "filler").write_bytes(b"x" * ((1 << 20) - 8192))
+        with pytest.raises(BootError, match="full"):
+            switch_entries(str(esp), "deb", [entry(0, title=f"t{i}" * 100, options="x" * 1500) for i in range(8)], record(tmp_path))
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["a"]
+        assert not os.path.exists(record(tmp_path))
+
+
+def test_durable_removal_removes_a_symlink_and_never_what_it_points_to(tmp_path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside/keep").write_text("x")
+    (tmp_path / "boot/cfsdeploy/deb/k").mkdir(parents=True)
+    (tmp_path / "boot/cfsdeploy/deb/k/link").symlink_to(tmp_path / "outside")
+    bootloader.remove_unused_kernels(str(tmp_path / "boot"), "deb", [])
+    assert (tmp_path / "outside/keep").read_text() == "x"
+    assert os.listdir(tmp_path / "boot/cfsdeploy/deb") == []
 
 
 def test_kernel_installed_once_per_distinct_pair(tmp_path) -> None:
@@ -196,6 +316,21 @@ def test_kernel_installed_once_per_distinct_pair(tmp_path) -> None:
     assert (tmp_path / k1.relpath / "vmlinuz").read_bytes() == b"kernel"
     assert (tmp_path / k1.relpath / "initramfs.img").read_bytes() == b"initrd"
     assert k1.linux == f"/cfsdeploy/deb/{k1.dirname}/vmlinuz" and k1.dirname.startswith("6.1-")
+
+
+def test_a_kernel_directory_a_crash_left_without_its_mark_is_written_again(tmp_path) -> None:
+    k = bootloader.install_kernel(str(tmp_path), "deb", "6.1", io.BytesIO(b"kernel"), io.BytesIO(b"initrd"))
+    os.unlink(tmp_path / k.relpath / "complete")
+    (tmp_path / k.relpath / "initramfs.img").write_bytes(b"init")
+    again = bootloader.install_kernel(str(tmp_path), "deb", "6.1", io.BytesIO(b"kernel"), io.BytesIO(b"initrd"))
+    assert again == k and (tmp_path / k.relpath / "initramfs.img").read_bytes() == b"initrd"
+
+
+def test_a_kernel_directory_of_an_older_version_is_checked_once_and_marked(tmp_path) -> None:
+    k = bootloader.install_kernel(str(tmp_path), "deb", "6.1", io.BytesIO(b"kernel"), io.BytesIO(b"initrd"))
+    os.unlink(tmp_path / k.relpath / "complete")
+    assert bootloader.kernel_complete(str(tmp_path), k)
+    assert (tmp_path / k.relpath / "complete").exists()
 
 
 def test_unused_kernels_and_leftovers_are_removed(tmp_path) -> None:

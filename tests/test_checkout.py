@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from cfsdeploy import dumpfile
 from cfsdeploy.checkout import CheckoutError, checkout
 from cfsdeploy.mounts import mounted_composefs
+from cfsdeploy.objects import ObjectStore
 from cfsdeploy.repository import Repository, image_digest_of, manifest_of
 
 from .fstree import compare_trees
@@ -41,3 +45,19 @@ def test_checkout_refuses_an_existing_destination(committed) -> None:
     work, tree, repo = committed
     with pytest.raises(CheckoutError, match="refusing"):
         checkout(manifest_of(repo, "os/test"), repo.objects, tree)
+
+
+def test_subtree_hardlinked_outside_itself_gets_the_file_once(tmp_path) -> None:
+    root = dumpfile.parse(b"/ 0 40755 4 0 0 0 0.0 - - -\n"
+                          b"/etc 0 40755 2 0 0 0 0.0 - - -\n"
+                          b"/etc/a 5 @100640 3 0 0 0 0.0 /usr/z - -\n"
+                          b"/etc/b 5 @100640 3 0 0 0 0.0 /usr/z - -\n"
+                          b"/usr 0 40755 2 0 0 0 0.0 - - -\n"
+                          b"/usr/z 5 100640 3 7 8 0 1234.5 - hello - user.k=v\n")
+    out = tmp_path / "etc"
+    checkout(root.children[b"etc"], ObjectStore(tmp_path / "objects"), out)
+    a, b = (out / "a").stat(), (out / "b").stat()
+    assert (out / "a").read_bytes() == b"hello"
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    assert (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) == (0o100640, 7, 8, 1234 * 10**9 + 5)
+    assert os.getxattr(out / "a", "user.k") == b"v"

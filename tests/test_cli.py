@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -48,3 +49,15 @@ def test_rejected_dumpfile_gives_one_line_error_and_no_image(vector, tmp_path) -
 def test_missing_input_file_is_a_clear_error(tmp_path) -> None:
     result = invoke("image", "build", "--from-file", str(tmp_path / "nope"), str(tmp_path / "img"))
     assert result.exit_code == 1 and "No such file" in result.output
+
+
+def test_image_of_a_tree_older_than_1970_dumps_its_times(tmp_path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"old")
+    os.utime(tree / "f", ns=(-10**9,) * 2)  # touch -d @-1
+    image = tmp_path / "img"
+    built = invoke("image", "build", str(tree), str(image), "--digest-store", str(tmp_path / "objects"))
+    assert built.exit_code == 0, built.output
+    dumped = invoke("image", "dump", str(image))
+    assert dumped.exit_code == 0 and b" 0 -1.0 - old -\n" in dumped.stdout_bytes  # rdev, mtime

@@ -7,11 +7,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
 from cfsdeploy.errors import TreeError
 from cfsdeploy.repository import Repository, manifest_of
+
+from .fstree import tar_with
 
 FILES = 40  # enough for the forked workers to share them
 
@@ -107,3 +110,23 @@ def test_socket_is_skipped_with_a_warning(repo: Repository, tree) -> None:
     assert result.returncode == 0, result.stderr
     assert f"warning: skipping socket {tree / 'a' / 'sock'}" in result.stderr
     assert b"sock" not in manifest_of(repo, "os/x").children[b"a"].children
+
+
+@pytest.mark.parametrize("kind, linkname, pax, message", [
+    (tarfile.SYMTYPE, "", {}, "evil: symlink with an empty target"),
+    (tarfile.SYMTYPE, "t" * 4096, {}, "evil: symlink target longer than 4095 bytes"),
+    (tarfile.REGTYPE, "", {"mtime": "abc"}, "evil: invalid PAX mtime 'abc'"),
+    (tarfile.REGTYPE, "", {"mtime": "1e23"}, "evil: invalid PAX mtime '1e23'"),
+    (tarfile.REGTYPE, "", {"mtime": "9" * 21}, "evil: mtime 999999999999999999999 out of range"),
+    (tarfile.REGTYPE, "", {"uid": "99999999999"}, "evil: uid 99999999999 out of range"),
+    (tarfile.REGTYPE, "", {"gid": "-1"}, "evil: invalid PAX gid '-1'"),
+    (tarfile.REGTYPE, "", {"size": "abc"}, "evil: invalid PAX size 'abc'"),
+    (tarfile.REGTYPE, "", {"GNU.sparse.size": "abc"}, "cannot read archive"),
+])
+def test_archive_entry_the_repository_could_not_read_back(repo: Repository, tmp_path, kind: bytes,
+                                                          linkname: str, pax: dict[str, str],
+                                                          message: str) -> None:
+    before = state(repo)
+    archive = tmp_path / "evil.tar"
+    archive.write_bytes(tar_with("evil", kind=kind, linkname=linkname, pax=pax))
+    assert_failed_cleanly(commit(repo, f"tar:{archive}"), before, repo, message)

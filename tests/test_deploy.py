@@ -272,10 +272,9 @@ def test_quoted_karg_with_spaces_boots_as_meant_through_every_rewrite(machine) -
 
 def test_title_from_the_commit_is_one_plain_line(machine) -> None:
     (machine.tree / "usr/lib/os-release").write_bytes(b'PRETTY_NAME="Evil\x1b[2J\x00OS\xe2\x80\xae 1"\n')
-    sysroot = machine.sysroot
-    sysroot.repo.commit(machine.tree, BRANCH, "build", version="1\x07")
+    commit_tree(machine.sysroot, machine.tree)
     deploy(machine)
-    assert sysroot.state(OS).entries[0].title == f"Evil [2J OS 1 (cfsdeploy {OS})"
+    assert machine.sysroot.state(OS).entries[0].title == f"Evil [2J OS 1 (cfsdeploy {OS})"
 
 
 @pytest.mark.parametrize("kver", ["6.1\noptions systemd.unit=rescue.target x=", ".6.12"])
@@ -596,6 +595,25 @@ def test_verity_enable_reports_why_it_cannot_and_changes_nothing(machine) -> Non
 def entries_files(m) -> dict[str, bytes]:
     d = m.boot / "loader/entries"
     return {n: (d / n).read_bytes() for n in os.listdir(d)}
+
+
+def test_etc_and_var_hardlinked_to_usr_are_deployed_as_files(machine) -> None:
+    # Trees deduplicated by hardlink tools link /etc and /var names to files under /usr.
+    (machine.tree / "usr/share").mkdir()
+    (machine.tree / "usr/share/z").write_bytes(b"shared default\n" * 10)
+    os.link(machine.tree / "usr/share/z", machine.tree / "etc/y")
+    os.link(machine.tree / "usr/share/z", machine.tree / "etc/y2")
+    os.link(machine.tree / "usr/share/z", machine.tree / "var/lib/app/x")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine)
+    etc = machine.root / "cfsdeploy/deploy" / OS / r.deployment.name / "etc"
+    var = machine.root / "cfsdeploy/deploy" / OS / "var"
+    assert (etc / "y").read_bytes() == (var / "lib/app/x").read_bytes() == b"shared default\n" * 10
+    # Inside /etc the two names stay one file.
+    assert (etc / "y").stat().st_ino == (etc / "y2").stat().st_ino
+    machine.sysroot = booted_into(machine)
+    new_version(machine, "2")
+    assert deploy(machine).etc.modified == []
 
 
 # --- damaged records: reported, set aside, and never a reason to delete ------------------

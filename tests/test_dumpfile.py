@@ -116,6 +116,42 @@ def test_malformed_line_is_rejected_naming_line_and_problem(line: bytes, problem
     assert str(e.value).startswith("line ")
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_negative_mtime_is_a_time_before_1970(strict: bool) -> None:
+    text = ROOT + b"/f 0 100644 1 0 0 0 -14182940.500000000 - - -\n"
+    node = parse(text, strict=strict).children[b"f"]
+    assert (node.mtime_sec, node.mtime_nsec) == (-14182940, 500_000_000)
+    assert dumpfile.dumps(parse(text)) == text
+
+
+@pytest.mark.parametrize("mtime", [b"-9223372036854775809.0", b"9223372036854775808.0",
+                                   # the reference's strtoull wraps this to -1; we refuse it
+                                   b"18446744073709551615.0"])
+def test_mtime_outside_64_signed_bits_is_rejected(mtime: bytes) -> None:
+    with pytest.raises(DumpfileError, match="^line 2: /f: mtime .* out of range"):
+        parse(ROOT + b"/f 0 100644 1 0 0 0 " + mtime + b" - - -\n", strict=False)
+
+
+@pytest.mark.parametrize("mtime", [b"--1.0", b"-.0", b"1.-1", b"+1.0"])
+def test_malformed_signed_mtime_is_rejected(mtime: bytes) -> None:
+    with pytest.raises(DumpfileError, match="invalid mtime"):
+        parse(ROOT + b"/f 0 100644 1 0 0 0 " + mtime + b" - - -\n")
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"/l 0 120777 1 0 0 0 0.0 - - -\n", "/l: symlink with an empty target"),
+    (b"/l 4096 120777 1 0 0 0 0.0 " + b"a" * 4096 + b" - -\n", "/l: symlink target longer than 4095"),
+    (b"/l 3 120777 1 0 0 0 0.0 a\\x00b - -\n", "/l: symlink target or payload contains NUL"),
+    (b"/f 0 100644 1 4294967296 0 0 0.0 - - -\n", "/f: uid 4294967296 out of range"),
+    (b"/f 0 100644 1 0 0 0 0.1000000000 - - -\n", "/f: mtime nanoseconds 1000000000 out of range"),
+    (b"/c 0 20644 1 0 0 4294967296 0.0 - - -\n", "/c: device number 4294967296 out of range"),
+])
+def test_entry_the_tree_cannot_hold_is_rejected_in_both_modes(line: bytes, problem: str) -> None:
+    for strict in (True, False):
+        with pytest.raises(DumpfileError, match="^line 2: " + re.escape(problem)):
+            parse(ROOT + line, strict=strict)
+
+
 def test_error_names_the_line_number() -> None:
     with pytest.raises(DumpfileError, match="^line 3: "):
         parse(ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/b 0 1 1 0 0 0 0.0 - - -\n")

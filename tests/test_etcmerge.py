@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cfsdeploy.checkout import checkout
 from cfsdeploy.errors import CfsError
-from cfsdeploy.etcmerge import MergeReport, merge_etc
+from cfsdeploy.etcmerge import EtcMergeError, MergeReport, merge_etc, merge_local, read_local
 from cfsdeploy.objects import ObjectStore
 from cfsdeploy.run import run
 from cfsdeploy.scan import scan
@@ -357,6 +359,94 @@ def test_local_deletion_below_a_directory_upstream_made_a_symlink_touches_nothin
     assert os.listdir(outside) == [b"x"]
     assert os.readlink(etc.dest + b"/d") == outside
     assert report.conflicts == [(b"/etc/d/y", "parent /etc/d is a symlink upstream, not a directory")]
+
+
+# A local user racing the merge: /etc/app is theirs, /etc/app/app.conf their edit
+
+USER = 1000
+SECRET = b"root only\n"
+
+
+def user_directory_and_root_only_twin(etc: Etcs) -> bytes:
+    """orig ships /etc/app/app.conf; the local one is the user's edit in their own
+    directory.  Returns a root-only directory outside /etc holding an app.conf of its
+    own, what a swapped symlink would lead to."""
+    mkdir(etc.orig, b"app")
+    os.chown(etc.orig + b"/app", USER, USER)
+    write(etc.orig, b"app/app.conf", b"default\n")
+    etc.fork()
+    write(etc.local, b"app/app.conf", b"the user's edit\n")
+    secret = etc.tmp + b"/root-only"
+    mkdir(etc.tmp, b"root-only", 0o700)
+    write(secret, b"app.conf", SECRET, 0o600)
+    os.makedirs(os.path.dirname(etc.dest), exist_ok=True)
+    return secret
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_scan_stops_the_merge(etc: Etcs) -> None:
+    secret = user_directory_and_root_only_twin(etc)
+    local = read_local(etc.local)
+    try:
+        os.rename(etc.local + b"/app", etc.local + b"/app.away")
+        os.symlink(secret, etc.local + b"/app")
+        with pytest.raises(EtcMergeError, match="/etc/app/app.conf changed during the merge"):
+            merge_local(etc.orig_etc, local, etc.commit(etc.new), etc.store, etc.dest)
+    finally:
+        local.close()
+    assert not os.path.lexists(etc.dest)
+
+
+def test_a_file_replaced_after_the_scan_stops_the_merge(etc: Etcs) -> None:
+    user_directory_and_root_only_twin(etc)
+    local = read_local(etc.local)
+    try:
+        os.rename(etc.local + b"/app/app.conf", etc.local + b"/app/old")
+        write(etc.local, b"app/app.conf", b"the user's edit\n")
+        with pytest.raises(EtcMergeError, match="/etc/app/app.conf changed during the merge"):
+            merge_local(etc.orig_etc, local, etc.commit(etc.new), etc.store, etc.dest)
+    finally:
+        local.close()
+    assert not os.path.lexists(etc.dest)
+
+
+def regular_files(top: bytes) -> list[bytes]:
+    """The contents of every regular file under top, no symlink followed."""
+    out = []
+    for d, _, files in os.walk(top):
+        for name in files:
+            path = os.path.join(d, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                out.append(read(d, name))
+    return out
+
+
+def test_a_directory_swapped_back_and_forth_during_merges_never_brings_in_a_file_from_outside(etc: Etcs) -> None:
+    secret = user_directory_and_root_only_twin(etc)
+    twin = etc.tmp + b"/twin"
+    os.symlink(secret, twin)
+    new = etc.commit(etc.new)
+    # The user's side, in a process of its own: swap /etc/app and the symlink, endlessly.
+    swapper = subprocess.Popen([sys.executable, "-c",
+                                "import sys\nfrom cfsdeploy.fsutil import exchange\n"
+                                "while True: exchange(sys.argv[1], sys.argv[2])",
+                                etc.local + b"/app", twin])
+    refused = merged = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                merge_etc(etc.orig_etc, etc.local, new, etc.store, etc.dest)
+            except EtcMergeError:
+                refused += 1
+                assert not os.path.lexists(etc.dest)
+                continue
+            merged += 1
+            assert SECRET not in regular_files(etc.dest)
+            shutil.rmtree(etc.dest)
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert merged + refused > 0
 
 
 # Type changes and conflicts

@@ -12,7 +12,7 @@ from cfsdeploy import dumpfile, imagewriter
 from cfsdeploy.errors import CfsError
 from cfsdeploy.tree import S_IFCHR, S_IFREG, Inode, new_dir
 
-from .vectors import SHOULD_FAIL, VALID, Vector
+from .vectors import BEFORE_1970, BEFORE_1970_SHA256, SHOULD_FAIL, VALID, Vector
 
 
 def build(v: Vector) -> imagewriter.BuildResult:
@@ -21,7 +21,7 @@ def build(v: Vector) -> imagewriter.BuildResult:
 
 
 def test_vectors_are_present() -> None:
-    assert len(VALID) >= 10 and len(SHOULD_FAIL) >= 10, "../shared/composefs-vectors is missing"
+    assert len(VALID) >= 10 and len(SHOULD_FAIL) >= 10, "tests/vectors/composefs is missing"
 
 
 @pytest.mark.parametrize("vector", VALID, ids=lambda v: v.name)
@@ -73,3 +73,16 @@ def test_same_tree_gives_same_image_whatever_insertion_order() -> None:
 def test_out_of_range_format_version_is_rejected() -> None:
     with pytest.raises(CfsError):
         imagewriter.build(new_dir(), min_version=2)
+
+
+def test_times_before_1970_are_written_as_the_reference_writes_them() -> None:
+    image = imagewriter.build(dumpfile.parse(BEFORE_1970)).image
+    assert hashlib.sha256(image).hexdigest() == BEFORE_1970_SHA256
+    # The superblock's build_time (u64 at 1024 + 24) and build_time_nsec: the least
+    # mtime, -2**63, two's complement as the reference's (uint64_t) cast stores it.
+    assert image[1048:1060] == bytes.fromhex("0000000000000080" "00000000")
+    # The other times are in extended inodes: i_mtime (u64) then i_mtime_nsec (u32).
+    for mtime in ("ffffffffffffffff" "00000000",  # -1.0
+                  "e49527ffffffffff" "0065cd1d",  # -14182940.500000000
+                  "ffffffffffffffff" "ffc99a3b"):  # -1.999999999
+        assert image.count(bytes.fromhex(mtime)) == 1

@@ -330,6 +330,19 @@ def test_verity_try_without_fs_verity_checks_the_computed_digest(sysroot: Sysroo
         assert "verity=" not in b.mounts()[b.new].super_options
 
 
+def test_boot_records_what_it_checked_for_status(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="try")) as b:
+        assert b.status == 0, b.output
+        assert b.path("/run/cfsdeploy-booted").read_text() == (
+            f"deployment={sysroot.good.path} digest={sysroot.good.digest} verity=try fs-verity=no\n")
+
+
+def test_a_boot_that_failed_records_nothing(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="require")) as b:
+        failed(b, "cfsdeploy.verity=require but")
+        assert not b.path("/run/cfsdeploy-booted").exists()
+
+
 @pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
 def test_works_with_busybox_sh_and_mount(sysroot: Sysroot, tmp_path: Path) -> None:
     tools = tmp_path / "busybox"

@@ -181,6 +181,18 @@ def test_depth_1_fetches_the_head_alone_and_marks_it_shallow(tmp_path, served) -
     assert fsck.fsck(repo).ok
 
 
+def test_a_damaged_shallow_file_is_reported_and_kept(tmp_path, served) -> None:
+    src, url = served
+    publish(src, tree_of(tmp_path, {"f": b"1" * 100}))
+    repo = client(tmp_path / "client", url)
+    shallow = os.path.join(repo.path, "git", "shallow")
+    with open(shallow, "wb") as f:
+        f.write(b"\xff not a commit id\n")
+    with pytest.raises(PullError, match="shallow is damaged"):
+        pull(repo, "origin", BRANCH, depth=1)
+    assert open(shallow, "rb").read() == b"\xff not a commit id\n"
+
+
 def test_a_later_full_pull_fetches_the_rest_of_the_history(tmp_path, served) -> None:
     src, url = served
     tree = tree_of(tmp_path, {"f": b"x" * 100})

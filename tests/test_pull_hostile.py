@@ -18,7 +18,7 @@ from cfsdeploy import fsverity, imagewriter, serve, signing
 from cfsdeploy.dumpfile import dumps, parse
 from cfsdeploy.errors import CfsError
 from cfsdeploy.pull import DowngradeError, PullOptions, pull
-from cfsdeploy.repository import MANIFEST, Repository, image_digest_of, manifest_of, objects_of
+from cfsdeploy.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
 from cfsdeploy.transport import Limits
 from cfsdeploy.tree import Inode, walk
 
@@ -97,14 +97,16 @@ def git_path(oid: str | pygit2.Oid) -> str:
     return f"*/git/objects/{oid[:2]}/{oid[2:]}"
 
 
-def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | None = None) -> str:
-    """A commit of `manifest` on the branch, its Composefs-Digest given or computed."""
+def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | None = None,
+          extra: str = "") -> str:
+    """A commit of `manifest` on the branch, its Composefs-Digest given or computed,
+    `extra` trailer lines after the others."""
     if digest is None:
         digest = fsverity.digest_bytes(imagewriter.build(parse(manifest)).image).hex()
     builder = src.git.TreeBuilder()
     builder.insert(MANIFEST, src.git.create_blob(manifest), pygit2.enums.FileMode.BLOB)
     sig = pygit2.Signature("Mallory", "m@example.com", int(time.time()), 0)
-    message = f"forged\n\nComposefs-Digest: {digest}\nComposefs-Format: 0\n"
+    message = f"forged\n\nComposefs-Digest: {digest}\nComposefs-Format: 0\nCfsdeploy-Branch: {BRANCH}\n{extra}"
     parents = [src.resolve(BRANCH).id]
     content = src.git.create_commit_string(sig, sig, message, builder.write(), parents)
     if key is None:
@@ -169,6 +171,13 @@ def test_a_signed_manifest_that_does_not_give_its_image(origin, builder_key) -> 
     forge(src, dumps(honest).replace(b" 100644 ", b" 100600 ", 1), builder_key,
           digest=image_digest_of(src.resolve(BRANCH)).hex())
     attempt(repo, CfsError, "does not give the image")
+
+
+def test_a_signed_commit_with_a_second_digest_trailer(origin, builder_key) -> None:  # noqa: F811
+    src, server, repo = origin
+    # What an injected version gave before text was checked: the digest of another image last.
+    forge(src, dumps(manifest_of(src, BRANCH)), builder_key, extra=f"Composefs-Digest: {'00' * 32}\n")
+    attempt(repo, TrailerError, "the trailer Composefs-Digest appears 2 times")
 
 
 # --- signatures ---------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_add_writes_a_table_to_config_toml_and_keeps_the_rest(repo) -> None:
     remote.add(repo, "origin", "https://example.com/os/repo/", gpg_verify=False, branch="os/stable")
     assert config(repo) == {"core": {"repo-version": 1},
                             "remote": {"origin": {"url": "https://example.com/os/repo", "gpg-verify": False,
-                                                  "branch": "os/stable"}}}
+                                                  "require-binding": True, "branch": "os/stable"}}}
     assert remote.get(repo, "origin") == Remote("origin", "https://example.com/os/repo", False, "os/stable")
 
 
@@ -146,6 +146,32 @@ def test_a_hand_edited_remote_with_wrong_types_is_a_clear_error(repo) -> None:
         remote.get(repo, "origin")
 
 
+def test_a_hand_edited_require_binding_must_be_a_boolean(repo) -> None:
+    with open(os.path.join(repo.path, "config.toml"), "a") as f:
+        f.write('[remote.origin]\nurl = "http://x"\nrequire-binding = "no"\n')
+    with pytest.raises(RemoteError, match="require-binding \\(boolean, optional\\)"):
+        remote.get(repo, "origin")
+
+
+def test_a_remote_requires_bindings_unless_told_not_to(repo) -> None:
+    assert remote.add(repo, "new", "http://n.example", gpg_verify=False).require_binding
+    assert not remote.add(repo, "old", "http://o.example", gpg_verify=False, require_binding=False).require_binding
+    assert config(repo)["remote"]["old"]["require-binding"] is False
+
+
+def test_a_remote_written_before_bindings_does_not_require_them(repo) -> None:
+    with open(os.path.join(repo.path, "config.toml"), "a") as f:
+        f.write('[remote.origin]\nurl = "http://x"\ngpg-verify = false\n')
+    assert remote.get(repo, "origin") == Remote("origin", "http://x", False, None, require_binding=False)
+
+
+def test_cli_remote_add_no_require_binding(repo) -> None:
+    r = invoke("remote", "add", "--repo", repo.path, "old", "http://o.example", "--no-gpg-verify",
+               "--no-require-binding")
+    assert r.exit_code == 0, r.output
+    assert invoke("remote", "list", "--repo", repo.path).output.endswith("no gpg-verify, no require-binding\n")
+
+
 def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
     r = invoke("remote", "add", "--repo", repo.path, "origin", "http://example.com/r",
                "--gpg-import", builder_key.public, "--branch", "os/stable")
@@ -154,8 +180,8 @@ def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
     r = invoke("remote", "add", "--repo", repo.path, "plain", "http://example.com/p", "--no-gpg-verify")
     assert r.exit_code == 0, r.output
     r = invoke("remote", "list", "--repo", repo.path)
-    assert r.output == ("origin\thttp://example.com/r\tos/stable\tgpg-verify, trusted keys: 1\n"
-                        "plain\thttp://example.com/p\t-\tno gpg-verify\n")
+    assert r.output == ("origin\thttp://example.com/r\tos/stable\tgpg-verify, trusted keys: 1, require-binding\n"
+                        "plain\thttp://example.com/p\t-\tno gpg-verify, require-binding\n")
     r = invoke("remote", "remove", "--repo", repo.path, "plain")
     assert r.exit_code == 0 and r.output == "removed remote plain\n"
     assert [x.name for x in remote.list_remotes(repo)] == ["origin"]

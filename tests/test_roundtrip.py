@@ -12,7 +12,7 @@ import pytest
 from cfsdeploy import dumpfile, imagereader, imagewriter
 from cfsdeploy.tree import Inode, walk
 
-from .vectors import VALID, Vector
+from .vectors import BEFORE_1970, BEFORE_1970_DUMP, VALID, Vector
 
 
 def canonical(root: Inode) -> bytes:
@@ -46,3 +46,10 @@ def test_rebuilding_from_the_dump_gives_the_same_image(vector: Vector) -> None:
     image = build(vector)
     dumped = dumpfile.dumps(imagereader.read_image(image).root)
     assert build(vector, dumpfile.parse(dumped)) == image
+
+
+def test_times_before_1970_read_back_as_the_reference_dumps_them() -> None:
+    image = imagewriter.build(dumpfile.parse(BEFORE_1970)).image
+    dumped = dumpfile.dumps(imagereader.read_image(image).root)
+    assert dumped == BEFORE_1970_DUMP
+    assert imagewriter.build(dumpfile.parse(dumped)).image == image

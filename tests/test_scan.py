@@ -104,3 +104,22 @@ def test_hardlink_primary_is_first_in_preorder_not_first_listed(tmp_path) -> Non
     # Pre-order visits /h/a/first before /h/third.
     assert isinstance(h.children[b"third"], Hardlink)
     assert h.children[b"third"].target is h.children[b"a"].children[b"first"]
+
+
+def test_files_older_than_1970_keep_their_times_through_the_image(tmp_path) -> None:
+    from cfsdeploy import imagereader
+
+    top = tmp_path / "t"
+    (top / "d").mkdir(parents=True)
+    (top / "f").write_bytes(b"x")
+    os.symlink("f", top / "l")
+    os.utime(top / "f", ns=(-5_500_000_000,) * 2)  # touch -d @-5.5
+    os.utime(top / "l", ns=(-10**9,) * 2, follow_symlinks=False)  # touch -h -d @-1
+    os.utime(top / "d", ns=(-14_182_940 * 10**9,) * 2)  # 1969-07-20 20:17:40 UTC
+    root, _ = scan(top)
+    times = {name: (root.children[name].mtime_sec, root.children[name].mtime_nsec)
+             for name in (b"f", b"l", b"d")}
+    assert times == {b"f": (-6, 500_000_000), b"l": (-1, 0), b"d": (-14_182_940, 0)}
+    back = imagereader.read_image(imagewriter.build(root).image).root
+    assert {name: (back.children[name].mtime_sec, back.children[name].mtime_nsec)
+            for name in times} == times

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import tarfile
@@ -15,6 +14,8 @@ from cfsdeploy.objects import ObjectStore
 from cfsdeploy.repository import Repository, manifest_of
 from cfsdeploy.scan import scan
 from cfsdeploy.tarscan import scan_tar
+
+from .fstree import tar_with
 
 
 @pytest.fixture
@@ -46,6 +47,30 @@ def test_tar_gives_the_same_manifest_as_the_directory(tree, tmp_path) -> None:
     assert dumpfile.dumps(from_tar) == dumpfile.dumps(from_dir)
 
 
+def test_times_before_1970_are_read_as_gnu_tar_writes_them(tree, tmp_path) -> None:
+    # GNU tar writes the PAX mtime of (-6 s, 0.5 s) as "-5.5": 5.5 s before the epoch.
+    os.utime(tree / "etc" / "hostname", ns=(-5_500_000_000,) * 2)
+    os.utime(tree / "usr", ns=(-14_182_940 * 10**9,) * 2)
+    archive = tmp_path / "root.tar"
+    gnu_tar(tree, archive)
+    from_tar, _ = scan_tar(str(archive))
+    hostname = from_tar.children[b"etc"].children[b"hostname"]
+    assert (hostname.mtime_sec, hostname.mtime_nsec) == (-6, 500_000_000)
+    assert dumpfile.dumps(from_tar) == dumpfile.dumps(scan(tree)[0])
+
+
+@pytest.mark.parametrize("text, sec, nsec", [
+    ("-5.5", -6, 500_000_000), ("-1", -1, 0), ("12.000000001", 12, 1),
+    # digits past the nanosecond round down, as GNU tar reads them
+    ("1.9999999999", 1, 999_999_999), ("-1.0000000001", -2, 999_999_999),
+])
+def test_pax_mtime_is_decimal_seconds(tmp_path, text: str, sec: int, nsec: int) -> None:
+    archive = tmp_path / "t.tar"
+    archive.write_bytes(tar_with("f", pax={"mtime": text}))
+    node = scan_tar(str(archive))[0].children[b"f"]
+    assert (node.mtime_sec, node.mtime_nsec) == (sec, nsec)
+
+
 def test_commit_accepts_tar_source_and_stores_objects(tree, tmp_path) -> None:
     archive = tmp_path / "root.tar"
     gnu_tar(tree, archive)
@@ -55,16 +80,6 @@ def test_commit_accepts_tar_source_and_stores_objects(tree, tmp_path) -> None:
     tool = root.children[b"usr"].children[b"bin"].children[b"tool"]
     with open(repo.objects.path_of(tool.digest), "rb") as f:
         assert f.read() == (tree / "usr" / "bin" / "tool").read_bytes()
-
-
-def _tar_with(name: str, *, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.type = kind
-        info.linkname = linkname
-        tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("name, kind, linkname, problem", [
@@ -77,7 +92,7 @@ def _tar_with(name: str, *, kind: bytes = tarfile.REGTYPE, linkname: str = "") -
 ])
 def test_hostile_archive_is_refused(tmp_path, name, kind, linkname, problem) -> None:
     archive = tmp_path / "bad.tar"
-    archive.write_bytes(_tar_with(name, kind=kind, linkname=linkname))
+    archive.write_bytes(tar_with(name, kind=kind, linkname=linkname))
     store = ObjectStore(tmp_path / "objects")
     os.makedirs(store.path)
     with pytest.raises(TreeError, match=problem):

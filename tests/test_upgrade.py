@@ -12,10 +12,10 @@ import pytest
 
 from cfsdeploy import admin, remote
 from cfsdeploy.deployment import Origin
-from cfsdeploy.pull import DowngradeError
+from cfsdeploy.pull import BindingError, DowngradeError
 from cfsdeploy.sysroot import Sysroot, SysrootError
 
-from .pullkit import builder_key, nginx, publish  # noqa: F401  (fixtures)
+from .pullkit import builder_key, nginx, publish, serve_branch_as  # noqa: F401  (fixtures)
 from .sysroots import OS, ROOT_KARGS, boot_mount, entries_read_as_meant, make_os_tree
 
 BRANCH = "testos/stable"
@@ -129,6 +129,29 @@ def test_server_going_back_in_time_is_refused(fleet) -> None:
     subprocess.run(["git", "--git-dir", str(server), "update-server-info"], check=True)
     with pytest.raises(DowngradeError):
         admin.upgrade(fleet.sysroot, OS)
+
+
+def test_upgrade_refuses_a_head_made_for_another_branch(fleet, nginx) -> None:  # noqa: F811
+    os.symlink(fleet.server, nginx.root / "bound")
+    remote.add(fleet.sysroot.repo, "web", nginx.url("bound"), key_files=[fleet.key.public])
+    admin.upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "web"))
+    fleet.sysroot = booted(fleet)
+    before = fleet.sysroot.state(OS).deployments
+    ref = fleet.sysroot.repo.git.references[f"refs/remotes/web/{BRANCH}"].target
+    debug = release(fleet, "2-debug", branch="testos/debug")
+    serve_branch_as(fleet.server, BRANCH, debug)
+    with pytest.raises(BindingError, match=f"made for testos/debug, not {BRANCH}"):
+        admin.upgrade(fleet.sysroot, OS)
+    assert fleet.sysroot.state(OS).deployments == before
+    assert fleet.sysroot.repo.git.references[f"refs/remotes/web/{BRANCH}"].target == ref
+
+
+def test_switch_refuses_a_head_made_for_another_branch(fleet) -> None:
+    install(fleet)
+    serve_branch_as(fleet.server, "testos/testing", release(fleet, "2-debug", branch="testos/debug"))
+    with pytest.raises(BindingError, match="made for testos/debug, not testos/testing"):
+        admin.upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
+    assert [d.origin for d in fleet.sysroot.state(OS).deployments] == [Origin(BRANCH, "origin")]
 
 
 def test_origin_needed(fleet) -> None:

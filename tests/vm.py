@@ -59,7 +59,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 HOST_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
               "sfdisk": "fdisk", "mkfs.vfat": "dosfstools", "mcopy": "mtools",
-              "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs"}
+              "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs",
+              "fsck.vfat": "dosfstools", "mkfs.xfs": "xfsprogs"}
 
 
 def missing_requirements() -> str | None:
@@ -232,6 +233,7 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
         put(dest / "usr/share/initramfs-tools" / part, (hooks / "initramfs-tools" / part).read_bytes(), 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/check", (HERE / "vm_check.py").read_bytes(), 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/finish", FINISH, 0o755)
+    put(dest / "usr/libexec/cfsdeploy-vm/cut-runner", (HERE / "vm_cut.py").read_bytes(), 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/bin/reboot", REBOOT_SHIM, 0o755)
     put(dest / "usr/lib/systemd/system/cfsdeploy-vm-check.service", CHECK_UNIT.encode())
     wants = dest / "etc/systemd/system/multi-user.target.wants/cfsdeploy-vm-check.service"
