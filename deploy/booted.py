@@ -71,8 +71,8 @@ def boot_verity(cmdline: list[str]) -> BootVerity:
         return BootVerity(True, "the kernel measured the image and checks every file as it is read "
                                 f"(cfsdeploy.verity={mode})")
     if mode == "try":
-        return BootVerity(False, "cfsdeploy.verity=try fell back: the objects' filesystem has no fs-verity, "
-                                 "so the image's digest was checked at boot, but files are served as the "
-                                 "disk holds them, edited or not")
+        return BootVerity(False, "cfsdeploy.verity=try: the image's digest was checked at boot, but files are "
+                                 "served as the disk holds them, edited or not (`cfsdeploy verity enable` "
+                                 "gives every object fs-verity and moves to require)")
     return BootVerity(False, f"cfsdeploy.verity={mode}: the image's digest was checked at boot, but files are "
                              "served as the disk holds them, edited or not")
