@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Concatenate, ParamSpec, TypeVar
 import pygit2
 
 from . import bootloader, deployment, dumpfile, fsverity, imagewriter, kargs, staged
-from .bootloader import BootEntry, Kernel, Repair, RepairKind
+from .bootloader import BootEntry, Damaged, Kernel, Kind, Repair, RepairKind
 from .checkout import checkout
 from .deployment import Deployment, Origin
 from .errors import CfsError, VerityError
@@ -115,8 +115,10 @@ def load_commit(repo: Repository, rev: str) -> Commit:
     kver, kernel, initramfs = find_kernel(root, cid)
     t = trailers(c.message)
     fmt = t.get(TRAILER_FORMAT, "0")
+    # The version is text of the commit that goes into records and titles: one plain line.
+    version = bootloader.clean_title(t[TRAILER_VERSION]) or None if TRAILER_VERSION in t else None
     return Commit(cid, data, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
-                  t.get(TRAILER_VERSION), kver, kernel, initramfs)
+                  version, kver, kernel, initramfs)
 
 
 def origin_of(repo: Repository, rev: str) -> Origin | None:
@@ -139,9 +141,13 @@ def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
                 continue
             kernel = resolve(d.children[b"vmlinuz"])
             initrd = d.children.get(b"initramfs.img")
-            name = os.fsdecode(kver)
             if not kernel.is_reg():
                 continue
+            # The name becomes a directory of the boot directory and a line of the entry.
+            try:
+                name = bootloader.check_kver(kver.decode("ascii", errors="replace"))
+            except bootloader.BootError as e:
+                raise DeployError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
             if initrd is None or not resolve(initrd).is_reg():
                 raise DeployError(f"commit {cid[:12]} has a kernel {name} but no "
                                   f"/usr/lib/modules/{name}/initramfs.img")
@@ -228,9 +234,23 @@ def _rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
     counters; `verity` changes the cfsdeploy.verity= of deployments it names."""
     by_name = {d.name: e for d, e in zip(state.deployments, state.entries)}
     by_name.update(new_entries or {})
+    _set_aside_entries(sysroot, state)
     return bootloader.switch_entries(sysroot.boot, state.os,
                                      [_refresh(by_name[d.name], d, (verity or {}).get(d.name)) for d in order],
                                      sysroot.switch_record)
+
+
+def _set_aside_entries(sysroot: Sysroot, state: State) -> None:
+    """Before a switch drops them: copy aside the entries that failed to parse or name no
+    usable deployment, where they might name a deployment directory that exists, which
+    then stays (with the kernels they name)."""
+    present = [n for n in sysroot.directories(state.os) if deployment.is_name(n)]
+    directory = os.path.join(sysroot.boot, bootloader.ENTRIES)
+    drop = [d for d in state.damaged if d.kind == Kind.ENTRY]
+    drop += [Damaged(Kind.ENTRY, os.path.join(directory, e.filename), why, e.render()) for e, why in state.broken]
+    for d in drop:
+        if d.mentions(present):
+            sysroot.set_aside(d)
 
 
 def _refresh(e: BootEntry, dep: Deployment, verity: str | None) -> BootEntry:
@@ -242,10 +262,13 @@ def _refresh(e: BootEntry, dep: Deployment, verity: str | None) -> BootEntry:
 
 
 def _title(release: dict[str, str], version: str | None, os_name: str) -> str:
-    name = release.get("PRETTY_NAME") or release.get("NAME") or os_name
+    """The entry's title, from the commit's os-release and version: text of the commit,
+    so made one plain line."""
+    name = bootloader.clean_title(release.get("PRETTY_NAME") or release.get("NAME") or "") or os_name
+    version = bootloader.clean_title(version or "")
     if version and version not in name:
         name += f" {version}"
-    return f"{name} (cfsdeploy {os_name})"
+    return bootloader.clean_title(f"{name[:150]} (cfsdeploy {os_name})")
 
 
 def _kernels(state: State) -> list[Kernel]:
@@ -268,17 +291,26 @@ def _drop_refs(repo: Repository, os_name: str, keep: set[str]) -> None:
 def _settle(sysroot: Sysroot, os_name: str) -> tuple[State, list[str]]:
     """After a switch: remove what neither an entry nor the staged record names any
     more; return the new state and the kernels removed."""
-    state = sysroot.state(os_name)
-    rec = staged.load(sysroot.top)
+    rec = _load_staged(sysroot)
     if rec is not None and rec.stale:
         staged.remove(sysroot.top)
         rec = None
+    state = sysroot.state(os_name)
     mine = rec if rec is not None and rec.os == os_name else None
     sysroot.remove_strays(state, mine.name if mine else None)
+    kept = state.kept_by(sysroot.directories(os_name))
     kernels = bootloader.remove_unused_kernels(sysroot.boot, os_name, _kernels(state) + (
-        [Kernel(os_name, mine.kernel)] if mine else []))
-    _drop_refs(sysroot.repo, os_name, {d.name for d in state.deployments} | ({mine.name} if mine else set()))
+        [Kernel(os_name, mine.kernel)] if mine else []) + [Kernel(os_name, k) for k in kept])
+    _drop_refs(sysroot.repo, os_name, {d.name for d in state.deployments} | ({mine.name} if mine else set()) | kept)
     return state, kernels
+
+
+def _load_staged(sysroot: Sysroot) -> Staged | None:
+    """The staged record (under the lock); a damaged one is moved aside, never acted on."""
+    damaged = sysroot.damaged_staged()
+    if damaged is not None:
+        sysroot.set_aside(damaged, move=True)
+    return staged.load(sysroot.top)
 
 
 def _prepare(sysroot: Sysroot, os_name: str) -> State:
@@ -326,11 +358,11 @@ def _unstage(sysroot: Sysroot, os_name: str, log: Log) -> str | None:
     """Before a change of the entries: forget the staged deployment, whose retention
     and /etc merge assumed the entries as they were (OSTree's rule).  Its directory,
     kernel and ref go at the next settle of its os; returns its name."""
-    rec = staged.load(sysroot.top)
+    rec = _load_staged(sysroot)
     if rec is None:
         return None
     staged.remove(sysroot.top)
-    if rec.os != os_name:
+    if rec.os != os_name and rec.os in sysroot.os_names():
         _settle(sysroot, rec.os)
     log(f"discarded the staged deployment {rec.name}")
     return rec.name
@@ -408,7 +440,7 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
 
     title = _title(os_release(repo, c.root), c.version, os_name)
     if stage:
-        previous = staged.load(sysroot.top)
+        previous = _load_staged(sysroot)
         # Replacing the record is the step that stages: a crash before it leaves the
         # previous staged deployment (or none), and this directory a leftover.
         staged.save(sysroot.top, Staged(os_name, name, kernel.dirname, title, verity, tries or None,
@@ -563,6 +595,10 @@ def finalize_staged(sysroot: Sysroot, log: Log = lambda m: None) -> FinalizeResu
 
     The record goes just before the switch, so a crash leaves the old entries and a
     leftover directory, or the new entries; a rerun redoes or discards it cleanly."""
+    damaged = sysroot.damaged_staged()
+    if damaged is not None:
+        where = sysroot.set_aside(damaged, move=True)
+        raise staged.StagedError(f"{damaged.path}: {damaged.reason}: moved to {where}; nothing is finalized")
     rec = staged.load(sysroot.top)
     if rec is None:
         return None
@@ -631,7 +667,7 @@ def cleanup(sysroot: Sysroot, os_name: str, *, prune_objects: bool = True) -> Cl
     state = _prepare(sysroot, os_name)
     kept = retain(state, sysroot, new_default=False)
     dropped = [d.name for d in state.deployments if d not in kept]
-    if dropped or state.broken:
+    if dropped or state.broken or any(d.kind == Kind.ENTRY for d in state.damaged):
         _rewrite(sysroot, state, kept)
     _, kernels = _settle(sysroot, os_name)
     removed, freed = 0, 0

@@ -36,10 +36,12 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import BinaryIO, Iterable
 
+from . import kargs
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir, syncfs
 
@@ -49,12 +51,58 @@ KERNEL = "vmlinuz"
 INITRAMFS = "initramfs.img"
 MAX_TRIES = 99
 
+# Names that become paths and entry text.  '-' is kept out of os names: GRUB reads entry
+# file names as name-version-release.
+OS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
+# A kernel version: a /usr/lib/modules/<kver> directory of a commit, then part of the
+# kernel directory's name and of the entry's linux and initrd lines.
+KVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+KERNEL_DIR = re.compile(r"(?P<kver>[A-Za-z0-9][A-Za-z0-9._+~-]{0,127})-[0-9a-f]{12}")
+# Loose, so that every entry of an os is seen as its own (and checked, see _check_entry).
 _ENTRY_NAME = re.compile(r"cfsdeploy-(?P<os>[A-Za-z0-9_.]+)-(?P<n>\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf")
 _KEYS = ("title", "version", "sort-key", "linux", "initrd", "options")
+MAX_ENTRY = 64 << 10
+MAX_TITLE = 200
+# What a line of an entry never holds: control characters (a newline would start a
+# line of its own) and the line separators Python's str.splitlines() would cut at.
+NOT_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BootError(CfsError):
     pass
+
+
+def check_kver(name: str) -> str:
+    """A kernel version fit to name a directory and to go into entries, or BootError."""
+    if not KVER.fullmatch(name) or ".." in name:
+        raise BootError(f"invalid kernel version {name!r} (letters, digits and ._+~-, "
+                        "at most 128, no '..')")
+    return name
+
+
+def clean_title(text: str) -> str:
+    """Text from a commit (os-release, its version) made fit for an entry's title line."""
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    return " ".join(text.split())[:MAX_TITLE]
+
+
+class Kind(str, Enum):
+    ENTRY = "entry"          # a boot entry of the os
+    STAGED = "staged"        # the staged record
+    ASIDE = "aside"          # a damaged record set aside
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A record read from disk that failed its checks: reported, never acted on.
+    Whatever deployment or kernel its bytes might name is kept while it exists."""
+    kind: Kind
+    path: str
+    reason: str
+    data: bytes
+
+    def mentions(self, names: Iterable[str]) -> set[str]:
+        return {n for n in names if n.encode() in self.data}
 
 
 @dataclass(frozen=True)
@@ -92,37 +140,69 @@ class BootEntry:
         return self.tries_left == 0
 
     def option(self, key: str) -> str | None:
-        for word in self.options.split():
-            k, sep, v = word.partition("=")
-            if k == key and sep:
-                return v
-        return None
+        """The value of `key=` as the kernel and the initramfs read the options."""
+        return kargs.value(kargs.split(self.options), key)
+
+    def fields(self) -> dict[str, str]:
+        """The entry's lines, in the order written: `linux` last, since a file cut short
+        by a crash then lacks it, and loaders skip it."""
+        return {"title": self.title, "version": str(self.index), "sort-key": self.sort_key,
+                "options": self.options, "initrd": self.initrd, "linux": self.linux}
 
     def render(self) -> bytes:
-        # `linux` last: a file cut short by a crash lacks it, and loaders skip it.
-        lines = [f"title {self.title}", f"version {self.index}", f"sort-key {self.sort_key}",
-                 f"options {self.options}", f"initrd {self.initrd}", f"linux {self.linux}"]
-        return ("\n".join(lines) + "\n").encode()
+        """The entry file; BootError for a field that would not parse back as it is."""
+        _check_entry(self.filename, self.fields())
+        return "".join(f"{k} {v}\n" for k, v in self.fields().items()).encode()
+
+
+def _check_entry(filename: str, fields: dict[str, str]) -> None:
+    """The checks an entry passes both ways, written and read: plain lines, paths in
+    the boot directory, options the kernel reads as they are meant."""
+    m = _ENTRY_NAME.fullmatch(filename)
+    if m is None or not OS_NAME.fullmatch(m["os"]) or any(len(n or "") > 9 for n in m.group("n", "left", "done")):
+        raise BootError(f"{filename!r}: not a cfsdeploy boot entry name")
+    for k, v in fields.items():
+        if NOT_TEXT.search(v) or v != v.strip() or not v:
+            raise BootError(f"{filename}: its {k} line {v!r} is empty, or not one plain line")
+    if len(fields["title"]) > MAX_TITLE:
+        raise BootError(f"{filename}: its title is longer than {MAX_TITLE} characters")
+    if fields["version"] != str(int(m["n"])) or fields["sort-key"] != f"cfsdeploy-{m['os']}":
+        raise BootError(f"{filename}: its version or sort-key is not the one of its name")
+    for k in ("linux", "initrd"):
+        if not _BOOT_PATH.fullmatch(fields[k]) or "/../" in fields[k] + "/":
+            raise BootError(f"{filename}: its {k} {fields[k]!r} is not a plain path in the boot directory")
+    options = fields["options"]
+    if options.count('"') % 2 or len(options) > kargs.MAX_LINE:
+        raise BootError(f"{filename}: its options have an unbalanced quote, or are longer "
+                        f"than {kargs.MAX_LINE} characters")
+
+
+_BOOT_PATH = re.compile(r"(?:/[A-Za-z0-9._+~-]+)+")
 
 
 def parse_entry(filename: str, data: bytes) -> BootEntry:
-    m = _ENTRY_NAME.fullmatch(filename)
-    if m is None:
-        raise BootError(f"{filename}: not a cfsdeploy boot entry name")
-    fields: dict[str, str] = {}
+    """An entry as cfsdeploy writes it, or BootError: a damaged entry is never half-read."""
     try:
         text = data.decode()
     except UnicodeDecodeError:
         raise BootError(f"{filename}: not UTF-8") from None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
+    fields: dict[str, str] = {}
+    # Lines end at '\n' only, as systemd-boot and GRUB read them.
+    for line in text.split("\n"):
+        if not line.strip(" ") or line.startswith("#"):
             continue
         key, _, value = line.partition(" ")
-        fields[key] = value.strip()
-    missing = [k for k in ("title", "linux", "initrd", "options") if k not in fields]
+        if key not in _KEYS:
+            raise BootError(f"{filename}: unexpected line {line[:80]!r}")
+        if key in fields:
+            raise BootError(f"{filename}: two {key} lines")
+        fields[key] = value.strip(" ")
+    missing = [k for k in _KEYS if k not in fields]
     if missing:
         raise BootError(f"{filename}: missing {', '.join(missing)}")
+    _check_entry(filename, fields)
+    m = _ENTRY_NAME.fullmatch(filename)
+    assert m is not None
     return BootEntry(os=m["os"], index=int(m["n"]), title=fields["title"], linux=fields["linux"],
                      initrd=fields["initrd"], options=fields["options"],
                      tries_left=int(m["left"]) if m["left"] is not None else None,
@@ -134,22 +214,53 @@ def entry_os(filename: str) -> str | None:
     return m["os"] if m else None
 
 
+def read_record(path: str, limit: int = MAX_ENTRY) -> bytes:
+    """A small regular file's bytes, never through a symlink; BootError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BootError(f"{path}: cannot be read ({os.strerror(e.errno or 0)})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BootError(f"{path}: not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BootError(f"{path}: larger than {limit} bytes")
+    return data
+
+
 def read_entries(boot: str, os_name: str) -> list[BootEntry]:
-    """The os's entries in boot order (default first)."""
+    """The os's entries that parse, in boot order (default first)."""
+    return scan_entries(boot, os_name)[0]
+
+
+def scan_entries(boot: str, os_name: str) -> tuple[list[BootEntry], list[Damaged]]:
+    """The os's entries in boot order (default first), and those that failed to parse
+    or share their number with another (which of them boots is the loader's guess)."""
     directory = os.path.join(boot, ENTRIES)
     try:
-        names = os.listdir(directory)
+        names = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return []
-    out = []
+        return [], []
+    out: list[BootEntry] = []
+    damaged = []
     for name in names:
-        if entry_os(name) == os_name:
-            with open(os.path.join(directory, name), "rb") as f:
-                out.append(parse_entry(name, f.read()))
+        if entry_os(name) != os_name:
+            continue
+        path = os.path.join(directory, name)
+        data = b""
+        try:
+            data = read_record(path)
+            out.append(parse_entry(name, data))
+        except BootError as e:
+            damaged.append(Damaged(Kind.ENTRY, path, str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: "), data))
+    numbers = [e.index for e in out]
+    for twin in [e for e in out if numbers.count(e.index) > 1]:
+        out.remove(twin)
+        damaged.append(Damaged(Kind.ENTRY, os.path.join(directory, twin.filename),
+                               f"another entry has its number {twin.index}", twin.render()))
     out.sort(key=lambda e: e.index, reverse=True)
-    if len({e.index for e in out}) != len(out):
-        raise BootError(f"{directory}: two entries of os {os_name!r} share a number")
-    return out
+    return out, damaged
 
 
 def number(entries: Iterable[BootEntry], existing: Iterable[BootEntry] = (), above: int = 0) -> list[BootEntry]:
@@ -439,7 +550,9 @@ class Kernel:
 
 def kernel_of(entry: BootEntry) -> Kernel | None:
     m = re.fullmatch(r"/cfsdeploy/([^/]+)/([^/]+)/" + re.escape(KERNEL), entry.linux)
-    return Kernel(m[1], m[2]) if m else None
+    if m is None or not OS_NAME.fullmatch(m[1]) or not KERNEL_DIR.fullmatch(m[2]):
+        return None
+    return Kernel(m[1], m[2])
 
 
 COMPLETE = "complete"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 import click
 
 from . import __version__, dumpfile, fsverity, imagewriter
+from .bootloader import Kind
 from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
@@ -684,11 +685,15 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     broken = state.broken
     pending = staged_status(s, name)
     checked = boot_verity(s.cmdline()) if state.booted is not None else None
+    present = s.directories(name)
+    damaged = [(bad, sorted(bad.mentions(present))) for bad in state.damaged]
     if as_json:
         click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
                                "booted_verity": checked.to_json() if checked else None,
                                "staged": pending.to_json() if pending else None,
                                "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken],
+                               "damaged": [{"kind": bad.kind.value, "path": bad.path, "reason": bad.reason,
+                                            "keeps": keeps} for bad, keeps in damaged],
                                "repairs": [{"kind": r.kind.value, "path": r.path, "detail": r.detail}
                                            for r in s.repairs]},
                               indent=2))
@@ -705,6 +710,10 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
     for e, why in broken:
         click.echo(f"WARNING: boot entry {e.filename} cannot boot: {why}; "
                    "the next deploy or cleanup drops it", err=True)
+    for bad, keeps in damaged:
+        what, then = _DAMAGED[bad.kind]
+        kept = f"{', '.join(keeps)} stay{'s' if len(keeps) == 1 else ''} while it exists" if keeps else "it names nothing there is"
+        click.echo(f"WARNING: {what} {bad.path}: {bad.reason}; {kept}; {then}", err=True)
     if not rows:
         click.echo(f"os {name}: no deployments")
     for r in rows:
@@ -733,6 +742,12 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
         click.echo(f"WARNING: the default deployment {rows[0].deployment.name} failed to boot{fell_back}. "
                    "`cfsdeploy rollback` makes the previous one the default.", err=True)
+
+
+# What status says of a damaged record of each kind, and what becomes of it.
+_DAMAGED = {Kind.ENTRY: ("damaged boot entry", "the next deploy or cleanup sets it aside"),
+            Kind.STAGED: ("damaged staged record", "the next change sets it aside"),
+            Kind.ASIDE: ("set aside", "delete it once checked")}
 
 
 @main.command("rollback")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from . import bootloader
 from .errors import CfsError
 from .fsutil import atomic_write_bytes
 
 RECORD = "deployment.json"
-_NAME = re.compile(r"(?P<commit>[0-9a-f]{12})\.(?P<serial>\d+)")
+_NAME = re.compile(r"(?P<commit>[0-9a-f]{12})\.(?P<serial>\d{1,9})")
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class DeploymentError(CfsError):
@@ -66,16 +69,47 @@ def next_name(commit: str, existing: list[str]) -> str:
 
 
 def load(directory: str) -> Deployment:
+    """The record of deploy/<os>/<name>, checked field by field against its place."""
     path = os.path.join(directory, RECORD)
+    if not os.path.lexists(path):
+        raise DeploymentError(f"deployment {directory} is missing its {RECORD}")
     try:
-        with open(path, "rb") as f:
-            d = json.load(f)
-        origin = d.pop("origin", None)
-        return Deployment(origin=Origin(**origin) if origin else None, **d)
-    except FileNotFoundError:
-        raise DeploymentError(f"deployment {directory} is missing its {RECORD}") from None
-    except (ValueError, TypeError) as e:
+        d = json.loads(bootloader.read_record(path))
+    except (bootloader.BootError, ValueError) as e:
         raise DeploymentError(f"{path}: malformed ({e})") from None
+    why = _invalid(d, os.path.basename(os.path.dirname(directory)), os.path.basename(directory))
+    if why is not None:
+        raise DeploymentError(f"{path}: malformed ({why})")
+    origin = d.pop("origin")
+    return Deployment(origin=Origin(**origin) if origin else None, **d)
+
+
+def is_text(v: object, limit: int = 1024) -> bool:
+    """One line of text, as a record may hold it (bootloader's rule for entry lines)."""
+    return isinstance(v, str) and len(v) <= limit and not bootloader.NOT_TEXT.search(v)
+
+
+def _invalid(d: object, os_name: str, name: str) -> str | None:
+    """What is wrong with a deployment record found at deploy/<os_name>/<name>, if anything."""
+    keys = {f.name for f in fields(Deployment)}
+    if not isinstance(d, dict) or set(d) != keys:
+        return f"not an object with the keys {', '.join(sorted(keys))}"
+    o = d["origin"]
+    checks = {
+        "os": d["os"] == os_name,
+        "name": d["name"] == name and is_name(name),
+        "commit": isinstance(d["commit"], str) and bool(_COMMIT.fullmatch(d["commit"])),
+        "image_digest": isinstance(d["image_digest"], str) and bool(_DIGEST.fullmatch(d["image_digest"])),
+        "kernel_version": isinstance(d["kernel_version"], str) and bool(bootloader.KVER.fullmatch(d["kernel_version"])),
+        "kargs": isinstance(d["kargs"], list) and all(is_text(a) for a in d["kargs"]),
+        "origin": o is None or (isinstance(o, dict) and set(o) == {"branch", "remote"} and is_text(o["branch"])
+                                and bool(o["branch"]) and (o["remote"] is None or is_text(o["remote"]))),
+        "version": d["version"] is None or is_text(d["version"]),
+        "pinned": isinstance(d["pinned"], bool),
+        "created": is_text(d["created"], 64),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"bad {', '.join(bad)}" if bad else None
 
 
 def save(directory: str, dep: Deployment) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, fields
 
-from . import deployment, run
+from . import bootloader, deployment, kargs, run
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir
 
@@ -58,19 +59,43 @@ def current_boot_id() -> str | None:
         return None
 
 
+_BOOT_ID_TEXT = re.compile(r"[0-9A-Za-z-]{1,64}")
+
+
 def load(top: str) -> Staged | None:
+    """The staged record, checked field by field (its names become paths that cleanup
+    keeps or removes); StagedError for a damaged one, which the caller sets aside."""
     path = os.path.join(top, RECORD)
-    try:
-        with open(path, "rb") as f:
-            rec = Staged(**json.load(f))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (ValueError, TypeError) as e:
-        raise StagedError(f"{path}: malformed ({e}); remove it to discard the staged deployment") from None
-    # The names become paths that cleanup removes: nothing but plain names.
-    if not deployment.is_name(rec.name) or "/" in rec.kernel or rec.kernel.startswith("."):
-        raise StagedError(f"{path}: names no deployment; remove it to discard the staged deployment")
-    return rec
+    try:
+        d = json.loads(bootloader.read_record(path))
+    except (bootloader.BootError, ValueError) as e:
+        raise StagedError(f"{path}: malformed ({e})") from None
+    why = _invalid(d)
+    if why is not None:
+        raise StagedError(f"{path}: malformed ({why})")
+    return Staged(**d)
+
+
+def _invalid(d: object) -> str | None:
+    keys = {f.name for f in fields(Staged)}
+    if not isinstance(d, dict) or set(d) != keys:
+        return f"not an object with the keys {', '.join(sorted(keys))}"
+    tries = d["tries"]
+    checks = {
+        "os": isinstance(d["os"], str) and bool(bootloader.OS_NAME.fullmatch(d["os"])),
+        "name": isinstance(d["name"], str) and deployment.is_name(d["name"]),
+        "kernel": isinstance(d["kernel"], str) and bool(bootloader.KERNEL_DIR.fullmatch(d["kernel"])),
+        "title": deployment.is_text(d["title"], bootloader.MAX_TITLE) and d["title"] == bootloader.clean_title(d["title"]),
+        "verity": d["verity"] in kargs.VERITY_MODES,
+        "tries": tries is None or (type(tries) is int and 1 <= tries <= bootloader.MAX_TRIES),
+        "default": isinstance(d["default"], bool),
+        "merge_from": d["merge_from"] is None or (isinstance(d["merge_from"], str) and deployment.is_name(d["merge_from"])),
+        "boot_id": d["boot_id"] is None or (isinstance(d["boot_id"], str) and bool(_BOOT_ID_TEXT.fullmatch(d["boot_id"]))),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"bad {', '.join(bad)}" if bad else None
 
 
 def save(top: str, rec: Staged) -> None:

@@ -16,14 +16,14 @@ deploy left, and goes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import bootloader, deployment, fsverity, kargs, lockfile, staged, tomlfile
-from .bootloader import BootEntry
+from .bootloader import BootEntry, Damaged, Kind
 from .deployment import Deployment
 from .errors import CfsError
 from .fsutil import atomic_write_bytes, fsync_dir, remove_tree
@@ -36,7 +36,8 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 TOP = "cfsdeploy"
-_OS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
+# Damaged records set aside (see Sysroot.set_aside).
+ASIDE = "aside"
 CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
 
 
@@ -92,7 +93,7 @@ class Config:
             return SysrootError(f"{where}: {key} must be {want}")
 
         if self.default_os is not None and not (isinstance(self.default_os, str)
-                                                and _OS_NAME.fullmatch(self.default_os)):
+                                                and bootloader.OS_NAME.fullmatch(self.default_os)):
             raise bad("sysroot.default-os", "an os name (letters, digits, '_' and '.')")
         if not isinstance(self.boot_dir, str) or not self.boot_dir or "\0" in self.boot_dir:
             raise bad("sysroot.boot-dir", "a path (a non-empty string)")
@@ -139,8 +140,7 @@ def _verity_works(directory: str) -> bool:
 
 
 def check_os_name(name: str) -> str:
-    # '-' is kept out: GRUB reads entry file names as name-version-release.
-    if not _OS_NAME.fullmatch(name) or len(name) > 64:
+    if not isinstance(name, str) or not bootloader.OS_NAME.fullmatch(name):
         raise SysrootError(f"invalid os name {name!r} (letters, digits, '_' and '.')")
     return name
 
@@ -155,6 +155,9 @@ class State:
     # Entries that name no usable deployment, and why: they cannot boot, and the next
     # change of entries drops them.
     broken: list[tuple[BootEntry, str]] = field(default_factory=list)
+    # Records that failed their checks: the os's entries, the staged record, and what
+    # was set aside.  Whatever deployment or kernel they might name stays.
+    damaged: list[Damaged] = field(default_factory=list)
 
     @property
     def default(self) -> Deployment | None:
@@ -166,6 +169,13 @@ class State:
 
     def entry_of(self, dep: Deployment) -> BootEntry:
         return self.entries[self.deployments.index(dep)]
+
+    def kept_by(self, names: Iterable[str]) -> set[str]:
+        """Which of `names` (deployment or kernel directories) a damaged record, or an
+        entry naming no usable deployment, might name: never deleted while it exists."""
+        names = list(names)
+        kept = {n for d in self.damaged for n in d.mentions(names)}
+        return kept | {n for e, _ in self.broken for n in names if n.encode() in e.render()}
 
     def find(self, index: int) -> Deployment:
         if not 0 <= index < len(self.deployments):
@@ -223,7 +233,8 @@ class Sysroot:
                 raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
         else:
             config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
-                            kargs=[kargs.check(a) for a in karg_list or []], tries=check_tries(tries, "tries"))
+                            kargs=kargs.check_line([kargs.check(a) for a in karg_list or []]),
+                            tries=check_tries(tries, "tries"))
             os.makedirs(top, exist_ok=True)
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))
@@ -241,7 +252,7 @@ class Sysroot:
     # --- paths, lock -------------------------------------------------------------------
 
     def os_dir(self, os_name: str) -> str:
-        return os.path.join(self.top, "deploy", os_name)
+        return os.path.join(self.top, "deploy", check_os_name(os_name))
 
     def dir_of(self, dep: Deployment) -> str:
         return os.path.join(self.os_dir(dep.os), dep.name)
@@ -249,10 +260,20 @@ class Sysroot:
     def var_dir(self, os_name: str) -> str:
         return os.path.join(self.os_dir(os_name), "var")
 
+    def directories(self, os_name: str) -> list[str]:
+        """The names of the os's deployment and kernel directories."""
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            out += [n for n in os.listdir(self.os_dir(os_name)) if deployment.is_name(n)]
+        with contextlib.suppress(FileNotFoundError):
+            out += [n for n in os.listdir(os.path.join(self.boot, "cfsdeploy", os_name))
+                    if bootloader.KERNEL_DIR.fullmatch(n)]
+        return out
+
     def os_names(self) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             return sorted(n for n in os.listdir(os.path.join(self.top, "deploy"))
-                          if _OS_NAME.fullmatch(n))
+                          if bootloader.OS_NAME.fullmatch(n))
         return []
 
     def pick_os(self, os_name: str | None) -> str:
@@ -261,7 +282,7 @@ class Sysroot:
             booted = self.booted_path()
             if booted is not None and booted.startswith("/cfsdeploy/deploy/"):
                 # A mangled command line names no os: the configured one is meant then.
-                os_name = booted.split("/")[3] if _OS_NAME.fullmatch(booted.split("/")[3]) else None
+                os_name = booted.split("/")[3] if bootloader.OS_NAME.fullmatch(booted.split("/")[3]) else None
         os_name = os_name or self.config.default_os
         if os_name is None:
             raise SysrootError("which os? give --os")
@@ -295,10 +316,47 @@ class Sysroot:
         """The deployment the running system booted (its cfsdeploy= argument)."""
         return kargs.value(self.cmdline(), kargs.DEPLOYMENT)
 
+    def set_aside(self, d: Damaged, *, move: bool = False) -> str:
+        """Keep a damaged record (a copy, or itself moved) in SYSROOT/cfsdeploy/aside/
+        <name>.<12 hex of sha256>, out of the way of every command; what it names stays
+        while it is there, and status says so."""
+        aside = os.path.join(self.top, ASIDE)
+        os.makedirs(aside, exist_ok=True)
+        path = os.path.join(aside, f"{os.path.basename(d.path)}.{hashlib.sha256(d.data).hexdigest()[:12]}")
+        if move:
+            os.replace(d.path, path)
+            fsync_dir(os.path.dirname(d.path))
+        else:
+            atomic_write_bytes(path, d.data)
+        fsync_dir(aside)
+        return path
+
+    def damaged_staged(self) -> Damaged | None:
+        """The staged record, if it is damaged."""
+        path = os.path.join(self.top, staged.RECORD)
+        try:
+            staged.load(self.top)
+        except staged.StagedError as e:
+            return Damaged(Kind.STAGED, path, str(e).removeprefix(f"{path}: "), _read_or_nothing(path))
+        return None
+
+    def _damaged_records(self) -> list[Damaged]:
+        """The staged record if damaged, and the records set aside."""
+        rec = self.damaged_staged()
+        out = [rec] if rec is not None else []
+        aside = os.path.join(self.top, ASIDE)
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(aside)):
+                p = os.path.join(aside, name)
+                out.append(Damaged(Kind.ASIDE, p, "a damaged record set aside: what it names is kept until it is deleted",
+                                   _read_or_nothing(p)))
+        return out
+
     def state(self, os_name: str) -> State:
         deps, entries, broken = [], [], []
         prefix = f"/cfsdeploy/deploy/{os_name}/"
-        for e in bootloader.read_entries(self.boot, os_name):
+        good, damaged = bootloader.scan_entries(self.boot, os_name)
+        for e in good:
             path = e.option(kargs.DEPLOYMENT)
             if path is None or not path.startswith(prefix) or not deployment.is_name(path[len(prefix):]):
                 broken.append((e, f"names no deployment of os {os_name!r}"))
@@ -312,16 +370,18 @@ class Sysroot:
             deps.append(dep.with_(kargs=[a for a in kargs.split(e.options) if kargs.key(a) not in kargs.OWN]))
             entries.append(e)
         booted = self.booted_path()
-        return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None), broken)
+        return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None), broken,
+                     damaged + self._damaged_records())
 
     def remove_strays(self, state: State, staged: str | None = None) -> list[str]:
         """Delete deployment directories no entry names, but the staged one: leftovers
         of an interrupted deploy, or of an undeploy (call under the lock, with the os's
         current state)."""
-        keep = {d.name for d in state.deployments} | {"var", staged}
-        removed = []
         top = self.os_dir(state.os)
-        for name in sorted(os.listdir(top)):
+        names = sorted(os.listdir(top))
+        keep = {d.name for d in state.deployments} | {"var", staged} | state.kept_by(names)
+        removed = []
+        for name in names:
             if name not in keep:
                 remove_tree(os.path.join(top, name))
                 removed.append(name)
@@ -401,8 +461,11 @@ class StagedStatus:
 
 
 def staged_status(sysroot: Sysroot, os_name: str) -> StagedStatus | None:
-    """The os's staged deployment, if one is."""
-    rec = staged.load(sysroot.top)
+    """The os's staged deployment, if one is (a damaged record is in State.damaged)."""
+    try:
+        rec = staged.load(sysroot.top)
+    except staged.StagedError:
+        return None
     if rec is None or rec.os != os_name:
         return None
     return StagedStatus(rec, staged_deployment(sysroot, rec))
@@ -414,3 +477,10 @@ def staged_deployment(sysroot: Sysroot, rec: Staged) -> Deployment | None:
         return deployment.load(os.path.join(sysroot.os_dir(rec.os), rec.name))
     except deployment.DeploymentError:
         return None
+
+
+def _read_or_nothing(path: str) -> bytes:
+    try:
+        return bootloader.read_record(path)
+    except bootloader.BootError:
+        return b""

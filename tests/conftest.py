@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# The helpers' asserts (the entry guard of sysroots.py) say what differed, as tests' do.
+pytest.register_assert_rewrite("tests.sysroots")
+
 
 @pytest.fixture(scope="session")
 def requires_mount() -> None:

@@ -4,6 +4,7 @@ filesystems of their own, as ESPs are."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from cfsdeploy import bootloader, deployment, kargs
 from cfsdeploy.sysroot import Sysroot
 
 KVER = "6.12.0-test"
@@ -65,3 +67,32 @@ def bootctl_list(boot: Path) -> str:
     env = dict(os.environ, SYSTEMD_RELAX_ESP_CHECKS="1")
     return subprocess.run(["bootctl", f"--esp-path={boot}", "--no-pager", "--json=short", "list"],
                            check=True, capture_output=True, text=True, env=env).stdout
+
+
+def bootctl_reads(boot: Path, meant: dict[str, tuple[str, list[str]]]) -> None:
+    """systemd's parser reads exactly the entry files of `meant` (file name: title and
+    arguments), each with its title, and with an options line the kernel splits into
+    exactly the arguments meant."""
+    listed = {os.path.basename(e["path"]): e for e in map(json.loads, bootctl_list(boot).splitlines())}
+    assert sorted(listed) == sorted(meant)
+    for name, (title, args) in meant.items():
+        assert listed[name]["title"] == title, name
+        assert kargs.split(listed[name]["options"]) == args, name
+
+
+def entries_read_as_meant(sysroot: Sysroot, os_name: str) -> None:
+    """The guard of every test that writes a sysroot's entries: each entry file parses
+    back, in systemd's parser, to the arguments its deployment's record holds, then
+    cfsdeploy's own three naming that deployment."""
+    state = sysroot.state(os_name)
+    assert ([d for d in state.damaged if d.kind == bootloader.Kind.ENTRY], state.broken) == ([], [])
+    meant = {}
+    for e, dep in zip(state.entries, state.deployments):
+        record = deployment.load(sysroot.dir_of(dep))
+        verity = e.option(kargs.VERITY)
+        assert verity in kargs.VERITY_MODES
+        meant[e.filename] = (e.title, record.kargs + kargs.Own(record.path, record.image_digest, verity).args())
+    names = os.listdir(os.path.join(sysroot.boot, bootloader.ENTRIES)) if state.entries else []
+    assert sorted(names) == sorted(meant)
+    if meant:
+        bootctl_reads(Path(sysroot.boot), meant)

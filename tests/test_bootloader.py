@@ -10,10 +10,10 @@ import shutil
 import pytest
 
 from cfsdeploy import bootloader
-from cfsdeploy.bootloader import (BootEntry, BootError, Plan, RepairKind, number, parse_entry, read_entries, recover,
-                                  switch_entries)
+from cfsdeploy.bootloader import (BootEntry, BootError, Kind, Plan, RepairKind, number, parse_entry, read_entries,
+                                  recover, scan_entries, switch_entries)
 
-from .sysroots import bootctl_list, boot_mount
+from .sysroots import bootctl_list, bootctl_reads, boot_mount
 
 
 def entry(index: int, **kw: object) -> BootEntry:
@@ -43,7 +43,101 @@ def test_os_names_with_digits_and_dots_parse() -> None:
 
 def test_entry_missing_a_key_is_rejected() -> None:
     with pytest.raises(BootError, match="missing linux"):
-        parse_entry("cfsdeploy-deb-1.conf", b"title x\ninitrd /i\noptions a\n")
+        parse_entry("cfsdeploy-deb-1.conf", b"title x\nversion 1\nsort-key cfsdeploy-deb\ninitrd /i\noptions a\n")
+
+
+def good_lines(**changes: str) -> bytes:
+    """An entry file's lines, some changed (a value None: the line left out)."""
+    fields = entry(1).fields() | changes
+    return "".join(f"{k} {v}\n" for k, v in fields.items() if v is not None).encode()
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "missing title"),
+    (good_lines() + b"linux /evil\n", "two linux lines"),
+    (good_lines() + b"options x\n", "two options lines"),
+    (good_lines() + b"efi /EFI/evil.efi\n", "unexpected line"),
+    (good_lines(title="Deb\x85 1"), "not one plain line"),
+    (good_lines(title="Deb\u2028linux /evil"), "not one plain line"),
+    (good_lines(options="root=/dev/vda\rlinux /evil"), "not one plain line"),
+    (good_lines().replace(b"Deb 1", b"Deb \xff"), "not UTF-8"),
+    (good_lines(version="7"), "version or sort-key"),
+    (good_lines(**{"sort-key": "aaa"}), "version or sort-key"),
+    (good_lines(linux="/cfsdeploy/deb/../../x/vmlinuz"), "not a plain path"),
+    (good_lines(initrd="relative/initramfs.img"), "not a plain path"),
+    (good_lines(options='a="b cfsdeploy=/d/1'), "unbalanced quote"),
+])
+def test_damaged_entry_is_refused_whole(data, why) -> None:
+    with pytest.raises(BootError, match=why):
+        parse_entry("cfsdeploy-deb-1.conf", data)
+
+
+@pytest.mark.parametrize("field, text", [("title", "a\nlinux /evil"), ("options", "x\noptions y"),
+                                         ("linux", "/k\ninitrd /x"), ("initrd", "/i\r"), ("title", "")])
+def test_render_refuses_a_field_that_is_not_one_plain_line(field, text) -> None:
+    with pytest.raises(BootError, match="not one plain line"):
+        entry(1, **{field: text}).render()
+
+
+def test_option_reads_the_options_as_the_kernel_does() -> None:
+    e = entry(1, options='systemd.setenv="A=1 cfsdeploy=/evil" cfsdeploy=/d/1 cfsdeploy.verity="try"')
+    assert (e.option("cfsdeploy"), e.option("cfsdeploy.verity"), e.option("quiet")) == ("/d/1", "try", None)
+
+
+def test_damaged_entries_are_listed_apart_and_the_rest_read(tmp_path) -> None:
+    d = tmp_path / "loader/entries"
+    d.mkdir(parents=True)
+    (d / "cfsdeploy-deb-3.conf").write_bytes(entry(3).render())
+    (d / "cfsdeploy-deb-2.conf").write_bytes(b"")
+    (d / "cfsdeploy-deb-1.conf").write_bytes(b"\xff" + entry(1).render())
+    (d / "cfsdeploy-deb-4.conf").symlink_to("cfsdeploy-deb-3.conf")
+    good, damaged = scan_entries(str(tmp_path), "deb")
+    assert good == [entry(3)]
+    assert [(x.kind, os.path.basename(x.path)) for x in damaged] == [(Kind.ENTRY, f"cfsdeploy-deb-{n}.conf") for n in (1, 2, 4)]
+    assert [x.reason for x in damaged] == ["not UTF-8", "missing title, version, sort-key, linux, initrd, options",
+                                           "cannot be read (Too many levels of symbolic links)"]
+
+
+def test_entries_sharing_a_number_are_both_damaged(tmp_path) -> None:
+    d = tmp_path / "loader/entries"
+    d.mkdir(parents=True)
+    (d / "cfsdeploy-deb-2.conf").write_bytes(entry(2).render())
+    (d / "cfsdeploy-deb-2+1.conf").write_bytes(entry(2, tries_left=1).render())
+    (d / "cfsdeploy-deb-1.conf").write_bytes(entry(1).render())
+    good, damaged = scan_entries(str(tmp_path), "deb")
+    assert good == [entry(1)]
+    assert sorted(os.path.basename(x.path) for x in damaged) == ["cfsdeploy-deb-2+1.conf", "cfsdeploy-deb-2.conf"]
+    assert damaged[0].reason == "another entry has its number 2"
+
+
+def test_bootctl_reads_quoted_arguments_as_meant(tmp_path) -> None:
+    args = ['a="b  c"', 'systemd.setenv="A=1 B=2"', '"quiet"', "cfsdeploy=/d/1"]
+    with boot_mount(tmp_path / "esp") as esp:
+        switch_entries(str(esp), "deb", [entry(1, options=" ".join(args))], record(tmp_path))
+        bootctl_reads(esp, {e.filename: ("Deb 1", args) for e in read_entries(str(esp), "deb")})
+
+
+@pytest.mark.parametrize("name", ["6.12.0-1-amd64", "6.1.0+deb12~rc1", "a"])
+def test_plain_kernel_versions_pass(name) -> None:
+    assert bootloader.check_kver(name) == name
+
+
+@pytest.mark.parametrize("name", ["6.1\noptions systemd.unit=rescue.target x=", ".6.12", "..", "6.1/../x",
+                                  "6.1 x", "-6.1", "a" * 129, "6..1", ""])
+def test_kernel_version_that_is_no_plain_name_is_refused(name) -> None:
+    with pytest.raises(BootError, match="invalid kernel version"):
+        bootloader.check_kver(name)
+
+
+def test_title_text_is_made_one_plain_line() -> None:
+    assert bootloader.clean_title("Deb\nlinux /evil\u2028 \t 13\x00") == "Deb linux /evil 13"
+    assert len(bootloader.clean_title("x" * 500)) == bootloader.MAX_TITLE
+
+
+def test_kernel_of_an_entry_names_only_plain_directories() -> None:
+    assert bootloader.kernel_of(entry(1, linux="/cfsdeploy/deb/6.1-0123456789ab/vmlinuz")) == \
+        bootloader.Kernel("deb", "6.1-0123456789ab")
+    assert bootloader.kernel_of(entry(1, linux="/cfsdeploy/deb/.6.1-0123456789ab/vmlinuz")) is None
 
 
 def test_numbering_gives_the_first_the_highest_number() -> None:
@@ -199,7 +293,7 @@ def test_a_full_boot_directory_undoes_the_switch_and_keeps_the_old_entries(tmp_p
         switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
         (esp / "filler").write_bytes(b"x" * ((1 << 20) - 8192))
         with pytest.raises(BootError, match="full"):
-            switch_entries(str(esp), "deb", [entry(0, title=f"t{i}" * 400) for i in range(8)], record(tmp_path))
+            switch_entries(str(esp), "deb", [entry(0, title=f"t{i}" * 100, options="x" * 1500) for i in range(8)], record(tmp_path))
         assert [e.title for e in read_entries(str(esp), "deb")] == ["a"]
         assert not os.path.exists(record(tmp_path))
 

@@ -16,18 +16,32 @@ import pytest
 from cfsdeploy import admin, bootloader
 from cfsdeploy.deployment import Origin
 from cfsdeploy.fsck import fsck
+from cfsdeploy.kargs import KargsError
 from cfsdeploy.sysroot import Sysroot, SysrootError, status
 
-from .sysroots import BRANCH, KVER, OS, ROOT_KARGS, boot_mount, bootctl_list, commit_tree, make_os_tree
+from .sysroots import (
+    BRANCH,
+    KVER,
+    OS,
+    ROOT_KARGS,
+    boot_mount,
+    bootctl_list,
+    commit_tree,
+    entries_read_as_meant,
+    make_os_tree,
+)
 
 
 @pytest.fixture
 def machine(tmp_path):
+    """A sysroot whose boot directory is a filesystem of its own.  At the end, every
+    entry written must read back, in systemd's parser, as meant."""
     root = tmp_path / "sysroot"
     with boot_mount(root / "boot"):
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
         tree = make_os_tree(tmp_path / "tree")
         yield SimpleNamespace(sysroot=s, tree=tree, root=root, boot=root / "boot", tmp=tmp_path)
+        entries_read_as_meant(Sysroot(str(root)), OS)
 
 
 def deploy(m, rev: str = BRANCH, **kw) -> admin.DeployResult:
@@ -226,10 +240,53 @@ def test_kargs_carry_over_to_the_next_deployment(machine) -> None:
     assert d.kargs == [ROOT_KARGS[0], "console=ttyS0"]
 
 
-def test_cfsdeploy_arguments_cannot_be_set_by_hand(machine) -> None:
+@pytest.mark.parametrize("arg", ["cfsdeploy.verity=off", 'systemd.setenv="A=1 cfsdeploy=x"'])
+def test_cfsdeploy_arguments_cannot_be_set_by_hand(machine, arg) -> None:
     commit_tree(machine.sysroot, machine.tree)
-    with pytest.raises(Exception, match="set by cfsdeploy"):
-        deploy(machine, append=("cfsdeploy.verity=off",))
+    with pytest.raises(KargsError, match="set by cfsdeploy"):
+        deploy(machine, append=(arg,))
+    assert machine.sysroot.state(OS).deployments == []
+
+
+def test_kargs_replace_with_a_newline_is_refused_and_changes_nothing(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    a = deploy(machine, append=("console=ttyS0",)).deployment
+    before = entries_files(machine)
+    with pytest.raises(KargsError, match="printable ASCII"):
+        admin.set_kargs(machine.sysroot, OS, replace=("console=ttyS0=ttyS1\nlinux /evil",))
+    assert entries_files(machine) == before and names(machine) == [a.name]
+
+
+def test_quoted_karg_with_spaces_boots_as_meant_through_every_rewrite(machine) -> None:
+    meant = 'systemd.setenv="A=1 B=2"'
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine, append=(meant,))
+    new_version(machine, "2")
+    deploy(machine)
+    admin.set_kargs(machine.sysroot, OS, append=("quiet",))
+    admin.rollback(machine.sysroot, OS)
+    state = machine.sysroot.state(OS)
+    assert [d.kargs for d in state.deployments] == [ROOT_KARGS + [meant], ROOT_KARGS + [meant, "quiet"]]
+    # ... and the fixture's guard checks that bootctl reads both entries so.
+
+
+def test_title_from_the_commit_is_one_plain_line(machine) -> None:
+    (machine.tree / "usr/lib/os-release").write_bytes(b'PRETTY_NAME="Evil\x1b[2J\x00OS\xe2\x80\xae 1"\n')
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    assert machine.sysroot.state(OS).entries[0].title == f"Evil [2J OS 1 (cfsdeploy {OS})"
+
+
+@pytest.mark.parametrize("kver", ["6.1\noptions systemd.unit=rescue.target x=", ".6.12"])
+@pytest.mark.parametrize("stage", [False, True], ids=["deploy", "stage"])
+def test_module_directory_that_is_no_plain_version_is_refused(machine, kver, stage) -> None:
+    hostile = machine.tree / "usr/lib/modules" / kver
+    shutil.copytree(machine.tree / f"usr/lib/modules/{KVER}", hostile)
+    commit_tree(machine.sysroot, machine.tree)
+    before = snapshot(machine)
+    with pytest.raises(admin.DeployError, match="invalid kernel version"):
+        deploy(machine, stage=stage)
+    assert snapshot(machine) == before
 
 
 def test_boot_counting_tries_name_the_new_entry(machine) -> None:
@@ -557,3 +614,87 @@ def test_etc_and_var_hardlinked_to_usr_are_deployed_as_files(machine) -> None:
     machine.sysroot = booted_into(machine)
     new_version(machine, "2")
     assert deploy(machine).etc.modified == []
+
+
+# --- damaged records: reported, set aside, and never a reason to delete ------------------
+
+
+def two_kernels(m) -> tuple[admin.DeployResult, admin.DeployResult]:
+    """Version 1 (the rollback) and 2 (the default), each with a kernel of its own."""
+    commit_tree(m.sysroot, m.tree)
+    a = deploy(m)
+    make_os_tree(m.tree, version="2", kernel_seed=b"k2")
+    commit_tree(m.sysroot, m.tree, version="2")
+    return a, deploy(m)
+
+
+def kept(m, r: admin.DeployResult) -> bool:
+    """The deployment's directory, kernel and ref are all still there."""
+    return ((m.root / "cfsdeploy/deploy" / OS / r.deployment.name / "etc").is_dir()
+            and (m.boot / r.kernel.relpath / "vmlinuz").is_file()
+            and f"refs/deployments/{OS}/{r.deployment.name}" in m.sysroot.repo.git.references)
+
+
+def aside(m) -> list[str]:
+    d = m.root / "cfsdeploy/aside"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_unparsable_entry_is_reported_and_keeps_its_deployment(machine) -> None:
+    a, b = two_kernels(machine)
+    entry = machine.boot / "loader/entries" / f"cfsdeploy-{OS}-1.conf"
+    entry.write_bytes(entry.read_bytes() + b"linux /evil\n")
+    st = json.loads(cli(machine, "status", "--json").stdout)
+    assert [(d["kind"], d["path"], d["reason"]) for d in st["damaged"]] == [("entry", str(entry), "two linux lines")]
+    assert st["damaged"][0]["keeps"] == sorted([a.deployment.name, a.kernel.dirname])
+    p = cli(machine, "status")
+    assert p.returncode == 0 and f"WARNING: damaged boot entry {entry}: two linux lines" in p.stderr
+    for command in (["kargs", "--append", "quiet"], ["cleanup"], ["deploy", BRANCH]):
+        p = cli(machine, *command)
+        assert p.returncode == 0, p.stderr
+    assert kept(machine, a) and aside(machine)[0].startswith(entry.name)
+    st = json.loads(cli(machine, "status", "--json").stdout)
+    assert [(d["kind"], d["keeps"]) for d in st["damaged"]] == [("aside", sorted([a.deployment.name, a.kernel.dirname]))]
+
+
+def test_empty_entry_blocks_no_command(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    empty = machine.boot / "loader/entries" / f"cfsdeploy-{OS}-7.conf"
+    empty.write_bytes(b"")
+    p = cli(machine, "status")
+    assert p.returncode == 0 and "it names nothing there is" in p.stderr
+    new_version(machine, "2")
+    for command in (["deploy", BRANCH], ["rollback"], ["kargs", "--append", "quiet"], ["cleanup"]):
+        p = cli(machine, *command)
+        assert p.returncode == 0, p.stderr
+    assert not empty.exists() and aside(machine) == []
+
+
+def test_damaged_deployment_record_keeps_its_directory(machine) -> None:
+    a, b = two_kernels(machine)
+    record = machine.root / "cfsdeploy/deploy" / OS / a.deployment.name / "deployment.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"kernel_version": "6.1\noptions x"}))
+    assert "malformed (bad kernel_version)" in machine.sysroot.state(OS).broken[0][1]
+    admin.cleanup(machine.sysroot, OS, prune_objects=False)
+    assert kept(machine, a) and names(machine) == [b.deployment.name]
+    assert aside(machine) == [f"cfsdeploy-{OS}-1.conf.{aside(machine)[0].rsplit('.', 1)[1]}"]
+
+
+@pytest.mark.parametrize("change", [
+    {"os": "other"}, {"name": "0123456789ab.0"}, {"commit": "x"}, {"image_digest": "00"},
+    {"kernel_version": "6.1\noptions x"}, {"kargs": "quiet"}, {"kargs": ["a\nb"]}, {"origin": {"branch": 1}},
+    {"pinned": "yes"}, {"extra": 1},
+])
+def test_deployment_record_is_checked_field_by_field(machine, change) -> None:
+    from cfsdeploy import deployment
+
+    commit_tree(machine.sysroot, machine.tree)
+    d = deploy(machine).deployment
+    directory = machine.root / "cfsdeploy/deploy" / OS / d.name
+    record = directory / "deployment.json"
+    good = json.loads(record.read_text())
+    record.write_text(json.dumps(good | change))
+    with pytest.raises(deployment.DeploymentError, match="malformed"):
+        deployment.load(str(directory))
+    record.write_text(json.dumps(good))

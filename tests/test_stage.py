@@ -17,7 +17,7 @@ from cfsdeploy.errors import CommandError
 from cfsdeploy.sysroot import staged_status
 
 from .sysroots import BRANCH, OS, commit_tree, make_os_tree
-from .test_deploy import booted_into, cli, deploy, entries_files, machine, names, new_version  # noqa: F401
+from .test_deploy import aside, booted_into, cli, deploy, entries_files, machine, names, new_version  # noqa: F401
 
 UNIT = Path(__file__).parent.parent / "hooks/systemd" / staged.FINALIZE_UNIT
 
@@ -229,3 +229,54 @@ def test_cli_stage_status_finalize(machine) -> None:
     assert st["staged"] is None and st["deployments"][0]["version"] == "2"
     p = cli(machine, "finalize-staged")
     assert p.returncode == 0 and p.stdout == "nothing is staged\n"
+
+
+# --- a damaged record: reported, set aside, never a reason to delete -----------------------
+
+
+def rewrite_record(m, **changes: object) -> Path:
+    record = m.root / "cfsdeploy" / staged.RECORD
+    record.write_text(json.dumps(json.loads(record.read_text()) | changes))
+    return record
+
+
+@pytest.mark.parametrize("change", [
+    {"os": ""}, {"os": "../x"}, {"name": "../x"}, {"kernel": ".6.12-0123456789ab"}, {"kernel": "6.1/../../x"},
+    {"title": "a\nlinux /evil"}, {"verity": "maybe"}, {"tries": "3"}, {"tries": 0}, {"default": 1},
+    {"merge_from": "x"}, {"boot_id": "a\nb"}, {"extra": 1},
+])
+def test_staged_record_is_checked_field_by_field(machine, change) -> None:
+    installed_and_booted(machine)
+    stage(machine)
+    rewrite_record(machine, **change)
+    with pytest.raises(staged.StagedError, match="malformed"):
+        staged.load(str(machine.root / "cfsdeploy"))
+
+
+def test_staged_record_naming_an_empty_os_makes_nothing_deleted(machine) -> None:
+    a = installed_and_booted(machine)
+    d = stage(machine, make_default=False)
+    record = rewrite_record(machine, os="", boot_id=staged.current_boot_id())
+    admin.set_kargs(machine.sysroot, OS, append=("quiet",))
+    assert os.listdir(machine.root / "cfsdeploy/deploy") == [OS]
+    assert {a.deployment.name, d.deployment.name} <= set(os.listdir(os_dir(machine)))
+    assert {a.kernel.dirname, d.kernel.dirname} <= set(os.listdir(machine.boot / "cfsdeploy" / OS))
+    assert not record.exists() and aside(machine)[0].startswith(staged.RECORD)
+
+
+def test_damaged_staged_record_is_reported_and_blocks_no_command(machine) -> None:
+    installed_and_booted(machine)
+    stage(machine)
+    record = machine.root / "cfsdeploy" / staged.RECORD
+    record.write_text("{not json")
+    p = cli(machine, "status")
+    assert p.returncode == 0 and f"WARNING: damaged staged record {record}: malformed" in p.stderr
+    assert [d["kind"] for d in json.loads(cli(machine, "status", "--json").stdout)["damaged"]] == ["staged"]
+    p = cli(machine, "finalize-staged")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "nothing is finalized" in p.stderr
+    assert not record.exists() and len(aside(machine)) == 1
+    for command in (["status"], ["finalize-staged"], ["deploy", BRANCH, "--stage"], ["cleanup"], ["finalize-staged"]):
+        p = cli(machine, *command)
+        assert p.returncode == 0, p.stderr
+    st = json.loads(cli(machine, "status", "--json").stdout)
+    assert st["staged"] is None and st["deployments"][0]["version"] == "2"

@@ -16,7 +16,7 @@ from cfsdeploy.pull import BindingError, DowngradeError
 from cfsdeploy.sysroot import Sysroot, SysrootError
 
 from .pullkit import builder_key, nginx, publish, serve_branch_as  # noqa: F401  (fixtures)
-from .sysroots import OS, ROOT_KARGS, boot_mount, make_os_tree
+from .sysroots import OS, ROOT_KARGS, boot_mount, entries_read_as_meant, make_os_tree
 
 BRANCH = "testos/stable"
 
@@ -32,6 +32,7 @@ def fleet(tmp_path, builder_key):  # noqa: F811
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
         remote.add(s.repo, "origin", f"file://{server}", key_files=[builder_key.public], branch=BRANCH)
         yield SimpleNamespace(sysroot=s, tree=tree, server=server, root=root, tmp=tmp_path, key=builder_key)
+        entries_read_as_meant(Sysroot(str(root)), OS)
 
 
 def release(f, version: str, branch: str = BRANCH) -> str:
