@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ class Machine:
     commit and an image: made once, put back after a run that changed it."""
 
     def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         self.pristine = tmp / "pristine"
         self.top = tmp / "machine"
         self.cwd = tmp / "cwd"
@@ -144,6 +146,11 @@ class Machine:
         self.before = snapshot(self.top)
 
     def reset(self) -> None:
+        # A legitimate `image mount IMAGE ..` mounted over a directory of this test.
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+        for point in sorted((p for p in points if p == str(self.tmp) or p.startswith(f"{self.tmp}/")), reverse=True):
+            subprocess.run(["umount", "-l", point], check=True)
         shutil.rmtree(self.top, ignore_errors=True)
         shutil.copytree(self.pristine, self.top, symlinks=True)
         shutil.rmtree(self.cwd, ignore_errors=True)
