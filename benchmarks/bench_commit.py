@@ -41,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rootfs import cache_dir, ensure_rootfs  # noqa: E402
 
-from cfsdeploy.digestcache import SETTLE_NS  # noqa: E402
-from cfsdeploy.repository import Repository  # noqa: E402
+from cfsdeploy.composefs.digestcache import SETTLE_NS  # noqa: E402
+from cfsdeploy.repo.repository import Repository  # noqa: E402
 
 
 def prepare(drop_caches: bool, tree: str) -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Callable
 
-from cfsdeploy import fsverity
+from cfsdeploy.composefs import fsverity
 
 RUNS = 3
 

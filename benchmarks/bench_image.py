@@ -25,7 +25,7 @@ VECTORS = Path(__file__).resolve().parents[2] / "shared" / "composefs-vectors"
 
 CHILD = r"""
 import sys, time
-from cfsdeploy import dumpfile, imagewriter
+from cfsdeploy.composefs import dumpfile, imagewriter
 data = open(sys.argv[1], "rb").read()
 t0 = time.perf_counter()
 root = dumpfile.parse(data)

@@ -30,11 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cfsdeploy.remote import (
+    dumbhttp,  # noqa: E402
+    remotes,
+)
+from cfsdeploy.remote.pull import PullOptions, pull  # noqa: E402
+from cfsdeploy.repo.repository import Repository  # noqa: E402
 from tests.nginx import Nginx  # noqa: E402
-
-from cfsdeploy import remote, serve  # noqa: E402
-from cfsdeploy.pull import PullOptions, pull  # noqa: E402
-from cfsdeploy.repository import Repository  # noqa: E402
 
 SHARED_ROOTFS = Path("/var/tmp/cfsdeploy-bench/rootfs-bookworm")
 V1, V2 = "bench/v1", "bench/v2"
@@ -129,7 +131,7 @@ def measure(server: Nginx, work: Path, compression: str, jobs: int) -> list[Row]
     client = work / f"cfs-client-{compression}"
     shutil.rmtree(client, ignore_errors=True)
     repo = Repository.init(client)
-    remote.add(repo, "origin", server.url("cfs"), gpg_verify=False)
+    remotes.add(repo, "origin", server.url("cfs"), gpg_verify=False)
     options = PullOptions(jobs=jobs)
     for name, branch in (("full", V1), ("upgrade", V2)):
         secs, reqs = timed_requests(server, lambda b=branch: pull(repo, "origin", b, options=options))
@@ -175,7 +177,7 @@ def main() -> None:
             first = cfs.commit(tree1, V1, "first").commit
             t_cfs = time.perf_counter() - t0
             cfs.commit(tree2, V2, "upgrade", parent=first)
-            serve.update_server_info(cfs)
+            dumbhttp.update_server_info(cfs)
         ostree("init", f"--repo={www / 'ostree'}", "--mode=archive")
         t0 = time.perf_counter()
         rev = ostree("commit", f"--repo={www / 'ostree'}", f"--branch={V1}", f"--tree=dir={tree1}")

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 
-from cfsdeploy.run import run
+from cfsdeploy.util.run import run
 
 SUITE = "bookworm"
 PACKAGES = "linux-image-amd64,systemd,python3,perl"

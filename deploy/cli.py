@@ -12,21 +12,22 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import click
 
-from . import __version__, dumpfile, fsverity, imagewriter
-from .bootloader import Kind
-from .errors import CfsError
-from .fsutil import atomic_write_bytes
+from . import __version__
+from .boot.bootloader import Kind
+from .composefs import dumpfile, fsverity, imagewriter
+from .util.errors import CfsError
+from .util.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .admin import DeployResult
-    from .bootloader import Repair
-    from .deployment import Origin
-    from .etcmerge import MergeReport
-    from .progress import Progress
-    from .pull import PullProgress
-    from .repository import CommitInfo, Repository, SignatureInfo
-    from .scan import ScanStats
-    from .sysroot import Sysroot
+    from .boot.bootloader import Repair
+    from .composefs.scan import ScanStats
+    from .remote.pull import PullProgress
+    from .repo.repository import CommitInfo, Repository, SignatureInfo
+    from .sysroot.admin import DeployResult
+    from .sysroot.deployment import Origin
+    from .sysroot.etcmerge import MergeReport
+    from .sysroot.layout import Sysroot
+    from .util.progress import Progress
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -142,8 +143,8 @@ def image() -> None:
 def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str | None,
                 min_version: int, max_version: int, lenient: bool, print_digest: bool) -> None:
     """Write the composefs EROFS image of a directory or a dumpfile to IMAGE."""
-    from . import scan
-    from .objects import ObjectStore
+    from .composefs import scan
+    from .composefs.objects import ObjectStore
 
     if from_file is not None:
         if len(args) != 1:
@@ -170,7 +171,7 @@ def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str 
 @click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
 def image_dump(image_path: str) -> None:
     """Print the dumpfile (manifest) of a composefs image."""
-    from . import imagereader
+    from .composefs import imagereader
 
     img = imagereader.read_image_file(image_path)
     out = sys.stdout.buffer
@@ -193,7 +194,7 @@ def image_digest(image_path: str) -> None:
 @click.option("--verity", is_flag=True, help="Mount with verity=require.")
 def image_mount(image_path: str, mountpoint: str, basedir: str, verity: bool) -> None:
     """Mount IMAGE read-only on MOUNTPOINT (erofs + overlayfs)."""
-    from . import mounts
+    from .composefs import mounts
 
     mounts.mount_composefs(image_path, mountpoint, basedir, verity=verity)
 
@@ -208,7 +209,7 @@ repo_option = click.option("--repo", "repo_path", required=True, metavar="PATH",
 @repo_option
 def init(repo_path: str) -> None:
     """Create a repository at PATH (refuses to clobber an existing one)."""
-    from .repository import Repository
+    from .repo.repository import Repository
 
     Repository.init(repo_path)
     click.echo(f"initialized repository {os.path.abspath(repo_path)}")
@@ -239,8 +240,8 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
-    from .progress import Progress, human_bytes
-    from .serve import update_server_info
+    from .remote.dumbhttp import update_server_info
+    from .util.progress import Progress, human_bytes
 
     bar = Progress("commit")
 
@@ -259,7 +260,7 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
 
 
 def _open_repo(path: str) -> Repository:
-    from .repository import Repository
+    from .repo.repository import Repository
 
     return Repository(path)
 
@@ -306,7 +307,7 @@ def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
         gpg_homedir: str | None) -> None:
     """Show the history of REV (a branch, tag or commit), newest first, with who
     signed each signed commit."""
-    from .repository import history
+    from .repo.repository import history
 
     commits = history(_open_repo(repo_path), rev, max_count, gpg_homedir=gpg_homedir)
     if as_json:
@@ -322,7 +323,7 @@ def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def show(repo_path: str, rev: str, as_json: bool) -> None:
     """Show one commit: id, author, version, image digest, message."""
-    from .repository import commit_info
+    from .repo.repository import commit_info
 
     info = commit_info(_open_repo(repo_path).resolve(rev))
     if as_json:
@@ -335,7 +336,7 @@ def show(repo_path: str, rev: str, as_json: bool) -> None:
 @repo_option
 def refs(repo_path: str) -> None:
     """List branches, tags and remote branches with their commits."""
-    from .repository import list_refs
+    from .repo.repository import list_refs
 
     for name, target in list_refs(_open_repo(repo_path)):
         click.echo(f"{target} {name}")
@@ -348,8 +349,8 @@ def refs(repo_path: str) -> None:
 @click.option("--force", is_flag=True, help="Move an existing tag.")
 def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
     """Tag the commit REV as NAME."""
-    from .repository import create_tag
-    from .serve import update_server_info
+    from .remote.dumbhttp import update_server_info
+    from .repo.repository import create_tag
 
     repo = _open_repo(repo_path)
     with repo.lock(wait=60):
@@ -364,8 +365,8 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
-    from .repository import RepositoryError, manifest_of
-    from .tree import Hardlink, lookup, walk
+    from .composefs.tree import Hardlink, lookup, walk
+    from .repo.repository import RepositoryError, manifest_of
 
     root = manifest_of(_open_repo(repo_path), rev)
     top = lookup(root, os.fsencode(path))
@@ -395,7 +396,7 @@ def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
 @click.argument("path", type=click.Path())
 def cat(repo_path: str, rev: str, path: str) -> None:
     """Print the content of the file PATH in commit REV (checked against its digest)."""
-    from .repository import read_file
+    from .repo.repository import read_file
 
     data = read_file(_open_repo(repo_path), rev, path)
     sys.stdout.buffer.write(data)
@@ -408,8 +409,8 @@ def cat(repo_path: str, rev: str, path: str) -> None:
 @click.argument("dest", metavar="DIR", type=click.Path())
 def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
     """Materialize the tree of REV in DIR (a new directory), metadata and all."""
-    from .checkout import checkout
-    from .repository import manifest_of
+    from .repo.checkout import checkout
+    from .repo.repository import manifest_of
 
     repo = _open_repo(repo_path)
     checkout(manifest_of(repo, rev), repo.objects, dest)
@@ -421,7 +422,7 @@ def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
     """Check commits, manifests, images and objects; exit 1 on any problem."""
-    from .fsck import fsck
+    from .repo.fsck import fsck
 
     report = fsck(_open_repo(repo_path), quick=quick)
     if as_json:
@@ -444,7 +445,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 @click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory with the trusted keys.")
 def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
     """Check the signature of commit REV and name its signer."""
-    from .repository import verify_commit
+    from .repo.repository import verify_commit
 
     signer = verify_commit(_open_repo(repo_path), rev, gpg_homedir=gpg_homedir)
     click.echo(f"good signature from {signer.username or signer.key_id} (key {signer.fingerprint})")
@@ -457,8 +458,8 @@ def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def diff_cmd(repo_path: str, rev1: str, rev2: str, as_json: bool) -> None:
     """List paths added (A), removed (D) and modified (M, with what) from REV1 to REV2."""
-    from .repository import manifest_of
-    from .treediff import diff
+    from .repo.repository import manifest_of
+    from .repo.treediff import diff
 
     repo = _open_repo(repo_path)
     d = diff(manifest_of(repo, rev1), manifest_of(repo, rev2))
@@ -485,7 +486,7 @@ def diff_cmd(repo_path: str, rev1: str, rev2: str, as_json: bool) -> None:
               help="Keep objects modified less than this long ago.")
 def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
     """Remove objects that no branch, tag or remote branch needs."""
-    from .repository import prune as prune_objects
+    from .repo.repository import prune as prune_objects
 
     repo = _open_repo(repo_path)
     with repo.lock(wait=60):
@@ -519,7 +520,7 @@ def whole_sysroot_options(fn: Any) -> Any:
 
 
 def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
-    from .sysroot import Sysroot
+    from .sysroot.layout import Sysroot
 
     # An empty --sysroot is a mistake, not a request for the default one.
     s = Sysroot(_default_sysroot() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
@@ -531,7 +532,7 @@ def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: flo
 
 def _say_repairs(repairs: list[Repair]) -> None:
     """What a command found broken by a crash and repaired before its own work."""
-    from .bootloader import RepairKind
+    from .boot.bootloader import RepairKind
 
     for r in repairs:
         click.echo({
@@ -562,7 +563,7 @@ def sysroot() -> None:
 def sysroot_init(sysroot_path: str, os_name: str, boot_dir: str | None, karg_list: tuple[str, ...],
                  tries: int) -> None:
     """Lay out a sysroot (repository, deploy dir, shared /var) or add an os to one."""
-    from .sysroot import Sysroot
+    from .sysroot.layout import Sysroot
 
     s = Sysroot.init(sysroot_path, os_name, boot_dir=boot_dir, karg_list=list(karg_list), tries=tries)
     click.echo(f"sysroot {s.path} ready for os {os_name} (boot directory {s.boot})")
@@ -577,7 +578,7 @@ stage_option = click.option("--stage", is_flag=True,
 
 def _staged_next(s: Sysroot) -> None:
     """After staging: have systemd finalize it at shutdown, or say who must."""
-    from .staged import FINALIZE_UNIT, start_finalize_unit
+    from .sysroot.staged import FINALIZE_UNIT, start_finalize_unit
 
     # The unit finalizes the default sysroot: only that one is armed.
     if os.path.realpath(s.path) == os.path.realpath(_default_sysroot()):
@@ -605,7 +606,7 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
                rev: str, append: tuple[str, ...], delete: tuple[str, ...], no_default: bool,
                tries: int | None, verity: str | None, stage: bool) -> None:
     """Make commit REV (a branch, tag or commit of the sysroot's repository) bootable."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
@@ -650,7 +651,7 @@ def _say_discarded(r: DeployResult) -> None:
 def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Make the staged deployment bootable: merge /etc again and switch the entries
     (what cfsdeploy-finalize-staged.service runs at shutdown)."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     r = admin.finalize_staged(s, log=lambda m: click.echo(m, err=True))
@@ -673,9 +674,9 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
-    from . import admin
-    from .booted import boot_verity
-    from .sysroot import staged_status, status
+    from .sysroot import admin
+    from .sysroot.booted import boot_verity
+    from .sysroot.layout import staged_status, status
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
@@ -754,7 +755,7 @@ _DAMAGED = {Kind.ENTRY: ("damaged boot entry", "the next deploy or cleanup sets 
 @sysroot_options
 def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Make the previous deployment the default."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     new, old = admin.rollback(s, s.pick_os(os_name), log=click.echo)
@@ -767,7 +768,7 @@ def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
 def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                  index: int) -> None:
     """Remove deployment INDEX (as `status` numbers them)."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     d = admin.undeploy(s, s.pick_os(os_name), index, log=click.echo)
@@ -781,7 +782,7 @@ def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
 def pin_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
             index: int, unpin: bool) -> None:
     """Keep deployment INDEX whatever the retention says."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     d = admin.pin(s, s.pick_os(os_name), index, not unpin)
@@ -794,8 +795,8 @@ def pin_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None,
 def cleanup_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                 no_prune: bool) -> None:
     """Remove deployments beyond the retention, then unused kernels and objects."""
-    from . import admin
-    from .progress import human_bytes
+    from .sysroot import admin
+    from .util.progress import human_bytes
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     r = admin.cleanup(s, s.pick_os(os_name), prune_objects=not no_prune)
@@ -811,7 +812,7 @@ def cleanup_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
               append: tuple[str, ...], delete: tuple[str, ...], replace: tuple[str, ...]) -> None:
     """Show, or edit, the default deployment's kernel arguments."""
-    from . import admin
+    from .sysroot import admin
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     name = s.pick_os(os_name)
@@ -830,7 +831,7 @@ EXIT_NO_UPDATE = 77  # `upgrade --check` with nothing new, as rpm-ostree says it
 
 def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
     """A progress line for a pull, and the callback that feeds it."""
-    from .progress import Progress, human_bytes
+    from .util.progress import Progress, human_bytes
 
     bar = Progress("pull")
 
@@ -846,8 +847,8 @@ def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
 
 def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
              origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
-    from . import admin
-    from .progress import human_bytes
+    from .sysroot import admin
+    from .util.progress import human_bytes
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     bar, show = _pull_progress()
@@ -910,7 +911,7 @@ def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                refspec: str, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
     """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
-    from .admin import parse_refspec
+    from .sysroot.admin import parse_refspec
 
     _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries,
              stage)
@@ -925,8 +926,8 @@ def verity() -> None:
 @sysroot_options
 def verity_enable(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Enable fs-verity on every object, then boot deployments with verity=require."""
-    from . import admin
-    from .progress import Progress
+    from .sysroot import admin
+    from .util.progress import Progress
 
     s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
     bar = Progress("verity")
@@ -963,7 +964,7 @@ def remote() -> None:
 def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], no_gpg_verify: bool,
                branch: str | None, no_require_binding: bool) -> None:
     """Add remote NAME at URL (http://, https://, file:// or a path)."""
-    from . import remote as remotes
+    from .remote import remotes
 
     repo = _open_repo(repo_path)
     r = remotes.add(repo, name, url, key_files=key_files, gpg_verify=not no_gpg_verify, branch=branch,
@@ -976,7 +977,7 @@ def remote_add(repo_path: str, name: str, url: str, key_files: tuple[str, ...], 
 @repo_option
 def remote_list(repo_path: str) -> None:
     """List remotes: name, URL, default branch, whether signatures and bindings are required."""
-    from . import remote as remotes
+    from .remote import remotes
 
     repo = _open_repo(repo_path)
     for r in remotes.list_remotes(repo):
@@ -992,7 +993,7 @@ def remote_list(repo_path: str) -> None:
 @click.argument("name")
 def remote_remove(repo_path: str, name: str) -> None:
     """Forget remote NAME: its settings, trusted keys and remote branches."""
-    from . import remote as remotes
+    from .remote import remotes
 
     remotes.remove(_open_repo(repo_path), name, on_lock_wait=_say_waiting)
     click.echo(f"removed remote {name}")
@@ -1020,9 +1021,9 @@ def _say_waiting() -> None:
 def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, allow_downgrade: bool,
              jobs: int, timeout: float, wait_lock: float, url: str | None) -> None:
     """Fetch BRANCH (default: the remote's) of REMOTE into refs/remotes/REMOTE/BRANCH."""
-    from .progress import human_bytes
-    from .pull import PullOptions, pull
-    from .transport import Limits
+    from .remote.pull import PullOptions, pull
+    from .remote.transport import Limits
+    from .util.progress import human_bytes
 
     bar, show = _pull_progress()
     options = PullOptions(jobs=jobs, limits=Limits(timeout=timeout), lock_wait=wait_lock,

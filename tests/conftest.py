@@ -13,7 +13,7 @@ pytest.register_assert_rewrite("tests.sysroots")
 @pytest.fixture(scope="session")
 def requires_mount() -> None:
     """Skip, saying why, unless this process can mount EROFS/composefs images."""
-    from cfsdeploy.mounts import can_mount  # here, so other tests never depend on it importing
+    from cfsdeploy.composefs.mounts import can_mount  # here, so other tests never depend on it importing
 
     ok, reason = can_mount()
     if not ok:

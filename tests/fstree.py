@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfsdeploy.run import run
+from cfsdeploy.util.run import run
 
 UIDS = (0, 1, 1000, 65534, 65535, 65536, 4000000000)
 # (major, minor): classic, a major above 255, and the largest dev_t Linux encodes.

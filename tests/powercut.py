@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from cfsdeploy.errors import CommandError
-from cfsdeploy.run import run
+from cfsdeploy.util.errors import CommandError
+from cfsdeploy.util.run import run
 
 from . import vm
 

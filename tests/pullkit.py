@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cfsdeploy import fsverity, remote, serve
-from cfsdeploy.repository import Repository
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.remote import dumbhttp, remotes
+from cfsdeploy.repo.repository import Repository
 
 from .nginx import Nginx, missing_reason
 
@@ -66,7 +67,7 @@ def stranger_key():
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory):
-    """A real nginx serving its `root` directory, gzip on (level 1, as serve.py advises)."""
+    """A real nginx serving its `root` directory, gzip on (level 1, as remote/dumbhttp.py advises)."""
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
@@ -106,14 +107,14 @@ def publish(repo_dir: Path, tree: Path, branch: str = "os/stable", subject: str 
     with repo.lock():
         result = repo.commit(tree, branch, subject, sign_key=key.email if key else None,
                              gpg_homedir=key.home if key else None)
-        serve.update_server_info(repo)
+        dumbhttp.update_server_info(repo)
     return result.commit
 
 
 def client(path: Path, url: str, *, key: Key | None = None, branch: str | None = None,
            require_binding: bool = True) -> Repository:
     repo = Repository.init(path)
-    remote.add(repo, "origin", url, key_files=[key.public] if key else [], gpg_verify=key is not None,
+    remotes.add(repo, "origin", url, key_files=[key.public] if key else [], gpg_verify=key is not None,
                branch=branch, require_binding=require_binding)
     return repo
 

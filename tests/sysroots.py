@@ -13,8 +13,9 @@ from typing import Iterator
 
 import pytest
 
-from cfsdeploy import bootloader, deployment, kargs
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.boot import bootloader, kargs
+from cfsdeploy.sysroot import deployment
+from cfsdeploy.sysroot.layout import Sysroot
 
 KVER = "6.12.0-test"
 OS = "testos"

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import pytest
 
-from cfsdeploy import admin
-from cfsdeploy.booted import RECORD_ENV, boot_verity
-from cfsdeploy.kargs import split
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.boot.kargs import split
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.booted import RECORD_ENV, boot_verity
+from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, boot_mount, commit_tree, make_os_tree
 

@@ -9,11 +9,22 @@ import shutil
 
 import pytest
 
-from cfsdeploy import bootloader
-from cfsdeploy.bootloader import (BootEntry, BootError, Kind, Plan, RepairKind, number, parse_entry, read_entries,
-                                  recover, scan_entries, switch_entries)
+from cfsdeploy.boot import bootloader
+from cfsdeploy.boot.bootloader import (
+    BootEntry,
+    BootError,
+    Kind,
+    Plan,
+    RepairKind,
+    number,
+    parse_entry,
+    read_entries,
+    recover,
+    scan_entries,
+    switch_entries,
+)
 
-from .sysroots import bootctl_list, bootctl_reads, boot_mount
+from .sysroots import boot_mount, bootctl_list, bootctl_reads
 
 
 def entry(index: int, **kw: object) -> BootEntry:

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from cfsdeploy import dumpfile
-from cfsdeploy.checkout import CheckoutError, checkout
-from cfsdeploy.mounts import mounted_composefs
-from cfsdeploy.objects import ObjectStore
-from cfsdeploy.repository import Repository, image_digest_of, manifest_of
+from cfsdeploy.composefs import dumpfile
+from cfsdeploy.composefs.mounts import mounted_composefs
+from cfsdeploy.composefs.objects import ObjectStore
+from cfsdeploy.repo.checkout import CheckoutError, checkout
+from cfsdeploy.repo.repository import Repository, image_digest_of, manifest_of
 
 from .fstree import compare_trees
 

@@ -27,10 +27,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfsdeploy import admin
 from cfsdeploy.cli import main
-from cfsdeploy.remote import add as add_remote
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.remote.remotes import add as add_remote
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
 

@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from cfsdeploy.errors import TreeError
-from cfsdeploy.repository import Repository, manifest_of
+from cfsdeploy.repo.repository import Repository, manifest_of
+from cfsdeploy.util.errors import TreeError
 
 from .fstree import tar_with
 

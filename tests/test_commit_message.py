@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cfsdeploy.repository import (
+from cfsdeploy.repo.repository import (
     CommitTextError,
     Repository,
     TrailerError,

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cfsdeploy.fsck import fsck
-from cfsdeploy.repository import Repository
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import Repository
 
 KILL_POINTS = 24
 

@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import pygit2
 import pytest
 
-from cfsdeploy import admin, bootloader
-from cfsdeploy.deployment import Origin
-from cfsdeploy.fsck import fsck
-from cfsdeploy.kargs import KargsError
-from cfsdeploy.sysroot import Sysroot, SysrootError, status
+from cfsdeploy.boot import bootloader
+from cfsdeploy.boot.kargs import KargsError
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deployment import Origin
+from cfsdeploy.sysroot.layout import Sysroot, SysrootError, status
 
 from .sysroots import (
     BRANCH,
@@ -555,7 +556,7 @@ def test_entry_of_a_vanished_deployment_is_reported_and_dropped(machine) -> None
 
 
 def host_has_verity(directory: Path) -> bool:
-    from cfsdeploy import fsverity
+    from cfsdeploy.composefs import fsverity
 
     f = directory / "probe"
     f.write_bytes(b"x")
@@ -687,7 +688,7 @@ def test_damaged_deployment_record_keeps_its_directory(machine) -> None:
     {"pinned": "yes"}, {"extra": 1},
 ])
 def test_deployment_record_is_checked_field_by_field(machine, change) -> None:
-    from cfsdeploy import deployment
+    from cfsdeploy.sysroot import deployment
 
     commit_tree(machine.sysroot, machine.tree)
     d = deploy(machine).deployment

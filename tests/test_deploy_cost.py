@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cfsdeploy import admin
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
 

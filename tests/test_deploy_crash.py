@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cfsdeploy.fsck import fsck
-from cfsdeploy.repository import Repository
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import Repository
+from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cfsdeploy import dumpfile, fsverity, imagewriter
-from cfsdeploy.repository import Repository
-from cfsdeploy.scan import scan
+from cfsdeploy.composefs import dumpfile, fsverity, imagewriter
+from cfsdeploy.composefs.scan import scan
+from cfsdeploy.repo.repository import Repository
 
 MTIME = 1_700_000_000
 

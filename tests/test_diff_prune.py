@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cfsdeploy.cli import main
-from cfsdeploy.fsck import fsck
-from cfsdeploy.repository import Repository, prune
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import Repository, prune
 
 
 @pytest.fixture

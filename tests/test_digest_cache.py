@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from cfsdeploy import fsverity
-from cfsdeploy.digestcache import SETTLE_NS
-from cfsdeploy.fsck import fsck
-from cfsdeploy.repository import DIGEST_CACHE, Repository, manifest_of
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.composefs.digestcache import SETTLE_NS
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import DIGEST_CACHE, Repository, manifest_of
 
 BIG = 10
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cfsdeploy import dumpfile
-from cfsdeploy.errors import DumpfileError
-from cfsdeploy.tree import Hardlink, Inode, lookup
+from cfsdeploy.composefs import dumpfile
+from cfsdeploy.composefs.tree import Hardlink, Inode, lookup
+from cfsdeploy.util.errors import DumpfileError
 
 from .vectors import VALID
 
@@ -189,14 +190,14 @@ def test_lookup_finds_nested_entries() -> None:
 
 @pytest.mark.parametrize("vector", [v for v in VALID if v.strict], ids=lambda v: v.name)
 def test_external_digests_are_those_of_the_parsed_tree(vector) -> None:
-    from cfsdeploy.repository import objects_of
+    from cfsdeploy.repo.repository import objects_of
 
     assert dumpfile.external_digests(vector.data) == objects_of(dumpfile.parse(vector.data))
 
 
 @pytest.mark.parametrize("vector", [v for v in VALID if v.strict], ids=lambda v: v.name)
 def test_partial_parse_keeps_wanted_entries_ancestors_and_link_targets(vector) -> None:
-    from cfsdeploy.tree import walk
+    from cfsdeploy.composefs.tree import walk
 
     full = {p: e for p, e in walk(dumpfile.parse(vector.data))}
     wanted = sorted(full)[len(full) // 2:]

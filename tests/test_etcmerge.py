@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from cfsdeploy.checkout import checkout
-from cfsdeploy.errors import CfsError
-from cfsdeploy.etcmerge import EtcMergeError, MergeReport, merge_etc, merge_local, read_local
-from cfsdeploy.objects import ObjectStore
-from cfsdeploy.run import run
-from cfsdeploy.scan import scan
-from cfsdeploy.tree import Inode, lookup
+from cfsdeploy.composefs.objects import ObjectStore
+from cfsdeploy.composefs.scan import scan
+from cfsdeploy.composefs.tree import Inode, lookup
+from cfsdeploy.repo.checkout import checkout
+from cfsdeploy.sysroot.etcmerge import EtcMergeError, MergeReport, merge_etc, merge_local, read_local
+from cfsdeploy.util.errors import CfsError
+from cfsdeploy.util.run import run
 
 from .fstree import compare_trees, make_everything_tree
 
@@ -427,7 +427,7 @@ def test_a_directory_swapped_back_and_forth_during_merges_never_brings_in_a_file
     new = etc.commit(etc.new)
     # The user's side, in a process of its own: swap /etc/app and the symlink, endlessly.
     swapper = subprocess.Popen([sys.executable, "-c",
-                                "import sys\nfrom cfsdeploy.fsutil import exchange\n"
+                                "import sys\nfrom cfsdeploy.util.fsutil import exchange\n"
                                 "while True: exchange(sys.argv[1], sys.argv[2])",
                                 etc.local + b"/app", twin])
     refused = merged = 0
@@ -613,9 +613,9 @@ def test_unreadable_local_file_raises_a_typed_error_naming_it(etc: Etcs) -> None
     # Root reads everything; without the two DAC capabilities it is refused like anyone.
     code = (
         "import os, sys\n"
-        "from cfsdeploy.errors import CfsError\n"
-        "from cfsdeploy.etcmerge import EtcMergeError, merge_etc\n"
-        "from cfsdeploy.objects import ObjectStore\n"
+        "from cfsdeploy.util.errors import CfsError\n"
+        "from cfsdeploy.sysroot.etcmerge import EtcMergeError, merge_etc\n"
+        "from cfsdeploy.composefs.objects import ObjectStore\n"
         "a = [os.fsencode(x) for x in sys.argv[1:]]\n"
         "try:\n"
         "    merge_etc(None, a[0], None, ObjectStore(a[1]), a[2])\n"

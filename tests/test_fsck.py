@@ -8,10 +8,10 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from cfsdeploy import fsverity
 from cfsdeploy.cli import main
-from cfsdeploy.fsck import fsck
-from cfsdeploy.repository import Repository, image_digest_of
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import Repository, image_digest_of
 
 
 @pytest.fixture

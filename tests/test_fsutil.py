@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cfsdeploy.fsutil import UnsafePathError, open_beneath, open_beneath_walk, remove_tree
-from cfsdeploy.run import run
+from cfsdeploy.util.fsutil import UnsafePathError, open_beneath, open_beneath_walk, remove_tree
+from cfsdeploy.util.run import run
 
 
 def target(tmp_path: Path) -> Path:
@@ -64,7 +64,7 @@ def test_remove_tree_racing_a_directory_swapped_for_a_symlink_never_touches_the_
     link.symlink_to(outside)
     # The attacker, in a process of its own: swap tree/sub and the symlink, endlessly.
     swapper = subprocess.Popen([sys.executable, "-c",
-                                "import sys\nfrom cfsdeploy.fsutil import exchange\nwhile True:\n"
+                                "import sys\nfrom cfsdeploy.util.fsutil import exchange\nwhile True:\n"
                                 "    try: exchange(sys.argv[1], sys.argv[2])\n    except OSError: pass",
                                 tree / "sub", link])
     try:
@@ -117,7 +117,7 @@ def test_remove_tree_without_dac_capabilities_removes_a_directory_of_mode_0000(t
     (tree / "closed").chmod(0o000)
     # Root without DAC_OVERRIDE/DAC_READ_SEARCH is refused like the directory's owner.
     run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search",
-         sys.executable, "-c", "import sys\nfrom cfsdeploy.fsutil import remove_tree\nremove_tree(sys.argv[1])",
+         sys.executable, "-c", "import sys\nfrom cfsdeploy.util.fsutil import remove_tree\nremove_tree(sys.argv[1])",
          str(tree)])
     assert not os.path.lexists(tree)
 

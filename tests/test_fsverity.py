@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cfsdeploy import fsverity
-from cfsdeploy.errors import VerityError
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.util.errors import VerityError
 
 FSVERITY = shutil.which("fsverity")
 needs_tool = pytest.mark.skipif(

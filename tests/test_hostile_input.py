@@ -12,10 +12,10 @@ from typing import Iterator
 
 import pytest
 
-from cfsdeploy import lockfile
-from cfsdeploy.remote import RemoteError, list_remotes, normalize_url
-from cfsdeploy.repository import Repository
-from cfsdeploy.sysroot import Sysroot, SysrootError
+from cfsdeploy.remote.remotes import RemoteError, list_remotes, normalize_url
+from cfsdeploy.repo.repository import Repository
+from cfsdeploy.sysroot.layout import Sysroot, SysrootError
+from cfsdeploy.util import lockfile
 
 OS = "testos"
 

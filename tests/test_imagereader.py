@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cfsdeploy import erofs as E
-from cfsdeploy import imagereader
-from cfsdeploy.errors import ImageError
-from cfsdeploy.tree import INLINE_MAX, Hardlink, Inode, resolve, walk
+from cfsdeploy.composefs import erofs as E
+from cfsdeploy.composefs import imagereader
+from cfsdeploy.composefs.tree import INLINE_MAX, Hardlink, Inode, resolve, walk
+from cfsdeploy.util.errors import ImageError
 
 MKFS = shutil.which("mkfs.erofs") or next(
     (p for p in ("/usr/sbin/mkfs.erofs", "/usr/bin/mkfs.erofs") if os.path.exists(p)), None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cfsdeploy import dumpfile, erofs, imagereader, imagewriter
-from cfsdeploy.errors import ImageError
+from cfsdeploy.composefs import dumpfile, erofs, imagereader, imagewriter
+from cfsdeploy.util.errors import ImageError
 
 from .vectors import VALID
 

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from cfsdeploy import dumpfile, imagewriter
-from cfsdeploy.errors import CfsError
-from cfsdeploy.tree import S_IFCHR, S_IFREG, Inode, new_dir
+from cfsdeploy.composefs import dumpfile, imagewriter
+from cfsdeploy.composefs.tree import S_IFCHR, S_IFREG, Inode, new_dir
+from cfsdeploy.util.errors import CfsError
 
 from .vectors import BEFORE_1970, BEFORE_1970_SHA256, SHOULD_FAIL, VALID, Vector
 

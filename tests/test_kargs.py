@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cfsdeploy import kargs
-from cfsdeploy.kargs import KargsError, check, edit, param, split, value
+from cfsdeploy.boot import kargs
+from cfsdeploy.boot.kargs import KargsError, check, edit, param, split, value
 
 
 def test_words_split_at_whitespace_outside_double_quotes() -> None:

@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from cfsdeploy import dumpfile, fsverity, imagereader, imagewriter
-from cfsdeploy.mounts import mounted_composefs
-from cfsdeploy.objects import ObjectStore
-from cfsdeploy.scan import scan
+from cfsdeploy.composefs import dumpfile, fsverity, imagereader, imagewriter
+from cfsdeploy.composefs.mounts import mounted_composefs
+from cfsdeploy.composefs.objects import ObjectStore
+from cfsdeploy.composefs.scan import scan
 
 from .fstree import compare_trees
 

@@ -22,10 +22,9 @@ from typing import Iterator
 
 import pytest
 
-from cfsdeploy import mounts
-from cfsdeploy.erofs import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
-from cfsdeploy.errors import MountError
-from cfsdeploy.mounts import (
+from cfsdeploy.composefs import mounts
+from cfsdeploy.composefs.erofs import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
+from cfsdeploy.composefs.mounts import (
     attach_loop,
     can_mount,
     detach_loop,
@@ -34,7 +33,8 @@ from cfsdeploy.mounts import (
     mounted_composefs,
     unmount,
 )
-from cfsdeploy.run import run
+from cfsdeploy.util.errors import MountError
+from cfsdeploy.util.run import run
 
 from .fstree import DEPTH, MANY_ENTRIES, SPARSE_SIZE, compare_trees, make_everything_tree
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from cfsdeploy import fsverity
-from cfsdeploy.objects import ObjectStore
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.composefs.objects import ObjectStore
 
 
 @pytest.fixture

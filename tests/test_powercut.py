@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from cfsdeploy.run import run
+from cfsdeploy.util.run import run
 
 from . import powercut, vm
 from .test_vm import report

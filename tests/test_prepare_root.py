@@ -25,9 +25,9 @@ from typing import Iterator
 
 import pytest
 
-from cfsdeploy.checkout import checkout
-from cfsdeploy.repository import Repository, image_digest_of, manifest_of
-from cfsdeploy.tree import Inode, lookup
+from cfsdeploy.composefs.tree import Inode, lookup
+from cfsdeploy.repo.checkout import checkout
+from cfsdeploy.repo.repository import Repository, image_digest_of, manifest_of
 
 from .fstree import compare_trees
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from cfsdeploy.progress import Progress, human_bytes
+from cfsdeploy.util.progress import Progress, human_bytes
 
 
 class Tty(io.StringIO):

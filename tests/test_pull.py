@@ -10,11 +10,13 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from cfsdeploy import fsck, fsverity, remote, serve
 from cfsdeploy.cli import main
-from cfsdeploy.lockfile import LockedError
-from cfsdeploy.pull import PullError, PullOptions, pull
-from cfsdeploy.repository import (
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.remote import dumbhttp, remotes
+from cfsdeploy.remote.pull import PullError, PullOptions, pull
+from cfsdeploy.remote.transport import TransportError
+from cfsdeploy.repo import fsck
+from cfsdeploy.repo.repository import (
     RESUME_DIR,
     Repository,
     history,
@@ -23,7 +25,7 @@ from cfsdeploy.repository import (
     objects_of,
     read_file,
 )
-from cfsdeploy.transport import TransportError
+from cfsdeploy.util.lockfile import LockedError
 
 from .hostile import HostileServer
 from .nginx import Nginx
@@ -255,7 +257,7 @@ def test_pull_url_fetches_from_elsewhere_this_once_and_keeps_the_remote(tmp_path
     repo = client(tmp_path / "client", "file:///nonexistent/where/the/machine/finds/it")
     result = pull(repo, "origin", BRANCH, url=str(tmp_path / "mirror"))
     assert result.objects_fetched == 3 and read_file(repo, REF, "/usr/d0/f0") == files["usr/d0/f0"]
-    assert remote.get(repo, "origin").url == "file:///nonexistent/where/the/machine/finds/it"
+    assert remotes.get(repo, "origin").url == "file:///nonexistent/where/the/machine/finds/it"
 
 
 def test_cli_pull_url_names_the_mirror(tmp_path) -> None:
@@ -272,7 +274,7 @@ def test_pull_from_a_repository_packed_by_git_gc(tmp_path) -> None:
     src = tmp_path / "src"
     publish(src, tree)
     subprocess.run(["git", "--git-dir", str(src / "git"), "gc", "-q"], check=True)
-    serve.update_server_info(Repository(src))
+    dumbhttp.update_server_info(Repository(src))
     assert not [d for d in os.listdir(src / "git" / "objects") if len(d) == 2]
     repo = client(tmp_path / "client", str(src))
     result = pull(repo, "origin", BRANCH)
@@ -360,5 +362,5 @@ def test_remote_refs_survive_remote_add_of_another(tmp_path) -> None:
     publish(tmp_path / "src", tree_of(tmp_path, {"f": b"x"}))
     repo = client(tmp_path / "client", str(tmp_path / "src"))
     pull(repo, "origin", BRANCH)
-    remote.add(repo, "mirror", str(tmp_path / "src"), gpg_verify=False)
+    remotes.add(repo, "mirror", str(tmp_path / "src"), gpg_verify=False)
     assert repo.resolve(REF)

@@ -10,10 +10,11 @@ import pygit2
 import pytest
 from click.testing import CliRunner
 
-from cfsdeploy import serve, signing
 from cfsdeploy.cli import main
-from cfsdeploy.pull import BindingError, pull
-from cfsdeploy.repository import Repository, bindings, history
+from cfsdeploy.remote import dumbhttp
+from cfsdeploy.remote.pull import BindingError, pull
+from cfsdeploy.repo import signing
+from cfsdeploy.repo.repository import Repository, bindings, history
 
 from .pullkit import (  # noqa: F401  (fixtures)
     Key,
@@ -60,7 +61,7 @@ def unbound_head(src: Path, branch: str, key: Key) -> str:
     oid = repo.git.create_commit_with_signature(content, signing.sign(content.encode(), key.email,
                                                                       homedir=key.home))
     repo.git.references.create(f"refs/heads/{branch}", oid, force=True)
-    serve.update_server_info(repo)
+    dumbhttp.update_server_info(repo)
     assert bindings(repo.git[oid].message) == []
     return str(oid)
 
@@ -98,7 +99,7 @@ def test_a_commit_bound_to_several_branches_is_accepted_for_each(tmp_path, serve
     both = server.commit(tmp_path / "stable", STABLE, "for both", bind=["os/testing"],
                          sign_key=builder_key.email, gpg_homedir=builder_key.home).commit
     server.git.references.create("refs/heads/os/testing", both)  # the publisher promotes it
-    serve.update_server_info(server)
+    dumbhttp.update_server_info(server)
     repo = client(tmp_path / "client", url, key=builder_key)
     assert pull(repo, "origin", STABLE).commit == both
     assert pull(repo, "origin", "os/testing").commit == both
@@ -138,7 +139,7 @@ def test_the_history_below_the_head_may_hold_commits_made_for_other_branches(
     server = Repository(src)
     server.commit(tmp_path / "debug", "os/feature", "fork", parent=STABLE,
                   sign_key=builder_key.email, gpg_homedir=builder_key.home)
-    serve.update_server_info(server)
+    dumbhttp.update_server_info(server)
     repo = client(tmp_path / "client", url, key=builder_key)
     pull(repo, "origin", "os/feature")
     assert [c.branches for c in history(repo, "origin/os/feature")] == [["os/feature"], [STABLE]]

@@ -14,13 +14,15 @@ from pathlib import Path
 import pygit2
 import pytest
 
-from cfsdeploy import fsverity, imagewriter, serve, signing
-from cfsdeploy.dumpfile import dumps, parse
-from cfsdeploy.errors import CfsError
-from cfsdeploy.pull import DowngradeError, PullOptions, pull
-from cfsdeploy.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
-from cfsdeploy.transport import Limits
-from cfsdeploy.tree import Inode, walk
+from cfsdeploy.composefs import fsverity, imagewriter
+from cfsdeploy.composefs.dumpfile import dumps, parse
+from cfsdeploy.composefs.tree import Inode, walk
+from cfsdeploy.remote import dumbhttp
+from cfsdeploy.remote.pull import DowngradeError, PullOptions, pull
+from cfsdeploy.remote.transport import Limits
+from cfsdeploy.repo import signing
+from cfsdeploy.repo.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
+from cfsdeploy.util.errors import CfsError
 
 from . import hostile
 from .hostile import HostileServer
@@ -115,7 +117,7 @@ def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | No
         oid = src.git.create_commit_with_signature(content, signing.sign(content.encode(), key.email,
                                                                           homedir=key.home))
     src.git.references.create(f"refs/heads/{BRANCH}", oid, force=True)
-    serve.update_server_info(src)
+    dumbhttp.update_server_info(src)
     return str(oid)
 
 
@@ -277,7 +279,7 @@ def test_an_older_signed_commit_is_refused_as_a_downgrade(origin) -> None:
     src, server, repo = origin
     pull(repo, "origin", BRANCH, options=FAST)
     src.git.references.create(f"refs/heads/{BRANCH}", src.resolve(f"{BRANCH}~1").id, force=True)
-    serve.update_server_info(src)
+    dumbhttp.update_server_info(src)
     attempt(repo, DowngradeError, "refusing a downgrade")
     back = pull(repo, "origin", BRANCH, allow_downgrade=True, options=FAST)
     assert back.commit == str(src.resolve(BRANCH).id)
@@ -292,7 +294,7 @@ def test_a_commit_dated_before_the_current_one_is_refused(origin, builder_key) -
     oid = src.git.create_commit_with_signature(
         content, signing.sign(content.encode(), builder_key.email, homedir=builder_key.home))
     src.git.references.create(f"refs/heads/{BRANCH}", oid, force=True)
-    serve.update_server_info(src)
+    dumbhttp.update_server_info(src)
     attempt(repo, DowngradeError, "older than")
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from cfsdeploy import serve
-from cfsdeploy.repository import Repository
+from cfsdeploy.remote import dumbhttp
+from cfsdeploy.repo.repository import Repository
 
 from .pullkit import nginx, publish, write_files  # noqa: F401
 
@@ -28,7 +28,7 @@ def test_info_files_are_what_git_update_server_info_writes(tmp_path) -> None:
     repo = Repository(tmp_path / "src")
     git(os.path.join(repo.path, "git"), "tag", "-a", "-m", "release", "v1", "os/stable")
     git(os.path.join(repo.path, "git"), "gc", "-q")
-    serve.update_server_info(repo)
+    dumbhttp.update_server_info(repo)
     ours = read(repo, "info/refs"), read(repo, "objects/info/packs")
     git(os.path.join(repo.path, "git"), "update-server-info", "--force")
     assert ours == (read(repo, "info/refs"), read(repo, "objects/info/packs"))
@@ -41,7 +41,7 @@ def test_update_leaves_unchanged_files_alone(tmp_path) -> None:
     repo = Repository(tmp_path / "src")
     path = os.path.join(repo.path, "git", "info", "refs")
     before = os.stat(path).st_ino
-    serve.update_server_info(repo)
+    dumbhttp.update_server_info(repo)
     assert os.stat(path).st_ino == before
 
 

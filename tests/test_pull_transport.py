@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cfsdeploy.transport import Limits, NotFoundError, TransportError, open_transport
+from cfsdeploy.remote.transport import Limits, NotFoundError, TransportError, open_transport
 
 from .hostile import HostileServer
 

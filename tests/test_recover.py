@@ -12,9 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from cfsdeploy import admin, bootloader
-from cfsdeploy.bootloader import Plan, RepairKind
-from cfsdeploy.sysroot import Sysroot
+from cfsdeploy.boot import bootloader
+from cfsdeploy.boot.bootloader import Plan, RepairKind
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, boot_mount, commit_tree, make_os_tree
 

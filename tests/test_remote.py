@@ -9,11 +9,11 @@ import tomllib
 import pytest
 from click.testing import CliRunner
 
-from cfsdeploy import keyring, remote
 from cfsdeploy.cli import main
-from cfsdeploy.remote import Remote, RemoteError
-from cfsdeploy.repository import Repository
-from cfsdeploy.signing import SignatureError
+from cfsdeploy.remote import keyring, remotes
+from cfsdeploy.remote.remotes import Remote, RemoteError
+from cfsdeploy.repo.repository import Repository
+from cfsdeploy.repo.signing import SignatureError
 
 from .pullkit import builder_key, publish, stranger_key, write_files  # noqa: F401
 
@@ -33,56 +33,56 @@ def invoke(*args: str):
 
 
 def test_add_writes_a_table_to_config_toml_and_keeps_the_rest(repo) -> None:
-    remote.add(repo, "origin", "https://example.com/os/repo/", gpg_verify=False, branch="os/stable")
+    remotes.add(repo, "origin", "https://example.com/os/repo/", gpg_verify=False, branch="os/stable")
     assert config(repo) == {"core": {"repo-version": 1},
                             "remote": {"origin": {"url": "https://example.com/os/repo", "gpg-verify": False,
                                                   "require-binding": True, "branch": "os/stable"}}}
-    assert remote.get(repo, "origin") == Remote("origin", "https://example.com/os/repo", False, "os/stable")
+    assert remotes.get(repo, "origin") == Remote("origin", "https://example.com/os/repo", False, "os/stable")
 
 
 def test_a_plain_path_becomes_a_file_url(repo, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert remote.add(repo, "local", "some dir", gpg_verify=False).url == f"file://{tmp_path}/some%20dir"
+    assert remotes.add(repo, "local", "some dir", gpg_verify=False).url == f"file://{tmp_path}/some%20dir"
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/r", "http:///nohost", "file://otherhost/r",
                                  "http://example.com/r?x=1"])
 def test_add_refuses_urls_it_cannot_pull_from(repo, url) -> None:
     with pytest.raises(RemoteError):
-        remote.add(repo, "origin", url, gpg_verify=False)
+        remotes.add(repo, "origin", url, gpg_verify=False)
     assert "remote" not in config(repo)
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a/b", "a..b", "x.lock", "a b", "é"])
 def test_add_refuses_names_that_are_not_one_ref_component(repo, name) -> None:
     with pytest.raises(RemoteError, match="invalid remote name"):
-        remote.add(repo, name, "http://example.com", gpg_verify=False)
+        remotes.add(repo, name, "http://example.com", gpg_verify=False)
 
 
 def test_add_refuses_an_existing_name(repo) -> None:
-    remote.add(repo, "origin", "http://a.example", gpg_verify=False)
+    remotes.add(repo, "origin", "http://a.example", gpg_verify=False)
     with pytest.raises(RemoteError, match="exists"):
-        remote.add(repo, "origin", "http://b.example", gpg_verify=False)
-    assert remote.get(repo, "origin").url == "http://a.example"
+        remotes.add(repo, "origin", "http://b.example", gpg_verify=False)
+    assert remotes.get(repo, "origin").url == "http://a.example"
 
 
 def test_signature_checks_need_trusted_keys(repo) -> None:
     with pytest.raises(RemoteError, match="--gpg-import"):
-        remote.add(repo, "origin", "http://example.com")
+        remotes.add(repo, "origin", "http://example.com")
 
 
 def test_imported_keys_go_to_the_remote_keyring(repo, builder_key) -> None:  # noqa: F811
-    remote.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
-    path = remote.keyring_path(repo, "origin")
+    remotes.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
+    path = remotes.keyring_path(repo, "origin")
     assert path == os.path.join(repo.path, "remotes", "origin", "trusted.gpg")
-    [fpr] = remote.trusted_keys(repo, "origin")
+    [fpr] = remotes.trusted_keys(repo, "origin")
     listed = subprocess.run(["gpg", "--homedir", builder_key.home, "--with-colons", "--fingerprint",
                              builder_key.email], capture_output=True, text=True, check=True).stdout
     assert f"fpr:::::::::{fpr}:" in listed
 
 
 def test_no_gpg_agent_or_trustdb_is_left_in_the_repository(repo, builder_key) -> None:  # noqa: F811
-    remote.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
+    remotes.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
     assert os.listdir(os.path.join(repo.path, "remotes", "origin")) == ["trusted.gpg"]
 
 
@@ -91,7 +91,7 @@ def test_a_key_file_without_a_key_adds_no_remote(repo, tmp_path, content) -> Non
     bad = tmp_path / "bad.asc"
     bad.write_bytes(content)
     with pytest.raises(SignatureError, match="no OpenPGP public key"):
-        remote.add(repo, "origin", "http://example.com", key_files=[str(bad)])
+        remotes.add(repo, "origin", "http://example.com", key_files=[str(bad)])
     assert "remote" not in config(repo) and not os.path.exists(os.path.join(repo.path, "remotes", "origin"))
 
 
@@ -101,14 +101,14 @@ def test_a_secret_key_is_refused(repo, tmp_path, builder_key) -> None:  # noqa: 
         ["gpg", "--homedir", builder_key.home, "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
          "--armor", "--export-secret-keys", builder_key.email], capture_output=True, check=True).stdout)
     with pytest.raises(SignatureError, match="secret key"):
-        remote.add(repo, "origin", "http://example.com", key_files=[str(secret)])
+        remotes.add(repo, "origin", "http://example.com", key_files=[str(secret)])
 
 
 def test_keyring_verify_names_the_signer_and_refuses_strangers(tmp_path, builder_key, stranger_key) -> None:  # noqa: F811
     ring = str(tmp_path / "trusted.gpg")
     keyring.import_keys(ring, [builder_key.public])
     data = b"payload\n"
-    from cfsdeploy.signing import sign
+    from cfsdeploy.repo.signing import sign
 
     signer = keyring.verify(ring, data, sign(data, builder_key.email, homedir=builder_key.home))
     assert signer.username == "Builder <builder@example.com>" and signer.fingerprint in keyring.fingerprints(ring)
@@ -119,50 +119,50 @@ def test_keyring_verify_names_the_signer_and_refuses_strangers(tmp_path, builder
 
 
 def test_list_returns_remotes_by_name(repo) -> None:
-    remote.add(repo, "zeta", "http://z.example", gpg_verify=False)
-    remote.add(repo, "alpha", "http://a.example", gpg_verify=False)
-    assert [r.name for r in remote.list_remotes(repo)] == ["alpha", "zeta"]
+    remotes.add(repo, "zeta", "http://z.example", gpg_verify=False)
+    remotes.add(repo, "alpha", "http://a.example", gpg_verify=False)
+    assert [r.name for r in remotes.list_remotes(repo)] == ["alpha", "zeta"]
 
 
 def test_remove_forgets_settings_keys_and_remote_branches(repo, tmp_path, builder_key) -> None:  # noqa: F811
     tree = tmp_path / "tree"
     write_files(tree, {"f": b"x"})
     commit = repo.commit(tree, "b", "s").commit
-    remote.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
+    remotes.add(repo, "origin", "http://example.com", key_files=[builder_key.public])
     repo.git.references.create("refs/remotes/origin/b", commit)
-    remote.remove(repo, "origin")
+    remotes.remove(repo, "origin")
     assert "origin" not in config(repo).get("remote", {})
     assert not os.path.exists(os.path.join(repo.path, "remotes", "origin"))
     assert "refs/remotes/origin/b" not in repo.git.references
     assert "refs/remotes/origin" not in open(os.path.join(repo.path, "git", "info", "refs")).read()
     with pytest.raises(RemoteError, match="no remote named"):
-        remote.remove(repo, "origin")
+        remotes.remove(repo, "origin")
 
 
 def test_a_hand_edited_remote_with_wrong_types_is_a_clear_error(repo) -> None:
     with open(os.path.join(repo.path, "config.toml"), "a") as f:
         f.write('[remote.origin]\nurl = "http://x"\ngpg-verify = "yes"\n')
     with pytest.raises(RemoteError, match="gpg-verify \\(boolean\\)"):
-        remote.get(repo, "origin")
+        remotes.get(repo, "origin")
 
 
 def test_a_hand_edited_require_binding_must_be_a_boolean(repo) -> None:
     with open(os.path.join(repo.path, "config.toml"), "a") as f:
         f.write('[remote.origin]\nurl = "http://x"\nrequire-binding = "no"\n')
     with pytest.raises(RemoteError, match="require-binding \\(boolean, optional\\)"):
-        remote.get(repo, "origin")
+        remotes.get(repo, "origin")
 
 
 def test_a_remote_requires_bindings_unless_told_not_to(repo) -> None:
-    assert remote.add(repo, "new", "http://n.example", gpg_verify=False).require_binding
-    assert not remote.add(repo, "old", "http://o.example", gpg_verify=False, require_binding=False).require_binding
+    assert remotes.add(repo, "new", "http://n.example", gpg_verify=False).require_binding
+    assert not remotes.add(repo, "old", "http://o.example", gpg_verify=False, require_binding=False).require_binding
     assert config(repo)["remote"]["old"]["require-binding"] is False
 
 
 def test_a_remote_written_before_bindings_does_not_require_them(repo) -> None:
     with open(os.path.join(repo.path, "config.toml"), "a") as f:
         f.write('[remote.origin]\nurl = "http://x"\ngpg-verify = false\n')
-    assert remote.get(repo, "origin") == Remote("origin", "http://x", False, None, require_binding=False)
+    assert remotes.get(repo, "origin") == Remote("origin", "http://x", False, None, require_binding=False)
 
 
 def test_cli_remote_add_no_require_binding(repo) -> None:
@@ -184,7 +184,7 @@ def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
                         "plain\thttp://example.com/p\t-\tno gpg-verify, require-binding\n")
     r = invoke("remote", "remove", "--repo", repo.path, "plain")
     assert r.exit_code == 0 and r.output == "removed remote plain\n"
-    assert [x.name for x in remote.list_remotes(repo)] == ["origin"]
+    assert [x.name for x in remotes.list_remotes(repo)] == ["origin"]
 
 
 def test_cli_remote_errors_are_one_line(repo) -> None:

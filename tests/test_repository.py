@@ -9,17 +9,17 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from cfsdeploy import dumpfile, fsverity
 from cfsdeploy.cli import main
-from cfsdeploy.lockfile import LockedError
-from cfsdeploy.repository import (
+from cfsdeploy.composefs import dumpfile, fsverity
+from cfsdeploy.composefs.scan import scan
+from cfsdeploy.repo.repository import (
     Repository,
     RepositoryError,
     history,
     image_digest_of,
     trailers,
 )
-from cfsdeploy.scan import scan
+from cfsdeploy.util.lockfile import LockedError
 
 
 @pytest.fixture

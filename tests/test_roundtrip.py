@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from cfsdeploy import dumpfile, imagereader, imagewriter
-from cfsdeploy.tree import Inode, walk
+from cfsdeploy.composefs import dumpfile, imagereader, imagewriter
+from cfsdeploy.composefs.tree import Inode, walk
 
 from .vectors import BEFORE_1970, BEFORE_1970_DUMP, VALID, Vector
 

@@ -8,11 +8,11 @@ import subprocess
 
 import pytest
 
-from cfsdeploy import dumpfile, imagewriter
-from cfsdeploy.errors import TreeError
-from cfsdeploy.objects import ObjectStore
-from cfsdeploy.scan import scan
-from cfsdeploy.tree import Hardlink, digest_to_path
+from cfsdeploy.composefs import dumpfile, imagewriter
+from cfsdeploy.composefs.objects import ObjectStore
+from cfsdeploy.composefs.scan import scan
+from cfsdeploy.composefs.tree import Hardlink, digest_to_path
+from cfsdeploy.util.errors import TreeError
 
 
 def fsverity_digest(path) -> bytes:
@@ -107,7 +107,7 @@ def test_hardlink_primary_is_first_in_preorder_not_first_listed(tmp_path) -> Non
 
 
 def test_files_older_than_1970_keep_their_times_through_the_image(tmp_path) -> None:
-    from cfsdeploy import imagereader
+    from cfsdeploy.composefs import imagereader
 
     top = tmp_path / "t"
     (top / "d").mkdir(parents=True)

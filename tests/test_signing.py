@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from cfsdeploy.repository import Repository, verify_commit
-from cfsdeploy.signing import SignatureError, issuer
+from cfsdeploy.repo.repository import Repository, verify_commit
+from cfsdeploy.repo.signing import SignatureError, issuer
 
 from .pullkit import drop_key, make_key
 

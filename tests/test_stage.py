@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cfsdeploy import admin, staged
-from cfsdeploy.deployment import Origin
-from cfsdeploy.errors import CommandError
-from cfsdeploy.sysroot import staged_status
+from cfsdeploy.sysroot import admin, staged
+from cfsdeploy.sysroot.deployment import Origin
+from cfsdeploy.sysroot.layout import staged_status
+from cfsdeploy.util.errors import CommandError
 
 from .sysroots import BRANCH, OS, commit_tree, make_os_tree
 from .test_deploy import aside, booted_into, cli, deploy, entries_files, machine, names, new_version  # noqa: F401

@@ -17,8 +17,8 @@ from typing import Callable
 
 import pytest
 
-from cfsdeploy import admin
-from cfsdeploy.repository import prune
+from cfsdeploy.repo.repository import prune
+from cfsdeploy.sysroot import admin
 
 from .sysroots import OS, commit_tree
 from .test_deploy import booted_into, deploy, machine, new_version  # noqa: F401

@@ -8,12 +8,12 @@ import tarfile
 
 import pytest
 
-from cfsdeploy import dumpfile
-from cfsdeploy.errors import TreeError
-from cfsdeploy.objects import ObjectStore
-from cfsdeploy.repository import Repository, manifest_of
-from cfsdeploy.scan import scan
-from cfsdeploy.tarscan import scan_tar
+from cfsdeploy.composefs import dumpfile
+from cfsdeploy.composefs.objects import ObjectStore
+from cfsdeploy.composefs.scan import scan
+from cfsdeploy.composefs.tarscan import scan_tar
+from cfsdeploy.repo.repository import Repository, manifest_of
+from cfsdeploy.util.errors import TreeError
 
 from .fstree import tar_with
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cfsdeploy.tomlfile import dumps
+from cfsdeploy.util.tomlfile import dumps
 
 keys = st.text(min_size=1, max_size=12)
 scalars = st.one_of(st.booleans(), st.integers(min_value=-2**63, max_value=2**63 - 1), st.text(max_size=30))

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from cfsdeploy import admin, remote
-from cfsdeploy.deployment import Origin
-from cfsdeploy.pull import BindingError, DowngradeError
-from cfsdeploy.sysroot import Sysroot, SysrootError
+from cfsdeploy.remote import remotes
+from cfsdeploy.remote.pull import BindingError, DowngradeError
+from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deployment import Origin
+from cfsdeploy.sysroot.layout import Sysroot, SysrootError
 
 from .pullkit import builder_key, nginx, publish, serve_branch_as  # noqa: F401  (fixtures)
 from .sysroots import OS, ROOT_KARGS, boot_mount, entries_read_as_meant, make_os_tree
@@ -30,7 +31,7 @@ def fleet(tmp_path, builder_key):  # noqa: F811
     root = tmp_path / "machine"
     with boot_mount(root / "boot"):
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
-        remote.add(s.repo, "origin", f"file://{server}", key_files=[builder_key.public], branch=BRANCH)
+        remotes.add(s.repo, "origin", f"file://{server}", key_files=[builder_key.public], branch=BRANCH)
         yield SimpleNamespace(sysroot=s, tree=tree, server=server, root=root, tmp=tmp_path, key=builder_key)
         entries_read_as_meant(Sysroot(str(root)), OS)
 
@@ -133,7 +134,7 @@ def test_server_going_back_in_time_is_refused(fleet) -> None:
 
 def test_upgrade_refuses_a_head_made_for_another_branch(fleet, nginx) -> None:  # noqa: F811
     os.symlink(fleet.server, nginx.root / "bound")
-    remote.add(fleet.sysroot.repo, "web", nginx.url("bound"), key_files=[fleet.key.public])
+    remotes.add(fleet.sysroot.repo, "web", nginx.url("bound"), key_files=[fleet.key.public])
     admin.upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "web"))
     fleet.sysroot = booted(fleet)
     before = fleet.sysroot.state(OS).deployments
@@ -180,7 +181,7 @@ def cli(f, *args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_journey_over_nginx(fleet, nginx) -> None:  # noqa: F811
     """switch, upgrade --check (exit 77 when nothing is new), upgrade, status, rollback."""
     os.symlink(fleet.server, nginx.root / "repo")
-    remote.add(fleet.sysroot.repo, "web", nginx.url("repo"), key_files=[fleet.key.public], branch=BRANCH)
+    remotes.add(fleet.sysroot.repo, "web", nginx.url("repo"), key_files=[fleet.key.public], branch=BRANCH)
     (fleet.tmp / "cmdline").write_text("")
     p = cli(fleet, "switch", f"web:{BRANCH}")
     assert p.returncode == 0, p.stderr

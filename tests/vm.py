@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from cfsdeploy import fsverity, lockfile
-from cfsdeploy.errors import CommandError
-from cfsdeploy.run import run, which
+from cfsdeploy.composefs import fsverity
+from cfsdeploy.util import lockfile
+from cfsdeploy.util.errors import CommandError
+from cfsdeploy.util.run import run, which
 
 from .pullkit import Key, drop_key, make_key
 

@@ -1,0 +1,635 @@
+"""Boot Loader Specification Type #1 entries, kernels in the boot directory, and the switch.
+
+    BOOT/loader/entries/cfsdeploy-<os>-<n>[+<left>[-<done>]].conf
+    BOOT/cfsdeploy/<os>/<kver>-<12 hex of sha256(kernel+initramfs)>/{vmlinuz,initramfs.img,complete}
+    SYSROOT/cfsdeploy/boot-switch.json      the switch in progress (removed when done)
+
+An os's deployments are its entries in order of <n>, highest first: the highest is the
+default, the next the rollback.  GRUB sorts entries by file name (read as a version,
+descending) and systemd-boot by `sort-key` ascending then `version` descending; all of
+an os's entries share one sort-key and carry <n> as version, so both agree.
+
+The boot directory is usually a vfat ESP: no journal, and Linux writes a change's
+FAT sectors and directory sectors back in no set order.  So nothing here relies on
+a rename (a torn one leaves two names on the same clusters); every step is made
+durable (syncfs) before the next one starts, and each step is one whose partial
+writes still leave a bootable directory:
+
+  1. a kernel directory is written under its final name, made durable, then marked
+     `complete` (an empty file: a name and no clusters); no entry names it before;
+  2. the switch is recorded on the sysroot (journaled) before the boot directory
+     changes, so an interrupted one is finished by recover();
+  3. new entry files get numbers above every existing one and are written default
+     first: once the default's file is on disk it wins, before that the old
+     default still does;
+  4. only when all new files are durable do replaced entries go, names first while
+     the files are held open, then their clusters (remove_durably);
+  5. kernel directories no entry names go last, the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import unicodedata
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import BinaryIO, Iterable
+
+from ..util.errors import CfsError
+from ..util.fsutil import atomic_write_bytes, fsync_dir, syncfs
+from . import kargs
+
+ENTRIES = "loader/entries"
+STAGED = "loader/entries.staged"  # what switches of older versions left
+KERNEL = "vmlinuz"
+INITRAMFS = "initramfs.img"
+MAX_TRIES = 99
+
+# Names that become paths and entry text.  '-' is kept out of os names: GRUB reads entry
+# file names as name-version-release.
+OS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
+# A kernel version: a /usr/lib/modules/<kver> directory of a commit, then part of the
+# kernel directory's name and of the entry's linux and initrd lines.
+KVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+KERNEL_DIR = re.compile(r"(?P<kver>[A-Za-z0-9][A-Za-z0-9._+~-]{0,127})-[0-9a-f]{12}")
+# Loose, so that every entry of an os is seen as its own (and checked, see _check_entry).
+_ENTRY_NAME = re.compile(r"cfsdeploy-(?P<os>[A-Za-z0-9_.]+)-(?P<n>\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf")
+_KEYS = ("title", "version", "sort-key", "linux", "initrd", "options")
+MAX_ENTRY = 64 << 10
+MAX_TITLE = 200
+# What a line of an entry never holds: control characters (a newline would start a
+# line of its own) and the line separators Python's str.splitlines() would cut at.
+NOT_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class BootError(CfsError):
+    pass
+
+
+def check_kver(name: str) -> str:
+    """A kernel version fit to name a directory and to go into entries, or BootError."""
+    if not KVER.fullmatch(name) or ".." in name:
+        raise BootError(f"invalid kernel version {name!r} (letters, digits and ._+~-, "
+                        "at most 128, no '..')")
+    return name
+
+
+def clean_title(text: str) -> str:
+    """Text from a commit (os-release, its version) made fit for an entry's title line."""
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    return " ".join(text.split())[:MAX_TITLE]
+
+
+class Kind(str, Enum):
+    ENTRY = "entry"          # a boot entry of the os
+    STAGED = "staged"        # the staged record
+    ASIDE = "aside"          # a damaged record set aside
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A record read from disk that failed its checks: reported, never acted on.
+    Whatever deployment or kernel its bytes might name is kept while it exists."""
+    kind: Kind
+    path: str
+    reason: str
+    data: bytes
+
+    def mentions(self, names: Iterable[str]) -> set[str]:
+        return {n for n in names if n.encode() in self.data}
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    os: str
+    index: int
+    title: str
+    linux: str
+    initrd: str
+    options: str
+    # systemd-boot's boot counting: tries left and tries done (None: not counting).
+    tries_left: int | None = None
+    tries_done: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"cfsdeploy-{self.os}-{self.index}"
+
+    @property
+    def sort_key(self) -> str:
+        return f"cfsdeploy-{self.os}"
+
+    @property
+    def filename(self) -> str:
+        suffix = ""
+        if self.tries_left is not None:
+            suffix = f"+{self.tries_left}"
+            if self.tries_done is not None:
+                suffix += f"-{self.tries_done}"
+        return f"{self.id}{suffix}.conf"
+
+    @property
+    def failed(self) -> bool:
+        """The loader used up its tries: it will boot this entry only when asked to."""
+        return self.tries_left == 0
+
+    def option(self, key: str) -> str | None:
+        """The value of `key=` as the kernel and the initramfs read the options."""
+        return kargs.value(kargs.split(self.options), key)
+
+    def fields(self) -> dict[str, str]:
+        """The entry's lines, in the order written: `linux` last, since a file cut short
+        by a crash then lacks it, and loaders skip it."""
+        return {"title": self.title, "version": str(self.index), "sort-key": self.sort_key,
+                "options": self.options, "initrd": self.initrd, "linux": self.linux}
+
+    def render(self) -> bytes:
+        """The entry file; BootError for a field that would not parse back as it is."""
+        _check_entry(self.filename, self.fields())
+        return "".join(f"{k} {v}\n" for k, v in self.fields().items()).encode()
+
+
+def _check_entry(filename: str, fields: dict[str, str]) -> None:
+    """The checks an entry passes both ways, written and read: plain lines, paths in
+    the boot directory, options the kernel reads as they are meant."""
+    m = _ENTRY_NAME.fullmatch(filename)
+    if m is None or not OS_NAME.fullmatch(m["os"]) or any(len(n or "") > 9 for n in m.group("n", "left", "done")):
+        raise BootError(f"{filename!r}: not a cfsdeploy boot entry name")
+    for k, v in fields.items():
+        if NOT_TEXT.search(v) or v != v.strip() or not v:
+            raise BootError(f"{filename}: its {k} line {v!r} is empty, or not one plain line")
+    if len(fields["title"]) > MAX_TITLE:
+        raise BootError(f"{filename}: its title is longer than {MAX_TITLE} characters")
+    if fields["version"] != str(int(m["n"])) or fields["sort-key"] != f"cfsdeploy-{m['os']}":
+        raise BootError(f"{filename}: its version or sort-key is not the one of its name")
+    for k in ("linux", "initrd"):
+        if not _BOOT_PATH.fullmatch(fields[k]) or "/../" in fields[k] + "/":
+            raise BootError(f"{filename}: its {k} {fields[k]!r} is not a plain path in the boot directory")
+    options = fields["options"]
+    if options.count('"') % 2 or len(options) > kargs.MAX_LINE:
+        raise BootError(f"{filename}: its options have an unbalanced quote, or are longer "
+                        f"than {kargs.MAX_LINE} characters")
+
+
+_BOOT_PATH = re.compile(r"(?:/[A-Za-z0-9._+~-]+)+")
+
+
+def parse_entry(filename: str, data: bytes) -> BootEntry:
+    """An entry as cfsdeploy writes it, or BootError: a damaged entry is never half-read."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise BootError(f"{filename}: not UTF-8") from None
+    fields: dict[str, str] = {}
+    # Lines end at '\n' only, as systemd-boot and GRUB read them.
+    for line in text.split("\n"):
+        if not line.strip(" ") or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key not in _KEYS:
+            raise BootError(f"{filename}: unexpected line {line[:80]!r}")
+        if key in fields:
+            raise BootError(f"{filename}: two {key} lines")
+        fields[key] = value.strip(" ")
+    missing = [k for k in _KEYS if k not in fields]
+    if missing:
+        raise BootError(f"{filename}: missing {', '.join(missing)}")
+    _check_entry(filename, fields)
+    m = _ENTRY_NAME.fullmatch(filename)
+    assert m is not None
+    return BootEntry(os=m["os"], index=int(m["n"]), title=fields["title"], linux=fields["linux"],
+                     initrd=fields["initrd"], options=fields["options"],
+                     tries_left=int(m["left"]) if m["left"] is not None else None,
+                     tries_done=int(m["done"]) if m["done"] is not None else None)
+
+
+def entry_os(filename: str) -> str | None:
+    m = _ENTRY_NAME.fullmatch(filename)
+    return m["os"] if m else None
+
+
+def read_record(path: str, limit: int = MAX_ENTRY) -> bytes:
+    """A small regular file's bytes, never through a symlink; BootError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BootError(f"{path}: cannot be read ({os.strerror(e.errno or 0)})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BootError(f"{path}: not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BootError(f"{path}: larger than {limit} bytes")
+    return data
+
+
+def read_entries(boot: str, os_name: str) -> list[BootEntry]:
+    """The os's entries that parse, in boot order (default first)."""
+    return scan_entries(boot, os_name)[0]
+
+
+def scan_entries(boot: str, os_name: str) -> tuple[list[BootEntry], list[Damaged]]:
+    """The os's entries in boot order (default first), and those that failed to parse
+    or share their number with another (which of them boots is the loader's guess)."""
+    directory = os.path.join(boot, ENTRIES)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return [], []
+    out: list[BootEntry] = []
+    damaged = []
+    for name in names:
+        if entry_os(name) != os_name:
+            continue
+        path = os.path.join(directory, name)
+        data = b""
+        try:
+            data = read_record(path)
+            out.append(parse_entry(name, data))
+        except BootError as e:
+            damaged.append(Damaged(Kind.ENTRY, path, str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: "), data))
+    numbers = [e.index for e in out]
+    for twin in [e for e in out if numbers.count(e.index) > 1]:
+        out.remove(twin)
+        damaged.append(Damaged(Kind.ENTRY, os.path.join(directory, twin.filename),
+                               f"another entry has its number {twin.index}", twin.render()))
+    out.sort(key=lambda e: e.index, reverse=True)
+    return out, damaged
+
+
+def number(entries: Iterable[BootEntry], existing: Iterable[BootEntry] = (), above: int = 0) -> list[BootEntry]:
+    """Number entries given in boot order so the first gets the highest number.
+
+    An entry already on disk (in `existing`) keeps its file (number, boot counter)
+    when its text is unchanged and its number still sorts above the entry after it;
+    every other one gets a number above `above` and all that exist, so new files
+    never collide with the ones they replace, and the first one written (the
+    default) takes over the boot at once (see switch_entries)."""
+    entries = list(entries)
+    on_disk = {e.filename: e for e in existing}
+    top = max([above, *(e.index for e in on_disk.values())])
+    out: list[BootEntry] = []
+    floor = 0
+    for e in reversed(entries):
+        if not (e.index > floor and on_disk.get(e.filename) == e):
+            top += 1
+            e = replace(e, index=top)
+        floor = e.index
+        out.append(e)
+    return out[::-1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A switch of an os's entries, as recorded before it starts: the files to
+    write, default first, and the entries (by id) to remove once they are durable."""
+    os: str
+    write: list[tuple[str, bytes]]
+    remove: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return {"os": self.os, "write": [[n, d.decode()] for n, d in self.write], "remove": self.remove}
+
+    @classmethod
+    def parse(cls, data: bytes) -> Plan:
+        """A plan read back from disk, checked before anything is done with it."""
+        try:
+            doc = json.loads(data)
+            os_name, write, remove = doc["os"], doc["write"], doc["remove"]
+            if not (isinstance(os_name, str) and isinstance(write, list) and isinstance(remove, list)):
+                raise TypeError
+            plan = cls(os_name, [(str(n), str(d).encode()) for n, d in write], [str(i) for i in remove])
+        except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+            raise BootError("not a boot-entry switch record") from None
+        for name, text in plan.write:
+            if entry_os(name) != plan.os:
+                raise BootError(f"switch record names {name!r}, not an entry of os {plan.os!r}")
+            parse_entry(name, text)
+        for id_ in plan.remove:
+            if entry_os(id_ + ".conf") != plan.os:
+                raise BootError(f"switch record removes {id_!r}, not an entry of os {plan.os!r}")
+        return plan
+
+
+class RepairKind(Enum):
+    FINISHED_SWITCH = "finished-switch"      # an interrupted switch of entries, completed
+    REMOVED_LEFTOVER = "removed-leftover"    # what an interrupted older switch left
+    DAMAGED_RECORD = "damaged-record"        # a switch record that does not parse, set aside
+    SUSPECT_LEFTOVER = "suspect-leftover"    # a leftover that may share clusters: left for fsck
+    REINSTALLED_KERNEL = "reinstalled-kernel"  # an entry's kernel or initramfs was missing or torn
+    BROKEN_KERNEL = "broken-kernel"          # ... and could not be put back
+
+
+@dataclass(frozen=True)
+class Repair:
+    kind: RepairKind
+    path: str
+    detail: str = ""
+
+
+def entry_files(boot: str, os_name: str) -> dict[str, str]:
+    """The os's entry files by entry id (its name without the boot counter), whatever
+    their content."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(os.path.join(boot, ENTRIES)):
+            if entry_os(name) == os_name:
+                out[_id(name)] = name
+    return out
+
+
+def switch_entries(boot: str, os_name: str, entries: list[BootEntry], record: str) -> list[BootEntry]:
+    """Make `entries` (in boot order) the os's whole set of boot entries; returns them
+    numbered.  The plan is first made durable in `record` (on the sysroot, whose
+    journal orders what vfat does not), so that recover() completes an interrupted
+    switch; on the boot directory, the new files, default first, are durable before
+    any old one goes (see docs/architecture.md, "Writing the boot directory")."""
+    for e in entries:
+        if e.os != os_name:
+            raise BootError(f"entry {e.id} is not of os {os_name!r}")
+    files = entry_files(boot, os_name)
+    try:
+        current = read_entries(boot, os_name)
+    except BootError:
+        current = []
+    numbered = number(entries, current, above=max((_number_of(i) for i in files), default=0))
+    keep = {e.filename for e in numbered}
+    plan = Plan(os_name, [(e.filename, e.render()) for e in numbered if e not in current],
+                sorted(i for i, name in files.items() if name not in keep))
+    if not plan.write and not plan.remove:
+        return numbered
+    atomic_write_bytes(record, json.dumps(plan.to_json()).encode())
+    _carry_out(boot, plan, record)
+    return numbered
+
+
+def _carry_out(boot: str, plan: Plan, record: str) -> None:
+    """Apply a recorded plan and drop the record; where the boot directory is full,
+    undo what was written (nothing old is removed before every new file is there)."""
+    try:
+        _apply(boot, plan)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        present = entry_files(boot, plan.os)
+        remove_durably(boot, [os.path.join(boot, ENTRIES, present[i])
+                              for i in {_id(n) for n, _ in plan.write} if i in present])
+        os.unlink(record)
+        fsync_dir(os.path.dirname(record))
+        raise BootError(f"boot directory {boot} is full: cannot write boot entries") from None
+    os.unlink(record)
+    fsync_dir(os.path.dirname(record))
+
+
+def _id(filename: str) -> str:
+    m = _ENTRY_NAME.fullmatch(filename)
+    assert m is not None
+    return f"cfsdeploy-{m['os']}-{m['n']}"
+
+
+def _number_of(entry_id: str) -> int:
+    return int(entry_id.rsplit("-", 1)[1])
+
+
+def _apply(boot: str, plan: Plan) -> None:
+    """Carry out a plan, or finish one a crash interrupted: files already written
+    whole are kept (whatever boot counting renamed them to), torn ones rewritten."""
+    directory = os.path.join(boot, ENTRIES)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        syncfs(boot)
+    present = entry_files(boot, plan.os)
+    pending, torn = [], []
+    for name, data in plan.write:
+        have = present.get(_id(name))
+        if have is None or _read(os.path.join(directory, have)) != data:
+            pending.append((name, data))
+            if have is not None:
+                torn.append(os.path.join(directory, have))
+    remove_durably(boot, torn)
+    for name, data in pending:
+        _write_synced(os.path.join(directory, name), data)
+    syncfs(boot)
+    present = entry_files(boot, plan.os)
+    remove_durably(boot, [os.path.join(directory, present[i]) for i in plan.remove if i in present])
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return None
+
+
+def recover(boot: str, record: str) -> list[Repair]:
+    """Finish what an interrupted switch left (call under the lock): the switch
+    recorded in `record`, and the staging directory of older versions."""
+    repairs = []
+    leftover = os.path.join(boot, STAGED)
+    if os.path.isdir(leftover) and not os.path.islink(leftover):
+        ours = os.path.join(boot, ENTRIES)
+        if _listing(leftover) == _listing(ours):
+            # Both names may hold the same clusters after a torn exchange on vfat:
+            # removing one would free the other's files.  fsck.vfat sorts it out.
+            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover,
+                                  f"same files as {ours}: check the boot filesystem with fsck.vfat"))
+        else:
+            remove_durably(boot, _tree(leftover))
+            repairs.append(Repair(RepairKind.REMOVED_LEFTOVER, leftover))
+    try:
+        with open(record, "rb") as f:
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        return repairs
+    try:
+        plan = Plan.parse(data)
+    except BootError as e:
+        aside = record + ".damaged"
+        os.replace(record, aside)
+        fsync_dir(os.path.dirname(record))
+        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, str(e))]
+    _carry_out(boot, plan, record)
+    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES),
+                             f"os {plan.os}: {len(plan.write)} written, {len(plan.remove)} removed")]
+
+
+def needs_recovery(boot: str, record: str) -> bool:
+    """Whether recover() has anything to do (a cheap look, without the lock)."""
+    return os.path.lexists(record) or os.path.lexists(os.path.join(boot, STAGED))
+
+
+def _listing(directory: str) -> list[tuple[str, bytes | None]]:
+    try:
+        return sorted((n, _read(os.path.join(directory, n))) for n in os.listdir(directory))
+    except OSError:
+        return []
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Create a file and make it durable: on vfat, fsync writes its data, then its
+    directory entry, then its clusters in the FAT."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tree(top: str) -> list[str]:
+    """Every path below and including top, children before their directory; symlinks
+    are names to remove, never followed."""
+    if not stat.S_ISDIR(os.lstat(top).st_mode):
+        return [top]
+    out = []
+    with os.scandir(top) as it:
+        for d in it:
+            if d.is_dir(follow_symlinks=False):
+                out += _tree(d.path)
+            else:
+                out.append(d.path)
+    return out + [top]
+
+
+def remove_durably(boot: str, paths: list[str]) -> None:
+    """Remove files and directories (children listed before their directory) from the
+    boot filesystem so that at every instant each is either there whole or unnamed.
+
+    vfat frees a removed file's clusters in the FAT and drops its name from its
+    directory in one writeback, in no set order: a name that reaches the disk after
+    its clusters were freed (and perhaps given to a new file) is what broke ESPs.
+    So the names go first, each file held open so its clusters stay allocated, and
+    are made durable; only then are the files closed and their clusters freed."""
+    if not paths:
+        return
+    held = []
+    try:
+        for p in paths:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(p)
+                continue
+            held.append(os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p)
+            else:
+                os.unlink(p)
+        syncfs(boot)
+    finally:
+        for fd in held:
+            os.close(fd)
+    syncfs(boot)
+
+
+# --- kernels ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel and initramfs installed in the boot directory."""
+    os: str
+    dirname: str          # <kver>-<12 hex>
+
+    @property
+    def relpath(self) -> str:
+        return f"cfsdeploy/{self.os}/{self.dirname}"
+
+    @property
+    def linux(self) -> str:
+        return f"/{self.relpath}/{KERNEL}"
+
+    @property
+    def initrd(self) -> str:
+        return f"/{self.relpath}/{INITRAMFS}"
+
+
+def kernel_of(entry: BootEntry) -> Kernel | None:
+    m = re.fullmatch(r"/cfsdeploy/([^/]+)/([^/]+)/" + re.escape(KERNEL), entry.linux)
+    if m is None or not OS_NAME.fullmatch(m[1]) or not KERNEL_DIR.fullmatch(m[2]):
+        return None
+    return Kernel(m[1], m[2])
+
+
+COMPLETE = "complete"
+
+
+def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initramfs: BinaryIO) -> Kernel:
+    """Copy a kernel and its initramfs into the boot directory, once per distinct pair."""
+    h = hashlib.sha256()
+    need = 0
+    for f in (kernel, initramfs):
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            need += len(chunk)
+    k = Kernel(os_name, f"{kver}-{h.hexdigest()[:12]}")
+    dest = os.path.join(boot, k.relpath)
+    if kernel_complete(boot, k):
+        return k
+    if os.path.lexists(dest):  # torn by a crash: no entry can name it yet
+        remove_durably(boot, _tree(dest))
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    st = os.statvfs(parent)
+    if st.f_bavail * st.f_frsize < need + (1 << 16):
+        free = st.f_bavail * st.f_frsize
+        raise BootError(f"boot directory {boot} is full: the kernel and initramfs need "
+                        f"{need} bytes, {free} are free (try `cfsdeploy cleanup`)")
+    try:
+        os.mkdir(dest)
+        for f, name in ((kernel, KERNEL), (initramfs, INITRAMFS)):
+            f.seek(0)
+            with open(os.path.join(dest, name), "xb") as out:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        syncfs(boot)
+        _write_synced(os.path.join(dest, COMPLETE), b"")
+        syncfs(boot)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            remove_durably(boot, _tree(dest))
+        if e.errno == errno.ENOSPC:
+            raise BootError(f"boot directory {boot} is full: cannot install kernel {kver} "
+                            "(try `cfsdeploy cleanup`)") from None
+        raise
+    return k
+
+
+def kernel_complete(boot: str, k: Kernel) -> bool:
+    """Whether the kernel directory was written whole; one from an older version
+    (which renamed it into place whole) is checked against its name once and marked."""
+    dest = os.path.join(boot, k.relpath)
+    if os.path.isfile(os.path.join(dest, COMPLETE)):
+        return True
+    h = hashlib.sha256()
+    try:
+        for name in (KERNEL, INITRAMFS):
+            with open(os.path.join(dest, name), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    except OSError:
+        return False
+    if not k.dirname.endswith("-" + h.hexdigest()[:12]):
+        return False
+    _write_synced(os.path.join(dest, COMPLETE), b"")
+    syncfs(boot)
+    return True
+
+
+def remove_unused_kernels(boot: str, os_name: str, keep: Iterable[Kernel]) -> list[str]:
+    """Remove the os's kernel directories (and staging leftovers) not in `keep`."""
+    keep_names = {k.dirname for k in keep if k.os == os_name}
+    top = os.path.join(boot, "cfsdeploy", os_name)
+    try:
+        removed = sorted(n for n in os.listdir(top) if n not in keep_names)
+    except FileNotFoundError:
+        return []
+    remove_durably(boot, [p for n in removed for p in _tree(os.path.join(top, n))])
+    return removed

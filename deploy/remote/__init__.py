@@ -1,0 +1,6 @@
+"""Remotes: where a repository gets commits from, and how a repository is served.
+
+remotes (REPO/config.toml [remote.NAME] and REPO/remotes/NAME/trusted.gpg), pull
+(signature, branch binding, every object checked before it enters), gitfetch and
+transport (git's dumb HTTP protocol over HTTP(S) and file://), keyring, dumbhttp
+(the git/info/refs index a static server needs).  Imports repo, composefs, util."""

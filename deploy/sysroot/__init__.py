@@ -1,0 +1,11 @@
+"""Machines: a sysroot's deployments and the operations on them.
+
+    SYSROOT/cfsdeploy/{config.toml,lock,staged.json,boot-switch.json,aside/}
+    SYSROOT/cfsdeploy/repo/                      the machine's repository
+    SYSROOT/cfsdeploy/deploy/<os>/var/           the os's /var
+    SYSROOT/cfsdeploy/deploy/<os>/<commit12>.<serial>/{deployment.json,etc/}
+
+layout (the Sysroot, its settings and state), deployment (the record), etcmerge
+(/etc 3-way merge), staged (deployments finalized at shutdown), booted (what the boot
+hook checked), admin (deploy, upgrade, rollback, undeploy, pin, kargs, cleanup,
+finalize, verity).  Imports boot, remote, repo, composefs, util."""

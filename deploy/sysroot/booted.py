@@ -1,0 +1,78 @@
+"""What protects the running boot: the boot hook's record of what it checked.
+
+hooks/cfsdeploy-prepare-root writes /run/cfsdeploy-booted once the root is
+prepared, one line:
+
+    deployment=/cfsdeploy/deploy/OS/NAME digest=HEX verity=require|try|off fs-verity=yes|no
+
+fs-verity=yes: the kernel measured the image, and overlayfs checks every file
+against the digest the image names when it is read.  fs-verity=no: the image's
+digest was computed once, at boot, and files are served as the disk holds them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..boot import kargs
+
+RECORD = "/run/cfsdeploy-booted"
+RECORD_ENV = "CFSDEPLOY_BOOTED"  # another record, for tests
+_KEYS = ("deployment", "digest", "verity", "fs-verity")
+
+
+@dataclass(frozen=True)
+class BootVerity:
+    verified: bool
+    why: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"verified": self.verified, "why": self.why}
+
+
+def _read_record(path: str) -> dict[str, str] | None:
+    """The record's fields; None if there is none; ValueError if it is damaged."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(e.strerror) from None
+    try:
+        fields = dict(word.split("=", 1) for word in data.decode().split())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("not KEY=VALUE words") from None
+    if sorted(fields) != sorted(_KEYS) or fields["fs-verity"] not in ("yes", "no"):
+        raise ValueError(f"expected {', '.join(k + '=' for k in _KEYS)}")
+    return fields
+
+
+def boot_verity(cmdline: list[str]) -> BootVerity:
+    """Whether the files of the running deployment are checked when read, and why (not)."""
+    path = os.environ.get(RECORD_ENV, RECORD)
+    own = kargs.own(cmdline)
+    mode = own.verity if own else "require"
+    try:
+        record = _read_record(path)
+    except ValueError as e:
+        return BootVerity(False, f"the boot hook's record {path} is damaged ({e}): what this boot checked is unknown")
+    if record is not None and own is not None and (record["deployment"], record["digest"]) == (
+            own.deployment, own.digest):
+        measured = record["fs-verity"] == "yes"
+    elif mode in ("require", "off"):
+        # Without a record (an older hook): require boots only a measured image.
+        measured = mode == "require"
+    else:
+        return BootVerity(False, f"cfsdeploy.verity=try, and the boot hook left no record ({path}) "
+                                 "that fs-verity was used")
+    if measured:
+        return BootVerity(True, "the kernel measured the image and checks every file as it is read "
+                                f"(cfsdeploy.verity={mode})")
+    if mode == "try":
+        return BootVerity(False, "cfsdeploy.verity=try: the image's digest was checked at boot, but files are "
+                                 "served as the disk holds them, edited or not (`cfsdeploy verity enable` "
+                                 "gives every object fs-verity and moves to require)")
+    return BootVerity(False, f"cfsdeploy.verity={mode}: the image's digest was checked at boot, but files are "
+                             "served as the disk holds them, edited or not")
