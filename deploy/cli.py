@@ -7,8 +7,9 @@ import json
 import os
 import stat
 import sys
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -266,7 +267,7 @@ def _open_repo(path: str) -> Repository:
 
 
 def _print_commit(info: CommitInfo, *, full: bool) -> None:
-    when = datetime.fromtimestamp(info.timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(info.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     click.echo(f"commit {info.id}")
     click.echo(f"Date:    {when}")
     if full:

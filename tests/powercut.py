@@ -37,9 +37,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from cfsdeploy.util.errors import CommandError
 from cfsdeploy.util.run import run

@@ -17,9 +17,10 @@ import shutil
 import stat
 import subprocess
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import pytest

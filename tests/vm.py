@@ -30,9 +30,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from cfsdeploy.composefs import fsverity
 from cfsdeploy.util import lockfile

@@ -37,9 +37,10 @@ import os
 import re
 import stat
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, syncfs

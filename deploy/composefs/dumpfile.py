@@ -12,8 +12,9 @@ but devices, and a symlink SIZE equal to its target's length.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import IO, Iterable
+from typing import IO
 
 from ..util.errors import DumpfileError, TreeError
 from .tree import (

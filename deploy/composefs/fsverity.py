@@ -20,7 +20,8 @@ import signal
 import stat
 import struct
 import threading
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from ..util.errors import VerityError
 from ..util.fsutil import data_extents

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable
 
 from ..util.errors import ImageError, TreeError
 from . import erofs as E

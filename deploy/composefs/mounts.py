@@ -16,9 +16,9 @@ import os
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ..util.errors import CommandError, MountError
 from ..util.run import run

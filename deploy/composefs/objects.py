@@ -18,7 +18,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..util.errors import CfsError
 from ..util.fsutil import copy_fd, fsync_dir, remove_tree, syncfs

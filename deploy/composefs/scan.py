@@ -23,9 +23,9 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from ..util.errors import CfsError, TreeError
 from . import fsverity

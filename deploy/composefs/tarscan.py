@@ -14,7 +14,8 @@ import os
 import re
 import stat
 import tarfile
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from ..util.errors import TreeError
 from . import fsverity

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gc
 import stat
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ..util.errors import TreeError
 

@@ -21,8 +21,9 @@ import os
 import re
 import tomllib
 import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..repo.repository import Repository, valid_ref_name
 from ..util import tomlfile

@@ -20,8 +20,8 @@ import threading
 import time
 import urllib.parse
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import __version__
 from ..util.errors import CfsError

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import wraps
-from typing import TYPE_CHECKING, Callable, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import pygit2
 
@@ -430,7 +431,7 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     name = deployment.next_name(c.id, os.listdir(os_dir))
     dep = Deployment(os=os_name, name=name, commit=c.id, image_digest=c.image_digest.hex(),
                      kernel_version=c.kver, kargs=new_kargs, origin=origin, version=c.version,
-                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                     created=datetime.now(UTC).isoformat(timespec="seconds"))
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=os_dir)
     report = _make_etc(sysroot, c, merge_dep, os.path.join(staging, "etc"))
     deployment.save(staging, dep)

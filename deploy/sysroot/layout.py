@@ -19,8 +19,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..boot import bootloader, kargs
 from ..boot.bootloader import BootEntry, Damaged, Kind

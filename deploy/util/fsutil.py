@@ -10,7 +10,7 @@ import fcntl
 import os
 import stat
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 FICLONE = 0x40049409
 

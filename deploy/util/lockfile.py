@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import CfsError
 

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import CommandError
 

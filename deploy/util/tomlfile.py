@@ -8,7 +8,7 @@ comments.  tomllib.loads(dumps(doc)) == doc for every document dumps accepts.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 Value = str | int | bool | list[str] | list[int] | list[bool]
 
