@@ -219,6 +219,7 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
     total = rounds * 9
     next_cut = time.monotonic() + rng.uniform(*spacing)
     kill_at: float | None = None
+    seen_begun = 0
     try:
         while True:
             if proc.poll() is not None:
@@ -235,6 +236,9 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
             now = time.monotonic()
             if time.monotonic() - started > timeout:
                 raise vm.VMError(f"the cut runner did not finish in {timeout} s:\n{vm.tail(text)}")
+            if begun > seen_begun:  # most of a command's writes come in its first seconds
+                seen_begun = begun
+                next_cut = min(next_cut, now + rng.uniform(0.2, 3.0))
             if kill_at is None and begun == total:
                 kill_at = now + rng.uniform(0, 30)
             if kill_at is not None and (now >= kill_at or "done" in kinds):
