@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import click
 from . import __version__
 from .boot.bootloader import Kind
 from .composefs import dumpfile, fsverity, imagewriter
-from .util.errors import CfsError
+from .util.errors import CfsError, HostError, NotFoundError
 from .util.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -31,11 +32,22 @@ if TYPE_CHECKING:
     from .util.progress import Progress
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
+    """One line on stderr, "cfsdeploy: MESSAGE (HINT)", and exit with code."""
+    if hint:
+        message = f"{message} ({hint})"
     # A hostile name's newline or escape sequence is shown escaped: one line stays one.
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     click.echo(f"cfsdeploy: {shown}", err=True)
     sys.exit(code)
+
+
+# The group (README, "Exit codes") of an OSError the library let through.
+_ERRNO_CODES = {
+    errno.ENOENT: NotFoundError.exit_code, errno.ENOTDIR: NotFoundError.exit_code,
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                     errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODEV), HostError.exit_code),
+}
 
 
 class Command(click.Command):
@@ -95,10 +107,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except CfsError as e:
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, e.hint)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            fail(f"{e.strerror or e}{where}")
+            fail(f"{e.strerror or e}{where}", _ERRNO_CODES.get(e.errno or 0, 1))
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -367,12 +379,12 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
     from .composefs.tree import Hardlink, lookup, walk
-    from .repo.repository import RepositoryError, manifest_of
+    from .repo.repository import RepositoryNotFoundError, manifest_of
 
     root = manifest_of(_open_repo(repo_path), rev)
     top = lookup(root, os.fsencode(path))
     if top is None:
-        raise RepositoryError(f"{path}: no such file in {rev}")
+        raise RepositoryNotFoundError(f"{path}: no such file in {rev}")
     prefix = os.fsencode(path).rstrip(b"/")
     node = top.target if isinstance(top, Hardlink) else top
     if node.children is None:

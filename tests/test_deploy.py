@@ -16,6 +16,7 @@ import pytest
 from cfsdeploy.boot import bootloader
 from cfsdeploy.boot.kargs import KargsError
 from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import RepositoryNotFoundError
 from cfsdeploy.sysroot import admin
 from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.layout import Sysroot, SysrootError, status
@@ -410,7 +411,7 @@ def snapshot(m) -> list[str]:
 
 
 def test_unknown_revision_is_a_clear_error(machine) -> None:
-    with pytest.raises(Exception, match="unknown revision 'nope'"):
+    with pytest.raises(RepositoryNotFoundError, match="unknown revision 'nope'"):
         deploy(machine, "nope")
 
 

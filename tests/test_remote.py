@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cfsdeploy.cli import main
 from cfsdeploy.remote import keyring, remotes
-from cfsdeploy.remote.remotes import Remote, RemoteError
+from cfsdeploy.remote.remotes import Remote, RemoteError, RemoteUsageError
 from cfsdeploy.repo.repository import Repository
 from cfsdeploy.repo.signing import SignatureError
 
@@ -67,8 +67,9 @@ def test_add_refuses_an_existing_name(repo) -> None:
 
 
 def test_signature_checks_need_trusted_keys(repo) -> None:
-    with pytest.raises(RemoteError, match="--gpg-import"):
+    with pytest.raises(RemoteUsageError, match="needs trusted keys") as info:
         remotes.add(repo, "origin", "http://example.com")
+    assert "--gpg-import" in (info.value.hint or "")
 
 
 def test_imported_keys_go_to_the_remote_keyring(repo, builder_key) -> None:  # noqa: F811

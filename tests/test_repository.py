@@ -19,6 +19,7 @@ from cfsdeploy.repo.repository import (
     image_digest_of,
     trailers,
 )
+from cfsdeploy.util.errors import TreeError
 from cfsdeploy.util.lockfile import LockedError
 
 
@@ -113,7 +114,7 @@ def test_orphan_and_explicit_parent(repo: Repository, tree) -> None:
 def test_bad_branch_name_and_missing_tree_move_no_ref(repo: Repository, tree, tmp_path) -> None:
     with pytest.raises(RepositoryError, match="invalid branch"):
         repo.commit(tree, "bad..name", "s")
-    with pytest.raises(Exception, match="cannot read tree"):
+    with pytest.raises(TreeError, match="cannot read tree"):
         repo.commit(tmp_path / "missing", "b", "s")
     assert repo.branch_head("b") is None
 
