@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .boot.bootloader import Kind
 from .composefs import dumpfile, fsverity, imagewriter
-from .util.errors import CfsError, HostError, NotFoundError
+from .util.errors import CfsError, HostError, IntegrityError, NotFoundError
 from .util.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
 @click.option("--quick", is_flag=True, help="Only check that every needed object exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
-    """Check commits, manifests, images and objects; exit 1 on any problem."""
+    """Check commits, manifests, images and objects; exit 4 on any problem."""
     from .repo.fsck import fsck
 
     report = fsck(_open_repo(repo_path), quick=quick)
@@ -449,7 +449,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
         click.echo(f"{report.commits} commits{history}, {report.objects_checked} objects verified: "
                    f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
     if not report.ok:
-        sys.exit(1)
+        sys.exit(IntegrityError.exit_code)
 
 
 @main.command()

@@ -195,7 +195,7 @@ def test_tag_and_refs(history_repo: Repository) -> None:
     out = cli("refs", "--repo", history_repo.path).output
     assert f"{first} refs/tags/v1" in out and "refs/heads/os/stable" in out
     again = cli("tag", "--repo", history_repo.path, "v1", "os/stable")
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_ls_lists_a_directory_and_recursively(history_repo: Repository) -> None:
@@ -218,14 +218,16 @@ def test_cat_reports_a_corrupt_object(history_repo: Repository, tree) -> None:
     path = history_repo.objects.path_of(digest)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
-        f.write(b"X")
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))  # a change whatever the random content was
     r = cli("cat", "--repo", history_repo.path, "os/stable", "/usr/bin/tool")
-    assert r.exit_code == 1 and "corrupt" in r.output
+    assert r.exit_code == 4 and "corrupt" in r.output
 
 
 def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
     r = cli("log", "--repo", history_repo.path, "nope")
-    assert r.exit_code == 1 and "unknown revision" in r.output
+    assert r.exit_code == 3 and "unknown revision" in r.output
 
 
 def test_recommit_of_an_unchanged_tree_restores_a_missing_image(repo: Repository, tree) -> None:
