@@ -85,7 +85,7 @@ def check_kver(name: str) -> str:
     """A kernel version fit to name a directory and to go into entries, or BootError."""
     if not KVER.fullmatch(name) or ".." in name:
         raise BootIntegrityError(f"invalid kernel version {name!r} (letters, digits and ._+~-, "
-                        "at most 128, no '..')")
+                                 "at most 128, no '..')")
     return name
 
 
@@ -183,7 +183,7 @@ def _check_entry(filename: str, fields: dict[str, str]) -> None:
     options = fields["options"]
     if options.count('"') % 2 or len(options) > kargs.MAX_LINE:
         raise BootIntegrityError(f"{filename}: its options have an unbalanced quote, or are longer "
-                        f"than {kargs.MAX_LINE} characters")
+                                 f"than {kargs.MAX_LINE} characters")
 
 
 _BOOT_PATH = re.compile(r"(?:/[A-Za-z0-9._+~-]+)+")

@@ -405,7 +405,7 @@ def measure_verity(fd: int) -> bytes:
     except OSError as e:
         if e.errno == errno.ENODATA:
             raise VerityHostError("cannot measure fs-verity: it is not enabled on this file "
-                              "(ENODATA)") from None
+                                  "(ENODATA)") from None
         raise VerityHostError(_explain(e, "measure fs-verity")) from None
     algorithm, size = _DIGEST_HEADER.unpack_from(buf)
     if algorithm != FS_VERITY_HASH_ALG_SHA256:

@@ -118,7 +118,7 @@ class _Reader:
             raise CorruptImageError("long xattr name prefixes are not supported")
         if self.blocks * E.BLKSIZ > n:
             raise CorruptImageError(f"image truncated: the superblock counts {self.blocks} blocks "
-                             f"({self.blocks * E.BLKSIZ} bytes) but the image has {n} bytes")
+                                    f"({self.blocks * E.BLKSIZ} bytes) but the image has {n} bytes")
         self.build_time = (build_time, build_nsec)
         self.meta = meta_blkaddr * E.BLKSIZ
         self.xattr_base = xattr_blkaddr * E.BLKSIZ
@@ -224,7 +224,7 @@ class _Reader:
         pos = raw.xattr_start + E.XATTR_IBODY_HEADER.size
         if pos + 4 * shared_count > end:
             raise CorruptImageError(f"{where}: {shared_count} shared xattrs do not fit its xattr area "
-                             f"of {raw.xattr_size} bytes")
+                                    f"of {raw.xattr_size} bytes")
         entries = [self._shared_entry(xid, where)
                    for xid in struct.unpack_from(f"<{shared_count}I", self.data, pos)]
         pos += 4 * shared_count
@@ -432,7 +432,7 @@ def read_image(data: bytes | bytearray | memoryview) -> Image:
             raw = r.inode(nid)
             if E.FILE_TYPE_OF_MODE[raw.type] != ftype:
                 raise CorruptImageError(f"{where}: file type {ftype} does not match inode nid {nid} "
-                                 f"(mode {raw.mode:#o})")
+                                        f"(mode {raw.mode:#o})")
             new = _node(r, raw)
             if new is None:
                 continue

@@ -144,7 +144,7 @@ def _parse(name: str, table: object, where: str) -> Remote:
         if branch is not None:
             check_branch(branch)
     except RemoteError as e:
-        raise RemoteError(f"{where}: remote {name!r}: {e}") from None
+        raise RemoteError(f"{where}: remote {name!r}: {e}", hint=e.hint) from None
     return Remote(name, url, verify, branch, binding)
 
 

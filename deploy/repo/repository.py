@@ -85,7 +85,7 @@ class CommitTextError(RepositoryError, UsageError):
     """User text cannot become part of a commit message."""
 
 
-class TrailerError(RepositoryError):
+class TrailerError(RepositoryError, IntegrityError):
     """A commit message's trailers are ambiguous."""
 
 

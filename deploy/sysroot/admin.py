@@ -169,10 +169,10 @@ def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
             try:
                 name = bootloader.check_kver(kver.decode("ascii", errors="replace"))
             except bootloader.BootError as e:
-                raise DeployError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
+                raise DeployUsageError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
             if initrd is None or not resolve(initrd).is_reg():
                 raise DeployUsageError(f"commit {cid[:12]} has a kernel {name} but no "
-                                  f"/usr/lib/modules/{name}/initramfs.img")
+                                       f"/usr/lib/modules/{name}/initramfs.img")
             return name, kernel, resolve(initrd)
     raise DeployUsageError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
 
@@ -202,7 +202,7 @@ def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool
                               max_version=c.image_format).image
     if fsverity.digest_bytes(built) != c.image_digest:
         raise DeployIntegrityError(f"commit {c.id[:12]}: its manifest does not give the image its "
-                          "Composefs-Digest names; refusing to deploy it")
+                                   "Composefs-Digest names; refusing to deploy it")
     with repo.lock(wait=60):
         if os.path.exists(path):
             with open(path, "rb") as f:
