@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import click
 from . import __version__
 from .boot.bootloader import Kind
 from .composefs import dumpfile, fsverity, imagewriter
-from .util.errors import CfsError
+from .util.errors import CfsError, HostError, IntegrityError, NotFoundError
 from .util.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -31,11 +32,22 @@ if TYPE_CHECKING:
     from .util.progress import Progress
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
+    """One line on stderr, "cfsdeploy: MESSAGE (HINT)", and exit with code."""
+    if hint:
+        message = f"{message} ({hint})"
     # A hostile name's newline or escape sequence is shown escaped: one line stays one.
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     click.echo(f"cfsdeploy: {shown}", err=True)
     sys.exit(code)
+
+
+# The group (README, "Exit codes") of an OSError the library let through.
+_ERRNO_CODES = {
+    errno.ENOENT: NotFoundError.exit_code, errno.ENOTDIR: NotFoundError.exit_code,
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                     errno.ENOSYS, errno.EOPNOTSUPP, errno.ENODEV), HostError.exit_code),
+}
 
 
 class Command(click.Command):
@@ -95,10 +107,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except CfsError as e:
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, e.hint)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            fail(f"{e.strerror or e}{where}")
+            fail(f"{e.strerror or e}{where}", _ERRNO_CODES.get(e.errno or 0, 1))
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -367,12 +379,12 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
     from .composefs.tree import Hardlink, lookup, walk
-    from .repo.repository import RepositoryError, manifest_of
+    from .repo.repository import RepositoryNotFoundError, manifest_of
 
     root = manifest_of(_open_repo(repo_path), rev)
     top = lookup(root, os.fsencode(path))
     if top is None:
-        raise RepositoryError(f"{path}: no such file in {rev}")
+        raise RepositoryNotFoundError(f"{path}: no such file in {rev}")
     prefix = os.fsencode(path).rstrip(b"/")
     node = top.target if isinstance(top, Hardlink) else top
     if node.children is None:
@@ -422,7 +434,7 @@ def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
 @click.option("--quick", is_flag=True, help="Only check that every needed object exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
-    """Check commits, manifests, images and objects; exit 1 on any problem."""
+    """Check commits, manifests, images and objects; exit 4 on any problem."""
     from .repo.fsck import fsck
 
     report = fsck(_open_repo(repo_path), quick=quick)
@@ -437,7 +449,7 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
         click.echo(f"{report.commits} commits{history}, {report.objects_checked} objects verified: "
                    f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
     if not report.ok:
-        sys.exit(1)
+        sys.exit(IntegrityError.exit_code)
 
 
 @main.command()

@@ -48,7 +48,7 @@ def test_rejected_dumpfile_gives_one_line_error_and_no_image(vector, tmp_path) -
 
 def test_missing_input_file_is_a_clear_error(tmp_path) -> None:
     result = invoke("image", "build", "--from-file", str(tmp_path / "nope"), str(tmp_path / "img"))
-    assert result.exit_code == 1 and "No such file" in result.output
+    assert result.exit_code == 3 and "No such file" in result.output
 
 
 def test_image_of_a_tree_older_than_1970_dumps_its_times(tmp_path) -> None:

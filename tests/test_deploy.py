@@ -16,6 +16,7 @@ import pytest
 from cfsdeploy.boot import bootloader
 from cfsdeploy.boot.kargs import KargsError
 from cfsdeploy.repo.fsck import fsck
+from cfsdeploy.repo.repository import RepositoryNotFoundError
 from cfsdeploy.sysroot import admin
 from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.layout import Sysroot, SysrootError, status
@@ -410,7 +411,7 @@ def snapshot(m) -> list[str]:
 
 
 def test_unknown_revision_is_a_clear_error(machine) -> None:
-    with pytest.raises(Exception, match="unknown revision 'nope'"):
+    with pytest.raises(RepositoryNotFoundError, match="unknown revision 'nope'"):
         deploy(machine, "nope")
 
 
@@ -437,8 +438,10 @@ def test_missing_objects_are_named(machine) -> None:
     victim = next(p for p in Path(objects.path).rglob("*") if p.is_file() and p.stat().st_size == 1006)
     victim.unlink()
     before = snapshot(machine)
-    with pytest.raises(admin.DeployError, match=f"misses 1 objects: {victim.parent.name}{victim.name}.*fsck"):
+    missing = f"misses 1 objects: {victim.parent.name}{victim.name}"
+    with pytest.raises(admin.DeployIntegrityError, match=missing) as info:
         deploy(machine)
+    assert "fsck" in (info.value.hint or "")
     assert snapshot(machine) == before
 
 
@@ -460,7 +463,7 @@ def test_full_boot_directory_leaves_old_state(tmp_path) -> None:
         tree = make_os_tree(tmp_path / "tree")
         (tree / f"usr/lib/modules/{KVER}/initramfs.img").write_bytes(os.urandom(2 << 20))
         commit_tree(s, tree)
-        with pytest.raises(bootloader.BootError, match="boot directory .* is full"):
+        with pytest.raises(bootloader.BootHostError, match="boot directory .* is full"):
             admin.deploy(s, BRANCH, os_name=OS)
         assert s.state(OS).deployments == []
         assert os.listdir(boot) in ([], ["cfsdeploy"]) and not list((boot).rglob("*.img"))
@@ -473,7 +476,7 @@ def test_concurrent_deploy_waits_for_the_lock_or_fails_clearly(machine) -> None:
         env = dict(os.environ, CFSDEPLOY_SYSROOT=str(machine.root))
         p = subprocess.run([sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS,
                             "--wait-lock", "0.3"], env=env, capture_output=True, text=True)
-    assert p.returncode == 1
+    assert p.returncode == 5
     assert p.stderr.strip().splitlines()[-1] == f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
     assert machine.sysroot.state(OS).deployments == []
 
@@ -504,7 +507,7 @@ def test_cli_deploy_status_rollback(machine) -> None:
 
 def test_cli_errors_are_one_line(machine) -> None:
     p = cli(machine, "deploy", "nope")
-    assert p.returncode == 1 and p.stderr == "cfsdeploy: unknown revision 'nope'\n"
+    assert p.returncode == 3 and p.stderr == "cfsdeploy: unknown revision 'nope'\n"
 
 
 def test_deployment_refs_keep_commits_for_git(machine) -> None:
@@ -576,8 +579,9 @@ def test_deploy_refuses_require_where_the_image_has_no_verity(machine) -> None:
     if host_has_verity(machine.tmp):
         pytest.skip("this kernel has fs-verity: the refusal cannot happen")
     commit_tree(machine.sysroot, machine.tree)
-    with pytest.raises(admin.DeployError, match="verity enable"):
+    with pytest.raises(admin.DeployHostError, match="the boot would stop") as info:
         deploy(machine, verity="require")
+    assert "verity enable" in (info.value.hint or "")
     assert machine.sysroot.state(OS).deployments == []
 
 

@@ -21,7 +21,7 @@ import pytest
 from cfsdeploy.composefs.objects import ObjectStore
 from cfsdeploy.composefs.scan import scan
 from cfsdeploy.composefs.tree import Inode, lookup
-from cfsdeploy.repo.checkout import checkout
+from cfsdeploy.repo.checkout import CheckoutUsageError, checkout
 from cfsdeploy.sysroot.etcmerge import EtcMergeError, MergeReport, merge_etc, merge_local, read_local
 from cfsdeploy.util.errors import CfsError
 from cfsdeploy.util.run import run
@@ -636,7 +636,7 @@ def test_existing_destination_is_refused_and_left_alone(etc: Etcs) -> None:
     etc.fork()
     os.makedirs(etc.dest)
     write(etc.dest, b"keep", b"keep\n")
-    with pytest.raises(CfsError, match="refusing"):
+    with pytest.raises(CheckoutUsageError, match="refusing"):
         etc.merge()
     assert os.listdir(etc.dest) == [b"keep"]
 

@@ -58,4 +58,4 @@ def test_cli_fsck_exits_non_zero_on_problems(repo) -> None:
     assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
     os.unlink(r.objects.path_of(digest))
     bad = CliRunner().invoke(main, ["fsck", "--repo", r.path, "--quick"])
-    assert bad.exit_code == 1 and "missing object" in bad.output
+    assert bad.exit_code == 4 and "missing object" in bad.output

@@ -16,6 +16,7 @@ from cfsdeploy.remote.remotes import RemoteError, list_remotes, normalize_url
 from cfsdeploy.repo.repository import Repository
 from cfsdeploy.sysroot.layout import Sysroot, SysrootError
 from cfsdeploy.util import lockfile
+from cfsdeploy.util.errors import HostError, UsageError
 
 OS = "testos"
 
@@ -25,8 +26,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           env=dict(os.environ, **(env or {})))
 
 
-def assert_one_line_error(p: subprocess.CompletedProcess[str], message: str) -> None:
-    assert p.returncode == 1, p.stderr
+def assert_one_line_error(p: subprocess.CompletedProcess[str], message: str, code: int = 1) -> None:
+    assert p.returncode == code, p.stderr
     assert p.stderr.startswith("cfsdeploy: ") and p.stderr.count("\n") == 1, p.stderr
     assert message in p.stderr
 
@@ -125,7 +126,7 @@ def repo(tmp_path: Path) -> Repository:
 def test_remote_add_with_a_bad_url_fails_in_one_line_and_adds_nothing(repo: Repository, url: str) -> None:
     before = sorted(os.listdir(repo.path))
     p = cli("remote", "add", "--repo", repo.path, "--no-gpg-verify", "origin", url)
-    assert_one_line_error(p, f"invalid URL {url!r}")
+    assert_one_line_error(p, f"invalid URL {url!r}", UsageError.exit_code)
     assert sorted(os.listdir(repo.path)) == before and list_remotes(repo) == []
 
 
@@ -133,7 +134,7 @@ def test_pull_with_a_bad_url_fails_in_one_line(repo: Repository, tmp_path: Path)
     assert cli("remote", "add", "--repo", repo.path, "--no-gpg-verify", "--branch", "os/x", "origin",
                str(tmp_path)).returncode == 0
     assert_one_line_error(cli("pull", "--repo", repo.path, "--url", "http://x:abc/", "origin"),
-                          "invalid URL 'http://x:abc/'")
+                          "invalid URL 'http://x:abc/'", UsageError.exit_code)
 
 
 def test_a_bad_url_in_the_repository_config_is_named(repo: Repository) -> None:
@@ -210,7 +211,7 @@ def test_full_disk_during_commit_is_a_write_failure_of_the_repository(small_repo
         (tree / f"f{i:02}").write_bytes(os.urandom(100_000))
     p = cli("commit", "--repo", small_repo.path, "--tree", str(tree), "-b", "os/x", "-m", "big",
             "--threads", threads)
-    assert_one_line_error(p, f"cannot write an object in {small_repo.path}/tmp/")
+    assert_one_line_error(p, f"cannot write an object in {small_repo.path}/tmp/", HostError.exit_code)
     assert p.stderr.endswith(": No space left on device\n") and "cannot read" not in p.stderr
     assert list(small_repo.git.references) == []
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from cfsdeploy.cli import main
 from cfsdeploy.composefs import fsverity
 from cfsdeploy.remote import dumbhttp, remotes
-from cfsdeploy.remote.pull import PullError, PullOptions, pull
+from cfsdeploy.remote.pull import PullIntegrityError, PullNotFoundError, PullOptions, PullUsageError, pull
 from cfsdeploy.remote.transport import TransportError
 from cfsdeploy.repo import fsck
 from cfsdeploy.repo.repository import (
@@ -190,7 +190,7 @@ def test_a_damaged_shallow_file_is_reported_and_kept(tmp_path, served) -> None:
     shallow = os.path.join(repo.path, "git", "shallow")
     with open(shallow, "wb") as f:
         f.write(b"\xff not a commit id\n")
-    with pytest.raises(PullError, match="shallow is damaged"):
+    with pytest.raises(PullIntegrityError, match="shallow is damaged"):
         pull(repo, "origin", BRANCH, depth=1)
     assert open(shallow, "rb").read() == b"\xff not a commit id\n"
 
@@ -303,7 +303,7 @@ def test_objects_are_fetched_in_parallel(tmp_path) -> None:
 def test_pull_of_a_missing_branch_names_it(tmp_path) -> None:
     publish(tmp_path / "src", tree_of(tmp_path, {"f": b"x"}))
     repo = client(tmp_path / "client", str(tmp_path / "src"))
-    with pytest.raises(PullError, match="has no branch os/testing"):
+    with pytest.raises(PullNotFoundError, match="has no branch os/testing"):
         pull(repo, "origin", "os/testing")
 
 
@@ -312,7 +312,7 @@ def test_pull_uses_the_remote_default_branch(tmp_path) -> None:
     repo = client(tmp_path / "client", str(tmp_path / "src"), branch=BRANCH)
     assert pull(repo, "origin").branch == BRANCH
     bare = client(tmp_path / "client2", str(tmp_path / "src"))
-    with pytest.raises(PullError, match="no default branch"):
+    with pytest.raises(PullUsageError, match="no default branch"):
         pull(bare, "origin")
 
 
@@ -354,7 +354,7 @@ def test_cli_pull_failure_is_one_line(tmp_path) -> None:
     publish(tmp_path / "src", tree_of(tmp_path, {"f": b"x"}))
     client(tmp_path / "client", str(tmp_path / "src"))
     result = CliRunner().invoke(main, ["pull", "--repo", str(tmp_path / "client"), "origin", "nope"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert result.output == "cfsdeploy: remote origin has no branch nope\n"
 
 

@@ -88,7 +88,7 @@ def test_cli_pull_of_a_head_bound_elsewhere_fails_in_one_line(tmp_path, served, 
     client(tmp_path / "client", url, key=builder_key)
     serve_branch_as(src, STABLE, head(src, DEBUG))
     result = CliRunner().invoke(main, ["pull", "--repo", str(tmp_path / "client"), "origin", STABLE])
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.output == (f"cfsdeploy: commit {head(src, DEBUG)[:12]} from remote origin was made for "
                              f"{DEBUG}, not {STABLE}: refusing it (the server names another branch's commit)\n")
 

@@ -18,8 +18,9 @@ from cfsdeploy.composefs import fsverity, imagewriter
 from cfsdeploy.composefs.dumpfile import dumps, parse
 from cfsdeploy.composefs.tree import Inode, walk
 from cfsdeploy.remote import dumbhttp
-from cfsdeploy.remote.pull import DowngradeError, PullOptions, pull
-from cfsdeploy.remote.transport import Limits
+from cfsdeploy.remote.gitfetch import GitObjectError
+from cfsdeploy.remote.pull import DowngradeError, ManifestError, ObjectMismatchError, PullOptions, pull
+from cfsdeploy.remote.transport import Limits, NotFoundError, TransportError
 from cfsdeploy.repo import signing
 from cfsdeploy.repo.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
 from cfsdeploy.util.errors import CfsError
@@ -127,19 +128,19 @@ def forge(src: Repository, manifest: bytes, key: Key | None, *, digest: str | No
 def test_wrong_bytes_for_an_object(origin) -> None:
     src, server, repo = origin
     server.hooks[object_path(new_objects(src)[0])] = hostile.wrong_bytes
-    attempt(repo, CfsError, "does not match its fs-verity digest")
+    attempt(repo, ObjectMismatchError, "does not match its fs-verity digest")
 
 
 def test_a_truncated_object(origin) -> None:
     src, server, repo = origin
     server.hooks[object_path(new_objects(src)[0])] = hostile.truncated
-    attempt(repo, CfsError, "ended early")
+    attempt(repo, TransportError, "ended early")
 
 
 def test_an_object_larger_than_its_manifest_says(origin) -> None:
     src, server, repo = origin
     server.hooks[object_path(new_objects(src)[0])] = lambda h, data: h.send(200, data + b"more")
-    attempt(repo, CfsError, "larger than the")
+    attempt(repo, TransportError, "larger than the")
 
 
 def test_a_gzip_bomb_is_cut_off_at_the_expected_size(origin) -> None:
@@ -147,14 +148,14 @@ def test_a_gzip_bomb_is_cut_off_at_the_expected_size(origin) -> None:
     bomb = gzip.compress(bytes(64 << 20))
     server.hooks[object_path(new_objects(src)[0])] = lambda h, data: h.send(
         200, bomb, {"Content-Encoding": "gzip"})
-    attempt(repo, CfsError, "larger than the")
+    attempt(repo, TransportError, "larger than the")
 
 
 def test_wrong_bytes_for_a_git_object(origin) -> None:
     src, server, repo = origin
     other = zlib.compress(b"blob 5\0hello")
     server.hooks[git_path(src.resolve(BRANCH).tree.id)] = lambda h, data: h.send(200, other)
-    attempt(repo, CfsError, "does not match its id")
+    attempt(repo, GitObjectError, "does not match its id")
 
 
 def test_a_tampered_manifest_is_caught_by_its_id(origin) -> None:
@@ -164,7 +165,7 @@ def test_a_tampered_manifest_is_caught_by_its_id(origin) -> None:
     assert evil != blob.data
     server.hooks[git_path(blob.id)] = lambda h, data: h.send(
         200, zlib.compress(b"blob %d\0" % len(evil) + evil))
-    attempt(repo, CfsError, "does not match its id")
+    attempt(repo, GitObjectError, "does not match its id")
 
 
 def test_a_signed_manifest_that_does_not_give_its_image(origin, builder_key) -> None:  # noqa: F811
@@ -172,7 +173,7 @@ def test_a_signed_manifest_that_does_not_give_its_image(origin, builder_key) -> 
     honest = manifest_of(src, BRANCH)
     forge(src, dumps(honest).replace(b" 100644 ", b" 100600 ", 1), builder_key,
           digest=image_digest_of(src.resolve(BRANCH)).hex())
-    attempt(repo, CfsError, "does not give the image")
+    attempt(repo, ManifestError, "does not give the image")
 
 
 def test_a_signed_commit_with_a_second_digest_trailer(origin, builder_key) -> None:  # noqa: F811
@@ -188,14 +189,14 @@ def test_a_signed_commit_with_a_second_digest_trailer(origin, builder_key) -> No
 def test_a_commit_signed_by_an_unknown_key(origin, tmp_path, stranger_key) -> None:  # noqa: F811
     src, server, repo = origin
     publish(Path(src.path), tmp_path / "tree", subject="strange", key=stranger_key)
-    attempt(repo, CfsError, "unknown key")
+    attempt(repo, signing.SignatureIntegrityError, "unknown key")
     assert server.log[-1][0].startswith("/git/objects/")  # nothing fetched after the commit
 
 
 def test_an_unsigned_commit(origin, tmp_path) -> None:
     src, server, repo = origin
     publish(Path(src.path), tmp_path / "tree", subject="unsigned")
-    attempt(repo, CfsError, "is not signed")
+    attempt(repo, signing.SignatureIntegrityError, "is not signed")
 
 
 # --- unsafe manifests ---------------------------------------------------------------
@@ -208,14 +209,14 @@ def test_a_signed_manifest_whose_payload_escapes(origin, builder_key, payload) -
     text = dumps(root)
     victim = next(e for _, e in walk(root) if isinstance(e, Inode) and e.is_reg() and e.payload)
     forge(src, text.replace(os.fsencode(victim.payload), payload, 1), builder_key)
-    attempt(repo, CfsError, "is not the path of its digest")
+    attempt(repo, ManifestError, "is not the path of its digest")
 
 
 def test_a_signed_manifest_with_a_climbing_path(origin, builder_key) -> None:  # noqa: F811
     src, server, repo = origin
     text = dumps(manifest_of(src, BRANCH)) + b"/../escape 0 100644 1 0 0 0 0.0 - - -\n"
     forge(src, text, builder_key, digest="00" * 32)
-    attempt(repo, CfsError, "malformed manifest")
+    attempt(repo, ManifestError, "malformed manifest")
 
 
 # --- misbehaving servers ------------------------------------------------------------
@@ -224,21 +225,21 @@ def test_a_signed_manifest_with_a_climbing_path(origin, builder_key) -> None:  #
 def test_an_endless_refs_list(origin) -> None:
     src, server, repo = origin
     server.hooks["/git/info/refs"] = hostile.endless
-    attempt(repo, CfsError, "larger than",
+    attempt(repo, TransportError, "larger than",
             PullOptions(max_refs=1 << 20, limits=Limits(timeout=2, retries=0), lock_wait=0))
 
 
 def test_an_endless_object(origin) -> None:
     src, server, repo = origin
     server.hooks[object_path(new_objects(src)[0])] = hostile.endless
-    attempt(repo, CfsError, "larger than the")
+    attempt(repo, TransportError, "larger than the")
 
 
 def test_a_server_dribbling_forever_meets_the_time_limit(origin) -> None:
     src, server, repo = origin
     server.hooks["/git/info/refs"] = hostile.dribble
     start = time.monotonic()
-    attempt(repo, CfsError, "time limit",
+    attempt(repo, TransportError, "time limit",
             PullOptions(limits=Limits(timeout=2, total=3, retries=0), lock_wait=0))
     assert time.monotonic() - start < 6
 
@@ -246,7 +247,7 @@ def test_a_server_dribbling_forever_meets_the_time_limit(origin) -> None:
 def test_a_server_dribbling_forever_meets_the_lowest_rate(origin) -> None:
     src, server, repo = origin
     server.hooks["/git/info/refs"] = hostile.dribble
-    attempt(repo, CfsError, "slower than 1000 bytes/s",
+    attempt(repo, TransportError, "slower than 1000 bytes/s",
             PullOptions(limits=Limits(timeout=2, low_speed_time=1.5, retries=0), lock_wait=0))
 
 
@@ -254,25 +255,26 @@ def test_a_server_that_stalls_mid_transfer(origin) -> None:
     src, server, repo = origin
     server.hooks[object_path(new_objects(src)[0])] = hostile.stall_midway
     start = time.monotonic()
-    attempt(repo, CfsError, "timed out")
+    attempt(repo, TransportError, "timed out")
     assert time.monotonic() - start < 6
 
 
-@pytest.mark.parametrize("code, where, match", [
-    (404, "/git/info/refs", "HTTP 404"), (500, "/git/info/refs", "HTTP 500"), (404, "object", "HTTP 404"),
-    (500, "object", "HTTP 500"), (404, "commit", "not found, loose or in a pack")])
-def test_http_errors(origin, code, where, match) -> None:
+@pytest.mark.parametrize("code, where, error, match", [
+    (404, "/git/info/refs", NotFoundError, "HTTP 404"), (500, "/git/info/refs", TransportError, "HTTP 500"),
+    (404, "object", NotFoundError, "HTTP 404"), (500, "object", TransportError, "HTTP 500"),
+    (404, "commit", NotFoundError, "not found, loose or in a pack")])
+def test_http_errors(origin, code, where, error, match) -> None:
     src, server, repo = origin
     path = {"object": object_path(new_objects(src)[0]) if where == "object" else "",
             "commit": git_path(src.resolve(BRANCH).id)}.get(where, where)
     server.hooks[path] = hostile.status(code)
-    attempt(repo, CfsError, match)
+    attempt(repo, error, match)
 
 
 def test_a_redirect_loop(origin) -> None:
     src, server, repo = origin
     server.hooks["/git/info/refs"] = hostile.redirect_to_itself
-    attempt(repo, CfsError, "more than 5 redirects")
+    attempt(repo, TransportError, "more than 5 redirects")
 
 
 def test_an_older_signed_commit_is_refused_as_a_downgrade(origin) -> None:

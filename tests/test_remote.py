@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cfsdeploy.cli import main
 from cfsdeploy.remote import keyring, remotes
-from cfsdeploy.remote.remotes import Remote, RemoteError
+from cfsdeploy.remote.remotes import Remote, RemoteError, RemoteNotFoundError, RemoteUsageError
 from cfsdeploy.repo.repository import Repository
 from cfsdeploy.repo.signing import SignatureError
 
@@ -67,8 +67,9 @@ def test_add_refuses_an_existing_name(repo) -> None:
 
 
 def test_signature_checks_need_trusted_keys(repo) -> None:
-    with pytest.raises(RemoteError, match="--gpg-import"):
+    with pytest.raises(RemoteUsageError, match="needs trusted keys") as info:
         remotes.add(repo, "origin", "http://example.com")
+    assert "--gpg-import" in (info.value.hint or "")
 
 
 def test_imported_keys_go_to_the_remote_keyring(repo, builder_key) -> None:  # noqa: F811
@@ -135,7 +136,7 @@ def test_remove_forgets_settings_keys_and_remote_branches(repo, tmp_path, builde
     assert not os.path.exists(os.path.join(repo.path, "remotes", "origin"))
     assert "refs/remotes/origin/b" not in repo.git.references
     assert "refs/remotes/origin" not in open(os.path.join(repo.path, "git", "info", "refs")).read()
-    with pytest.raises(RemoteError, match="no remote named"):
+    with pytest.raises(RemoteNotFoundError, match="no remote named"):
         remotes.remove(repo, "origin")
 
 
@@ -189,4 +190,4 @@ def test_cli_remote_add_list_remove(repo, builder_key) -> None:  # noqa: F811
 
 def test_cli_remote_errors_are_one_line(repo) -> None:
     r = invoke("remote", "add", "--repo", repo.path, "origin", "ftp://x")
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("cfsdeploy: ")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("cfsdeploy: ")

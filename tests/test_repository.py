@@ -19,6 +19,7 @@ from cfsdeploy.repo.repository import (
     image_digest_of,
     trailers,
 )
+from cfsdeploy.util.errors import TreeError
 from cfsdeploy.util.lockfile import LockedError
 
 
@@ -113,7 +114,7 @@ def test_orphan_and_explicit_parent(repo: Repository, tree) -> None:
 def test_bad_branch_name_and_missing_tree_move_no_ref(repo: Repository, tree, tmp_path) -> None:
     with pytest.raises(RepositoryError, match="invalid branch"):
         repo.commit(tree, "bad..name", "s")
-    with pytest.raises(Exception, match="cannot read tree"):
+    with pytest.raises(TreeError, match="cannot read tree"):
         repo.commit(tmp_path / "missing", "b", "s")
     assert repo.branch_head("b") is None
 
@@ -194,7 +195,7 @@ def test_tag_and_refs(history_repo: Repository) -> None:
     out = cli("refs", "--repo", history_repo.path).output
     assert f"{first} refs/tags/v1" in out and "refs/heads/os/stable" in out
     again = cli("tag", "--repo", history_repo.path, "v1", "os/stable")
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_ls_lists_a_directory_and_recursively(history_repo: Repository) -> None:
@@ -217,14 +218,16 @@ def test_cat_reports_a_corrupt_object(history_repo: Repository, tree) -> None:
     path = history_repo.objects.path_of(digest)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
-        f.write(b"X")
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))  # a change whatever the random content was
     r = cli("cat", "--repo", history_repo.path, "os/stable", "/usr/bin/tool")
-    assert r.exit_code == 1 and "corrupt" in r.output
+    assert r.exit_code == 4 and "corrupt" in r.output
 
 
 def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
     r = cli("log", "--repo", history_repo.path, "nope")
-    assert r.exit_code == 1 and "unknown revision" in r.output
+    assert r.exit_code == 3 and "unknown revision" in r.output
 
 
 def test_recommit_of_an_unchanged_tree_restores_a_missing_image(repo: Repository, tree) -> None:

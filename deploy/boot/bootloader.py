@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import BinaryIO
 
-from ..util.errors import CfsError
+from ..util.errors import CfsError, HostError, IntegrityError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, syncfs
 from . import kargs
 
@@ -73,11 +73,19 @@ class BootError(CfsError):
     pass
 
 
+class BootIntegrityError(BootError, IntegrityError):
+    pass
+
+
+class BootHostError(BootError, HostError):
+    pass
+
+
 def check_kver(name: str) -> str:
     """A kernel version fit to name a directory and to go into entries, or BootError."""
     if not KVER.fullmatch(name) or ".." in name:
-        raise BootError(f"invalid kernel version {name!r} (letters, digits and ._+~-, "
-                        "at most 128, no '..')")
+        raise BootIntegrityError(f"invalid kernel version {name!r} (letters, digits and ._+~-, "
+                                 "at most 128, no '..')")
     return name
 
 
@@ -161,21 +169,21 @@ def _check_entry(filename: str, fields: dict[str, str]) -> None:
     the boot directory, options the kernel reads as they are meant."""
     m = _ENTRY_NAME.fullmatch(filename)
     if m is None or not OS_NAME.fullmatch(m["os"]) or any(len(n or "") > 9 for n in m.group("n", "left", "done")):
-        raise BootError(f"{filename!r}: not a cfsdeploy boot entry name")
+        raise BootIntegrityError(f"{filename!r}: not a cfsdeploy boot entry name")
     for k, v in fields.items():
         if NOT_TEXT.search(v) or v != v.strip() or not v:
-            raise BootError(f"{filename}: its {k} line {v!r} is empty, or not one plain line")
+            raise BootIntegrityError(f"{filename}: its {k} line {v!r} is empty, or not one plain line")
     if len(fields["title"]) > MAX_TITLE:
-        raise BootError(f"{filename}: its title is longer than {MAX_TITLE} characters")
+        raise BootIntegrityError(f"{filename}: its title is longer than {MAX_TITLE} characters")
     if fields["version"] != str(int(m["n"])) or fields["sort-key"] != f"cfsdeploy-{m['os']}":
-        raise BootError(f"{filename}: its version or sort-key is not the one of its name")
+        raise BootIntegrityError(f"{filename}: its version or sort-key is not the one of its name")
     for k in ("linux", "initrd"):
         if not _BOOT_PATH.fullmatch(fields[k]) or "/../" in fields[k] + "/":
-            raise BootError(f"{filename}: its {k} {fields[k]!r} is not a plain path in the boot directory")
+            raise BootIntegrityError(f"{filename}: its {k} {fields[k]!r} is not a plain path in the boot directory")
     options = fields["options"]
     if options.count('"') % 2 or len(options) > kargs.MAX_LINE:
-        raise BootError(f"{filename}: its options have an unbalanced quote, or are longer "
-                        f"than {kargs.MAX_LINE} characters")
+        raise BootIntegrityError(f"{filename}: its options have an unbalanced quote, or are longer "
+                                 f"than {kargs.MAX_LINE} characters")
 
 
 _BOOT_PATH = re.compile(r"(?:/[A-Za-z0-9._+~-]+)+")
@@ -186,7 +194,7 @@ def parse_entry(filename: str, data: bytes) -> BootEntry:
     try:
         text = data.decode()
     except UnicodeDecodeError:
-        raise BootError(f"{filename}: not UTF-8") from None
+        raise BootIntegrityError(f"{filename}: not UTF-8") from None
     fields: dict[str, str] = {}
     # Lines end at '\n' only, as systemd-boot and GRUB read them.
     for line in text.split("\n"):
@@ -194,13 +202,13 @@ def parse_entry(filename: str, data: bytes) -> BootEntry:
             continue
         key, _, value = line.partition(" ")
         if key not in _KEYS:
-            raise BootError(f"{filename}: unexpected line {line[:80]!r}")
+            raise BootIntegrityError(f"{filename}: unexpected line {line[:80]!r}")
         if key in fields:
-            raise BootError(f"{filename}: two {key} lines")
+            raise BootIntegrityError(f"{filename}: two {key} lines")
         fields[key] = value.strip(" ")
     missing = [k for k in _KEYS if k not in fields]
     if missing:
-        raise BootError(f"{filename}: missing {', '.join(missing)}")
+        raise BootIntegrityError(f"{filename}: missing {', '.join(missing)}")
     _check_entry(filename, fields)
     m = _ENTRY_NAME.fullmatch(filename)
     assert m is not None
@@ -223,10 +231,10 @@ def read_record(path: str, limit: int = MAX_ENTRY) -> bytes:
         raise BootError(f"{path}: cannot be read ({os.strerror(e.errno or 0)})") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BootError(f"{path}: not a regular file")
+            raise BootIntegrityError(f"{path}: not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise BootError(f"{path}: larger than {limit} bytes")
+        raise BootIntegrityError(f"{path}: larger than {limit} bytes")
     return data
 
 
@@ -307,14 +315,14 @@ class Plan:
                 raise TypeError
             plan = cls(os_name, [(str(n), str(d).encode()) for n, d in write], [str(i) for i in remove])
         except (ValueError, KeyError, TypeError, UnicodeEncodeError):
-            raise BootError("not a boot-entry switch record") from None
+            raise BootIntegrityError("not a boot-entry switch record") from None
         for name, text in plan.write:
             if entry_os(name) != plan.os:
-                raise BootError(f"switch record names {name!r}, not an entry of os {plan.os!r}")
+                raise BootIntegrityError(f"switch record names {name!r}, not an entry of os {plan.os!r}")
             parse_entry(name, text)
         for id_ in plan.remove:
             if entry_os(id_ + ".conf") != plan.os:
-                raise BootError(f"switch record removes {id_!r}, not an entry of os {plan.os!r}")
+                raise BootIntegrityError(f"switch record removes {id_!r}, not an entry of os {plan.os!r}")
         return plan
 
 
@@ -353,7 +361,7 @@ def switch_entries(boot: str, os_name: str, entries: list[BootEntry], record: st
     any old one goes (see docs/architecture.md, "Writing the boot directory")."""
     for e in entries:
         if e.os != os_name:
-            raise BootError(f"entry {e.id} is not of os {os_name!r}")
+            raise BootIntegrityError(f"entry {e.id} is not of os {os_name!r}")
     files = entry_files(boot, os_name)
     try:
         current = read_entries(boot, os_name)
@@ -383,7 +391,7 @@ def _carry_out(boot: str, plan: Plan, record: str) -> None:
                               for i in {_id(n) for n, _ in plan.write} if i in present])
         os.unlink(record)
         fsync_dir(os.path.dirname(record))
-        raise BootError(f"boot directory {boot} is full: cannot write boot entries") from None
+        raise BootHostError(f"boot directory {boot} is full: cannot write boot entries") from None
     os.unlink(record)
     fsync_dir(os.path.dirname(record))
 
@@ -579,8 +587,8 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
     st = os.statvfs(parent)
     if st.f_bavail * st.f_frsize < need + (1 << 16):
         free = st.f_bavail * st.f_frsize
-        raise BootError(f"boot directory {boot} is full: the kernel and initramfs need "
-                        f"{need} bytes, {free} are free (try `cfsdeploy cleanup`)")
+        raise BootHostError(f"boot directory {boot} is full: the kernel and initramfs need "
+                            f"{need} bytes, {free} are free", hint="try `cfsdeploy cleanup`")
     try:
         os.mkdir(dest)
         for f, name in ((kernel, KERNEL), (initramfs, INITRAMFS)):
@@ -597,8 +605,8 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
         with contextlib.suppress(OSError):
             remove_durably(boot, _tree(dest))
         if e.errno == errno.ENOSPC:
-            raise BootError(f"boot directory {boot} is full: cannot install kernel {kver} "
-                            "(try `cfsdeploy cleanup`)") from None
+            raise BootHostError(f"boot directory {boot} is full: cannot install kernel {kver}",
+                                hint="try `cfsdeploy cleanup`") from None
         raise
     return k
 

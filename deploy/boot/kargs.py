@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..util.errors import CfsError
+from ..util.errors import UsageError
 
 DEPLOYMENT = "cfsdeploy"
 DIGEST = "cfsdeploy.digest"
@@ -32,7 +32,7 @@ OWN_MAX = 256
 _ARG_CHARS = re.compile(r"[\x21\x23-\x26\x28-\x5b\x5d-\x7e \"]+")
 
 
-class KargsError(CfsError):
+class KargsError(UsageError):
     pass
 
 
@@ -138,7 +138,7 @@ def edit(args: list[str], *, append: tuple[str, ...] = (), delete: tuple[str, ..
     for r in replace:
         k, sep, rest = _partition_unquoted(r)
         if not sep:
-            raise KargsError(f"--replace wants key=new or key=old=new, not {r!r}")
+            raise KargsError(f"a replacement is key=new or key=old=new, not {r!r}")
         old, sep2, new = _partition_unquoted(rest)
         if sep2:
             targets = [i for i, a in enumerate(out) if a == f"{k}={old}"]
@@ -154,8 +154,8 @@ def edit(args: list[str], *, append: tuple[str, ...] = (), delete: tuple[str, ..
         try:
             check(a)
         except KargsError as e:
-            raise KargsError(f"{e}; it is on the command line now: remove it with "
-                             "`cfsdeploy kargs --delete` (or `deploy --karg-delete`)") from None
+            raise KargsError(f"{e}; it is on the command line now",
+                             hint="remove it with `cfsdeploy kargs --delete`, or `deploy --karg-delete`") from None
     return check_line(out + [check(a) for a in append])
 
 

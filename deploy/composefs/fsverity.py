@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from ..util.errors import VerityError
+from ..util.errors import VerityError, VerityHostError, VerityUsageError
 from ..util.fsutil import data_extents
 
 BLOCK = 4096
@@ -320,7 +320,7 @@ def digest_fd(fd: int, *, threads: int | None = None) -> bytes:
         raise ValueError(f"threads must be at least 1, not {threads}")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise VerityError("fs-verity digests exist only for regular files")
+        raise VerityUsageError("fs-verity digests exist only for regular files")
     size = st.st_size
     if size <= _CHUNK:  # most files: no extent map, no buffers to set up
         content = bytearray(size)
@@ -385,7 +385,7 @@ def enable_verity(fd: int) -> None:
         fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
     except OSError as e:
         if e.errno != errno.EEXIST:
-            raise VerityError(_explain(e, "enable fs-verity")) from None
+            raise VerityHostError(_explain(e, "enable fs-verity")) from None
 
 
 def try_enable_verity(fd: int) -> bool:
@@ -404,9 +404,9 @@ def measure_verity(fd: int) -> bytes:
         fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
     except OSError as e:
         if e.errno == errno.ENODATA:
-            raise VerityError("cannot measure fs-verity: it is not enabled on this file "
-                              "(ENODATA)") from None
-        raise VerityError(_explain(e, "measure fs-verity")) from None
+            raise VerityHostError("cannot measure fs-verity: it is not enabled on this file "
+                                  "(ENODATA)") from None
+        raise VerityHostError(_explain(e, "measure fs-verity")) from None
     algorithm, size = _DIGEST_HEADER.unpack_from(buf)
     if algorithm != FS_VERITY_HASH_ALG_SHA256:
         raise VerityError(f"the file's fs-verity uses hash algorithm {algorithm}, not SHA-256")

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..util.errors import ImageError
+from ..util.errors import CorruptImageError, ImageError
 from . import erofs as E
 from .tree import (
     DIGEST_SIZE,
@@ -94,31 +94,31 @@ class _Reader:
         self.data = memoryview(data).cast("B")
         n = len(self.data)
         if n < E.SUPER_OFFSET + E.SUPERBLOCK.size:
-            raise ImageError(f"image too small for an EROFS superblock ({n} bytes)")
+            raise CorruptImageError(f"image too small for an EROFS superblock ({n} bytes)")
         magic, version, flags, cfs_version = E.COMPOSEFS_HEADER.unpack_from(self.data, 0)
         self.composefs_version: int | None = None
         self.has_acl = False
         if magic == E.COMPOSEFS_MAGIC:
             if version != E.COMPOSEFS_HEADER_VERSION:
-                raise ImageError(f"unsupported composefs header version {version}")
+                raise CorruptImageError(f"unsupported composefs header version {version}")
             if cfs_version > E.COMPOSEFS_VERSION_MAX:
-                raise ImageError(f"unsupported composefs version {cfs_version}")
+                raise CorruptImageError(f"unsupported composefs version {cfs_version}")
             self.composefs_version = cfs_version
             self.has_acl = bool(flags & E.COMPOSEFS_FLAGS_HAS_ACL)
         (sb_magic, _, compat, blkszbits, extslots, self.root_nid, self.inos, build_time,
          build_nsec, self.blocks, meta_blkaddr, xattr_blkaddr, _, _,
          incompat) = E.SUPERBLOCK.unpack_from(self.data, E.SUPER_OFFSET)
         if sb_magic != E.SUPER_MAGIC_V1:
-            raise ImageError("not an EROFS image (bad superblock magic)")
+            raise CorruptImageError("not an EROFS image (bad superblock magic)")
         if blkszbits != E.BLKSIZ_BITS:
-            raise ImageError(f"unsupported block size 2^{blkszbits}: only 4096-byte blocks are supported")
+            raise CorruptImageError(f"unsupported block size 2^{blkszbits}: only 4096-byte blocks are supported")
         if incompat & ~E.FEATURE_INCOMPAT_ALL:
-            raise ImageError(f"unsupported EROFS incompat features {incompat & ~E.FEATURE_INCOMPAT_ALL:#x}")
+            raise CorruptImageError(f"unsupported EROFS incompat features {incompat & ~E.FEATURE_INCOMPAT_ALL:#x}")
         if incompat & E.FEATURE_INCOMPAT_XATTR_PREFIXES or self.data[E.SUPER_OFFSET + E.SB_XATTR_PREFIX_COUNT]:
-            raise ImageError("long xattr name prefixes are not supported")
+            raise CorruptImageError("long xattr name prefixes are not supported")
         if self.blocks * E.BLKSIZ > n:
-            raise ImageError(f"image truncated: the superblock counts {self.blocks} blocks "
-                             f"({self.blocks * E.BLKSIZ} bytes) but the image has {n} bytes")
+            raise CorruptImageError(f"image truncated: the superblock counts {self.blocks} blocks "
+                                    f"({self.blocks * E.BLKSIZ} bytes) but the image has {n} bytes")
         self.build_time = (build_time, build_nsec)
         self.meta = meta_blkaddr * E.BLKSIZ
         self.xattr_base = xattr_blkaddr * E.BLKSIZ
@@ -131,12 +131,12 @@ class _Reader:
 
     def need(self, start: int, length: int, what: str) -> None:
         if start + length > len(self.data):
-            raise ImageError(f"{what} runs past the end of the image")
+            raise CorruptImageError(f"{what} runs past the end of the image")
 
     def spend(self, length: int, what: str) -> None:
         self.budget -= length
         if self.budget < 0:
-            raise ImageError(f"{what}: inodes claim more data than the image holds")
+            raise CorruptImageError(f"{what}: inodes claim more data than the image holds")
 
     def read(self, start: int, length: int) -> bytes:
         return self.data[start:start + length].tobytes()
@@ -145,16 +145,16 @@ class _Reader:
         where = f"inode nid {nid}"
         off = self.meta + nid * E.SLOTSIZE
         if off < self.inodes_start:
-            raise ImageError(f"{where} overlaps the superblock")
+            raise CorruptImageError(f"{where} overlaps the superblock")
         self.need(off, E.INODE_COMPACT.size, where)
         (fmt,) = struct.unpack_from("<H", self.data, off)
         if fmt & ~E.I_ALL:
-            raise ImageError(f"{where}: unsupported i_format {fmt:#x}")
+            raise CorruptImageError(f"{where}: unsupported i_format {fmt:#x}")
         layout = fmt >> E.I_DATALAYOUT_BIT
         if layout in (E.INODE_COMPRESSED_FULL, E.INODE_COMPRESSED_COMPACT):
-            raise ImageError(f"{where}: compressed files are not supported")
+            raise CorruptImageError(f"{where}: compressed files are not supported")
         if layout not in (*_FLAT, E.INODE_CHUNK_BASED):
-            raise ImageError(f"{where}: unknown data layout {layout}")
+            raise CorruptImageError(f"{where}: unknown data layout {layout}")
         if fmt >> E.I_VERSION_BIT & 1:
             self.need(off, E.INODE_EXTENDED.size, where)
             (_, icount, mode, _, size, i_u, _, uid, gid, msec, mnsec,
@@ -165,7 +165,7 @@ class _Reader:
              _) = E.INODE_COMPACT.unpack_from(self.data, off)
             isize, mtime = E.INODE_COMPACT.size, self.build_time
         if mode & S_IFMT not in VALID_TYPES:
-            raise ImageError(f"{where}: invalid file type in mode {mode:#o}")
+            raise CorruptImageError(f"{where}: invalid file type in mode {mode:#o}")
         xsize = E.XATTR_IBODY_HEADER.size + (icount - 1) * 4 if icount else 0
         self.need(off + isize, xsize, f"{where}: xattr area ({icount} slots)")
         return _Raw(nid, mode, nlink, size, uid, gid, mtime, i_u, layout,
@@ -183,7 +183,7 @@ class _Reader:
             head = max(nblocks - 1, 0) * E.BLKSIZ
             tail = raw.size - head
             if raw.body % E.BLKSIZ + tail > E.BLKSIZ:
-                raise ImageError(f"{where}: inline data of {tail} bytes crosses a block boundary")
+                raise CorruptImageError(f"{where}: inline data of {tail} bytes crosses a block boundary")
             self.need(raw.body, tail, f"{where}: inline data")
         start = (raw.i_u * E.BLKSIZ) if head else 0
         self.need(start, head, f"{where}: data blocks")
@@ -207,7 +207,7 @@ class _Reader:
         where = f"inode nid {raw.nid}"
         fmt = raw.i_u & 0xFFFF
         if fmt & ~(E.CHUNK_FORMAT_BLKBITS_MASK | E.CHUNK_FORMAT_INDEXES):
-            raise ImageError(f"{where}: unsupported chunk format {fmt:#x}")
+            raise CorruptImageError(f"{where}: unsupported chunk format {fmt:#x}")
         bits = E.BLKSIZ_BITS + (fmt & E.CHUNK_FORMAT_BLKBITS_MASK)
         unit = 8 if fmt & E.CHUNK_FORMAT_INDEXES else 4
         count = -(-raw.size >> bits)
@@ -223,8 +223,8 @@ class _Reader:
         name_filter, shared_count = E.XATTR_IBODY_HEADER.unpack_from(self.data, raw.xattr_start)
         pos = raw.xattr_start + E.XATTR_IBODY_HEADER.size
         if pos + 4 * shared_count > end:
-            raise ImageError(f"{where}: {shared_count} shared xattrs do not fit its xattr area "
-                             f"of {raw.xattr_size} bytes")
+            raise CorruptImageError(f"{where}: {shared_count} shared xattrs do not fit its xattr area "
+                                    f"of {raw.xattr_size} bytes")
         entries = [self._shared_entry(xid, where)
                    for xid in struct.unpack_from(f"<{shared_count}I", self.data, pos)]
         pos += 4 * shared_count
@@ -234,10 +234,10 @@ class _Reader:
         out: dict[bytes, bytes] = {}
         for index, suffix, key, value in entries:
             if key in out:
-                raise ImageError(f"{where}: duplicate xattr {key!r}")
+                raise CorruptImageError(f"{where}: duplicate xattr {key!r}")
             # A set filter bit tells the kernel the name is absent: it would not find it.
             if self.filter and name_filter >> self._filter_bit(index, suffix) & 1:
-                raise ImageError(f"{where}: xattr name filter hides {key!r}")
+                raise CorruptImageError(f"{where}: xattr name filter hides {key!r}")
             out[key] = value
         return out
 
@@ -262,21 +262,21 @@ class _Reader:
         """Decode the xattr entry at pos, which must end by end: (index, suffix, key, value, next)."""
         past = "the end of the image" if end == len(self.data) else "its xattr area"
         if pos + E.XATTR_ENTRY.size > end:
-            raise ImageError(f"{what} runs past {past}")
+            raise CorruptImageError(f"{what} runs past {past}")
         name_len, index, value_size = E.XATTR_ENTRY.unpack_from(self.data, pos)
         name_at = pos + E.XATTR_ENTRY.size
         value_at = name_at + name_len
         if value_at + value_size > end:
-            raise ImageError(f"{what} runs past {past}")
+            raise CorruptImageError(f"{what} runs past {past}")
         if index & E.XATTR_LONG_PREFIX:
-            raise ImageError(f"{what}: long xattr name prefixes are not supported")
+            raise CorruptImageError(f"{what}: long xattr name prefixes are not supported")
         prefix = E.XATTR_PREFIX_BY_INDEX.get(index, b"" if index == 0 else None)
         if prefix is None:
-            raise ImageError(f"{what}: unknown xattr name index {index}")
+            raise CorruptImageError(f"{what}: unknown xattr name index {index}")
         suffix = self.read(name_at, name_len)
         key = prefix + suffix
         if not key or b"\0" in key:
-            raise ImageError(f"{what}: invalid xattr name {key!r}")
+            raise CorruptImageError(f"{what}: invalid xattr name {key!r}")
         return index, suffix, key, self.read(value_at, value_size), E.round_up(value_at + value_size, 4)
 
     def dirents(self, raw: _Raw) -> list[tuple[bytes, int, int]]:
@@ -286,7 +286,7 @@ class _Reader:
         (the kernel looks names up by binary search)."""
         where = f"directory nid {raw.nid}"
         if raw.layout not in _FLAT:
-            raise ImageError(f"{where}: chunk-based directories are not supported")
+            raise CorruptImageError(f"{where}: chunk-based directories are not supported")
         data = self.flat_data(raw)
         out: list[tuple[bytes, int, int]] = []
         prev = b""
@@ -294,10 +294,10 @@ class _Reader:
             block = data[bstart:bstart + E.BLKSIZ]
             bwhere = f"{where}, block {bstart // E.BLKSIZ}"
             if len(block) < E.DIRENT.size:
-                raise ImageError(f"{bwhere}: truncated directory block")
+                raise CorruptImageError(f"{bwhere}: truncated directory block")
             (_, first, _) = E.DIRENT.unpack_from(block, 0)
             if first % E.DIRENT.size or not E.DIRENT.size <= first < len(block):
-                raise ImageError(f"{bwhere}: corrupt directory block (first name offset {first})")
+                raise CorruptImageError(f"{bwhere}: corrupt directory block (first name offset {first})")
             count = first // E.DIRENT.size
             heads = [E.DIRENT.unpack_from(block, E.DIRENT.size * i) for i in range(count)]
             for i, (nid, nameoff, ftype) in enumerate(heads):
@@ -307,15 +307,15 @@ class _Reader:
                     nul = block.find(b"\0", nameoff)
                     nameend = len(block) if nul < 0 else nul
                 if not nameoff < nameend <= len(block):
-                    raise ImageError(f"{bwhere}: entry {i} has bad name offsets {nameoff}..{nameend}")
+                    raise CorruptImageError(f"{bwhere}: entry {i} has bad name offsets {nameoff}..{nameend}")
                 name = block[nameoff:nameend]
                 if len(name) > NAME_MAX:
-                    raise ImageError(f"{bwhere}: file name longer than {NAME_MAX} bytes: {name[:64]!r}...")
+                    raise CorruptImageError(f"{bwhere}: file name longer than {NAME_MAX} bytes: {name[:64]!r}...")
                 if b"/" in name or b"\0" in name:
-                    raise ImageError(f"{bwhere}: invalid file name {name!r}")
+                    raise CorruptImageError(f"{bwhere}: invalid file name {name!r}")
                 if name <= prev:
                     problem = "duplicate entry" if name == prev else "entries out of order at"
-                    raise ImageError(f"{bwhere}: {problem} {name!r}")
+                    raise CorruptImageError(f"{bwhere}: {problem} {name!r}")
                 prev = name
                 out.append((name, nid, ftype))
         return out
@@ -328,13 +328,13 @@ class _Reader:
         for name, nid, ftype in self.dirents(raw):
             if name in (b".", b".."):
                 if ftype != E.FT_DIR:
-                    raise ImageError(f"{where}: {name!r} entry has file type {ftype}")
+                    raise CorruptImageError(f"{where}: {name!r} entry has file type {ftype}")
                 dots[name] = nid
             else:
                 out.append((name, nid, ftype))
         for name, expect in ((b".", raw.nid), (b"..", parent_nid)):
             if dots.get(name) != expect:
-                raise ImageError(f"{where}: {name!r} entry missing or not pointing at nid {expect}")
+                raise CorruptImageError(f"{where}: {name!r} entry missing or not pointing at nid {expect}")
         return out
 
 
@@ -345,7 +345,7 @@ def _node(r: _Reader, raw: _Raw) -> Inode | None:
     if ftype == S_IFCHR and raw.i_u == 0:
         return None
     if ftype != S_IFREG and raw.layout == E.INODE_CHUNK_BASED:
-        raise ImageError(f"{where}: chunk-based layout on a non-regular file")
+        raise CorruptImageError(f"{where}: chunk-based layout on a non-regular file")
     node = Inode(mode=raw.mode, uid=raw.uid, gid=raw.gid, nlink=raw.nlink,
                  mtime_sec=raw.mtime[0], mtime_nsec=raw.mtime[1], size=raw.size)
     xattrs = r.xattrs(raw)
@@ -359,10 +359,10 @@ def _node(r: _Reader, raw: _Raw) -> Inode | None:
         node.rdev = raw.i_u
     elif ftype == S_IFLNK:
         if not 0 < raw.size <= SYMLINK_MAX:
-            raise ImageError(f"{where}: symlink target of {raw.size} bytes (must be 1..{SYMLINK_MAX})")
+            raise CorruptImageError(f"{where}: symlink target of {raw.size} bytes (must be 1..{SYMLINK_MAX})")
         target = r.flat_data(raw)
         if b"\0" in target:
-            raise ImageError(f"{where}: symlink target contains NUL")
+            raise CorruptImageError(f"{where}: symlink target contains NUL")
         node.payload = target
     elif ftype == S_IFREG and raw.size:
         if raw.layout == E.INODE_CHUNK_BASED:
@@ -382,13 +382,13 @@ def _set_xattrs(node: Inode, xattrs: dict[bytes, bytes], where: str) -> None:
         if key == _METACOPY:
             if node.is_reg() and value:
                 if len(value) != len(_METACOPY_HEADER) + DIGEST_SIZE or not value.startswith(_METACOPY_HEADER):
-                    raise ImageError(f"{where}: unsupported trusted.overlay.metacopy value {value[:8].hex()}...")
+                    raise CorruptImageError(f"{where}: unsupported trusted.overlay.metacopy value {value[:8].hex()}...")
                 node.digest = value[len(_METACOPY_HEADER):]
         elif key == _REDIRECT:
             if node.is_reg():
                 payload = value[1:] if value.startswith(b"/") else value
                 if not payload or b"\0" in payload or len(payload) >= PATH_MAX:
-                    raise ImageError(f"{where}: invalid trusted.overlay.redirect {value[:64]!r}")
+                    raise CorruptImageError(f"{where}: invalid trusted.overlay.redirect {value[:64]!r}")
                 node.payload = payload
         elif key == _ESCAPED_WHITEOUT or key in _WHITEOUT_MARKERS:
             pass
@@ -405,7 +405,7 @@ def read_image(data: bytes | bytearray | memoryview) -> Image:
     with no_gc():
         root_raw = r.inode(r.root_nid)
         if root_raw.type != S_IFDIR:
-            raise ImageError(f"root inode nid {r.root_nid} is not a directory")
+            raise CorruptImageError(f"root inode nid {r.root_nid} is not a directory")
         root = _node(r, root_raw)
         assert root is not None
         # nid -> (model inode, on-disk type) of every primary name so far.
@@ -424,15 +424,15 @@ def read_image(data: bytes | bytearray | memoryview) -> Image:
             if known is not None:
                 node, disk_type = known
                 if disk_type == S_IFDIR:
-                    raise ImageError(f"{where}: directory loop (directory nid {nid} reached twice)")
+                    raise CorruptImageError(f"{where}: directory loop (directory nid {nid} reached twice)")
                 if E.FILE_TYPE_OF_MODE[disk_type] != ftype:
-                    raise ImageError(f"{where}: file type {ftype} does not match inode nid {nid}")
+                    raise CorruptImageError(f"{where}: file type {ftype} does not match inode nid {nid}")
                 parent.children[name] = Hardlink(node)  # type: ignore[index]
                 continue
             raw = r.inode(nid)
             if E.FILE_TYPE_OF_MODE[raw.type] != ftype:
-                raise ImageError(f"{where}: file type {ftype} does not match inode nid {nid} "
-                                 f"(mode {raw.mode:#o})")
+                raise CorruptImageError(f"{where}: file type {ftype} does not match inode nid {nid} "
+                                        f"(mode {raw.mode:#o})")
             new = _node(r, raw)
             if new is None:
                 continue
@@ -442,7 +442,7 @@ def read_image(data: bytes | bytearray | memoryview) -> Image:
                 with_whiteouts[id(parent)] = parent
             if new.children is not None:
                 if len(stack) >= MAX_DEPTH:
-                    raise ImageError(f"{where}: directories nested deeper than {MAX_DEPTH}")
+                    raise CorruptImageError(f"{where}: directories nested deeper than {MAX_DEPTH}")
                 stack.append((new, nid, iter(r.children(raw, parent_nid))))
     for d in with_whiteouts.values():
         # The writer marks directories holding whiteouts opaque "x"; that is not part of the tree.

@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
-from ..util.errors import CfsError
+from ..util.errors import HostError
 from ..util.fsutil import copy_fd, fsync_dir, remove_tree, syncfs
 from . import fsverity
 
@@ -30,7 +30,7 @@ PathLike = str | bytes | os.PathLike[str]
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
-class ObjectWriteError(CfsError):
+class ObjectWriteError(HostError):
     """The store could not write an object: a full or read-only disk, say."""
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pygit2
 
-from ..util.errors import CfsError
+from ..util.errors import IntegrityError
 from ..util.fsutil import fsync_dir
 from ..util.run import run
 from .transport import NotFoundError, Transport
@@ -31,7 +31,7 @@ _OID = re.compile(r"[0-9a-f]{40}")
 _PACK = re.compile(r"pack-[0-9a-f]{40}\.pack")
 
 
-class GitObjectError(CfsError):
+class GitObjectError(IntegrityError):
     """A git object from the server is malformed or not what its name says."""
 
 

@@ -12,14 +12,15 @@ import os
 import tempfile
 from collections.abc import Iterable
 
-from ..repo.signing import SignatureError, Signer
+from ..repo.signing import SignatureError, SignatureIntegrityError, Signer
+from ..util.errors import UsageError
 from ..util.fsutil import atomic_write_bytes
 from ..util.run import run
 
 ARMOR = b"-----BEGIN PGP "
 
 
-class KeyringError(SignatureError):
+class KeyringError(SignatureError, UsageError):
     pass
 
 
@@ -33,7 +34,7 @@ def _fingerprints(home: str, path: str) -> list[str]:
               capture=True, check=False)
     records = [line.split(":") for line in out.stdout.decode(errors="replace").splitlines()]
     if any(r[0] in ("sec", "ssb") for r in records):
-        raise KeyringError(f"{path}: holds a secret key; give the public key (gpg --export)")
+        raise KeyringError(f"{path}: holds a secret key", hint="give the public key: gpg --export")
     # A key's fingerprint is the fpr record right after its pub record (subkeys have their own).
     fprs = [r[9] for prev, r in zip([[""], *records], records, strict=False) if r[0] == "fpr" and prev[0] == "pub"]
     if out.returncode != 0 or not fprs:
@@ -91,14 +92,14 @@ def verify(keyring: str, data: bytes, signature: str) -> Signer:
     for word, what in (("EXPKEYSIG", "an expired key"), ("REVKEYSIG", "a revoked key"),
                        ("EXPSIG", "an expired signature")):
         if word in status:
-            raise SignatureError(f"signed with {what} ({status[word][0]})")
+            raise SignatureIntegrityError(f"signed with {what} ({status[word][0]})")
     if "BADSIG" in status:
-        raise SignatureError(f"bad signature (key {status['BADSIG'][0]})")
+        raise SignatureIntegrityError(f"bad signature (key {status['BADSIG'][0]})")
     if "NO_PUBKEY" in status or "ERRSIG" in status:
         key = (status.get("NO_PUBKEY") or status["ERRSIG"])[0]
-        raise SignatureError(f"signed by unknown key {key}")
+        raise SignatureIntegrityError(f"signed by unknown key {key}")
     if result.returncode != 0 or "GOODSIG" not in status or "VALIDSIG" not in status:
-        raise SignatureError("no valid signature")
+        raise SignatureIntegrityError("no valid signature")
     good, valid = status["GOODSIG"], status["VALIDSIG"]
     # VALIDSIG's tenth field is the primary key's fingerprint (the signing key may be a subkey).
     return Signer(valid[9] if len(valid) > 9 else valid[0], good[0], " ".join(good[1:]))

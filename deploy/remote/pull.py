@@ -43,8 +43,8 @@ from ..repo.repository import (
     bindings,
     trailers,
 )
-from ..repo.signing import SignatureError, Signer
-from ..util.errors import CfsError
+from ..repo.signing import SignatureError, SignatureIntegrityError, Signer
+from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, remove_tree, syncfs
 from . import dumbhttp, keyring, remotes
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
@@ -55,19 +55,31 @@ class PullError(CfsError):
     pass
 
 
-class ObjectMismatchError(PullError):
+class PullUsageError(PullError, UsageError):
+    pass
+
+
+class PullNotFoundError(PullError, NotFoundError):
+    pass
+
+
+class PullIntegrityError(PullError, IntegrityError):
+    pass
+
+
+class ObjectMismatchError(PullError, IntegrityError):
     """A downloaded object is not the one its digest names."""
 
 
-class DowngradeError(PullError):
+class DowngradeError(PullError, IntegrityError):
     """The remote offers a commit older than the one its ref already names."""
 
 
-class ManifestError(PullError):
+class ManifestError(PullError, IntegrityError):
     """A commit's manifest is malformed, unsafe, or does not give the commit's image."""
 
 
-class BindingError(PullError):
+class BindingError(PullError, IntegrityError):
     """The head was not made for the branch pulled: a server may not present one
     branch's (validly signed) commit as another's."""
 
@@ -131,18 +143,18 @@ def pull(repo: Repository, remote_name: str, branch: str | None = None, *, depth
     rem = remotes.get(repo, remote_name)
     branch = branch or rem.branch
     if not branch:
-        raise PullError(f"remote {rem.name} has no default branch: name the branch to pull")
+        raise PullUsageError(f"remote {rem.name} has no default branch: name the branch to pull")
     remotes.check_branch(branch)
     if depth is not None and depth < 1:
-        raise PullError(f"depth must be at least 1, not {depth}")
+        raise PullUsageError(f"depth must be at least 1, not {depth}")
     if options.jobs < 1:
-        raise PullError(f"jobs must be at least 1, not {options.jobs}")
+        raise PullUsageError(f"jobs must be at least 1, not {options.jobs}")
     trusted = None
     if rem.gpg_verify:
         trusted = remotes.keyring_path(repo, rem.name)
         if not os.path.exists(trusted):
-            raise PullError(f"remote {rem.name} has no trusted keys: add it again with --gpg-import KEYFILE "
-                            "(or --no-gpg-verify)")
+            raise PullUsageError(f"remote {rem.name} has no trusted keys",
+                                 hint="add it again with --gpg-import KEYFILE, or --no-gpg-verify")
     transport = open_transport(remotes.normalize_url(url) if url else rem.url, options.limits)
     try:
         with repo.lock(wait=options.lock_wait, on_wait=options.on_lock_wait):
@@ -205,7 +217,7 @@ class _Pull:
         refs = self.git.refs(self.options.max_refs)
         head = refs.get(f"refs/heads/{self.branch}")
         if head is None:
-            raise PullError(f"remote {name} has no branch {self.branch}")
+            raise PullNotFoundError(f"remote {name} has no branch {self.branch}")
         ref = f"refs/remotes/{name}/{self.branch}"
         old = self.repo.git.references.get(ref)
         previous = None if old is None else str(old.target)
@@ -248,11 +260,11 @@ class _Pull:
             return None
         where = f"commit {commit.id} from remote {self.remote.name}"
         if commit.signature is None:
-            raise SignatureError(f"{where} is not signed, and the remote requires signatures (gpg-verify)")
+            raise SignatureIntegrityError(f"{where} is not signed, and the remote requires signatures (gpg-verify)")
         try:
             return keyring.verify(self.trusted, commit.signed_payload, commit.signature)
         except SignatureError as e:
-            raise SignatureError(f"{where}: {e}") from None
+            raise SignatureIntegrityError(f"{where}: {e}") from None
 
     def _check_binding(self, commit: CommitData) -> None:
         """The head must be bound to the branch pulled.  Only the head: a branch's
@@ -357,7 +369,7 @@ class _Pull:
         except FileNotFoundError:
             return set()
         if not all(len(i) == 40 and all(c in b"0123456789abcdef" for c in i) for i in ids):
-            raise PullError(f"{self.shallow_path} is damaged: it should list commit ids, one a line")
+            raise PullIntegrityError(f"{self.shallow_path} is damaged: it should list commit ids, one a line")
         return {i.decode() for i in ids}
 
     def _write_shallow(self, ids: set[str]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..repo.repository import Repository, valid_ref_name
 from ..util import tomlfile
-from ..util.errors import CfsError
+from ..util.errors import CfsError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from . import dumbhttp, keyring
 
@@ -40,6 +40,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RemoteError(CfsError):
+    pass
+
+
+class RemoteUsageError(RemoteError, UsageError):
+    pass
+
+
+class RemoteNotFoundError(RemoteError, NotFoundError):
     pass
 
 
@@ -62,13 +70,13 @@ class Remote:
 def check_name(name: str) -> str:
     # The name is a ref component (refs/remotes/NAME/...) and a directory name.
     if not _NAME.fullmatch(name) or name.endswith((".", ".lock")) or ".." in name:
-        raise RemoteError(f"invalid remote name {name!r} (letters, digits, '_', '.' and '-')")
+        raise RemoteUsageError(f"invalid remote name {name!r} (letters, digits, '_', '.' and '-')")
     return name
 
 
 def check_branch(branch: str) -> str:
     if not valid_ref_name(f"refs/heads/{branch}"):
-        raise RemoteError(f"invalid branch name {branch!r}")
+        raise RemoteUsageError(f"invalid branch name {branch!r}")
     return branch
 
 
@@ -77,25 +85,25 @@ def normalize_url(url: str) -> str:
     try:
         url.encode()
     except UnicodeEncodeError:
-        raise RemoteError(f"invalid URL {url!r}: not UTF-8") from None
+        raise RemoteUsageError(f"invalid URL {url!r}: not UTF-8") from None
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port that is no number, or out of range
     except ValueError as e:
-        raise RemoteError(f"invalid URL {url!r}: {e}") from None
+        raise RemoteUsageError(f"invalid URL {url!r}: {e}") from None
     # urlsplit drops tabs and newlines silently, and http.client takes ASCII only.
     if parts.scheme and not (url.isascii() and url.isprintable() and " " not in url):
-        raise RemoteError(f"URL with blanks, control or non-ASCII characters: {url!r}")
+        raise RemoteUsageError(f"URL with blanks, control or non-ASCII characters: {url!r}")
     if not parts.scheme:
         return "file://" + urllib.parse.quote(os.path.abspath(url))
     if parts.scheme not in SCHEMES:
-        raise RemoteError(f"unsupported URL {url!r} (http://, https://, file:// or a path)")
+        raise RemoteUsageError(f"unsupported URL {url!r} (http://, https://, file:// or a path)")
     if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
-        raise RemoteError(f"file URLs name a local path, not a host: {url!r}")
+        raise RemoteUsageError(f"file URLs name a local path, not a host: {url!r}")
     if parts.scheme != "file" and not parts.hostname:
-        raise RemoteError(f"URL without a host: {url!r}")
+        raise RemoteUsageError(f"URL without a host: {url!r}")
     if parts.query or parts.fragment:
-        raise RemoteError(f"URL with a query or fragment: {url!r}")
+        raise RemoteUsageError(f"URL with a query or fragment: {url!r}")
     return url.rstrip("/")
 
 
@@ -132,11 +140,11 @@ def _parse(name: str, table: object, where: str) -> Remote:
     try:
         check_name(name)
         if normalize_url(url) != url:
-            raise RemoteError(f"URL {url!r} is not in the form `remote add` writes")
+            raise RemoteError(f"URL {url!r} is not in its normal form", hint="as `cfsdeploy remote add` writes it")
         if branch is not None:
             check_branch(branch)
     except RemoteError as e:
-        raise RemoteError(f"{where}: remote {name!r}: {e}") from None
+        raise RemoteError(f"{where}: remote {name!r}: {e}", hint=e.hint) from None
     return Remote(name, url, verify, branch, binding)
 
 
@@ -162,7 +170,7 @@ def get(repo: Repository, name: str) -> Remote:
     for r in list_remotes(repo):
         if r.name == name:
             return r
-    raise RemoteError(f"no remote named {name!r} (see `cfsdeploy remote list`)")
+    raise RemoteNotFoundError(f"no remote named {name!r}", hint="see `cfsdeploy remote list`")
 
 
 def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (), gpg_verify: bool = True,
@@ -174,15 +182,15 @@ def add(repo: Repository, name: str, url: str, *, key_files: Iterable[str] = (),
     check_name(name)
     key_files = list(key_files)
     if gpg_verify and not key_files:
-        raise RemoteError(f"remote {name}: checking signatures needs trusted keys: give --gpg-import KEYFILE, "
-                          "or --no-gpg-verify")
+        raise RemoteUsageError(f"remote {name}: checking signatures needs trusted keys",
+                               hint="give --gpg-import KEYFILE, or --no-gpg-verify")
     remote = Remote(name, normalize_url(url), gpg_verify, check_branch(branch) if branch else None,
                     require_binding)
     with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
         doc = _load(repo)
         tables = _tables(repo, doc)
         if name in tables:
-            raise RemoteError(f"remote {name!r} exists (remove it first)")
+            raise RemoteUsageError(f"remote {name!r} exists (remove it first)")
         top = os.path.join(repo.path, REMOTES_DIR)
         # Left by an add that died before writing the config: nobody uses it.
         remove_tree(os.path.join(top, name), ignore_errors=True)
@@ -205,7 +213,7 @@ def remove(repo: Repository, name: str, *, lock_wait: float = 60.0,
         doc = _load(repo)
         tables = _tables(repo, doc, but=name)
         if name not in tables:
-            raise RemoteError(f"no remote named {name!r}")
+            raise RemoteNotFoundError(f"no remote named {name!r}")
         del tables[name]
         _save(repo, doc)
         for ref in [r for r in repo.git.references if r.startswith(f"refs/remotes/{name}/")]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import __version__
+from ..util import errors
 from ..util.errors import CfsError
 
 Sink = Callable[[bytes], object]
@@ -37,7 +38,7 @@ class TransportError(CfsError):
     pass
 
 
-class NotFoundError(TransportError):
+class NotFoundError(TransportError, errors.NotFoundError):
     pass
 
 

@@ -18,11 +18,19 @@ import tempfile
 
 from ..composefs.objects import ObjectStore
 from ..composefs.tree import Hardlink, Inode, walk
-from ..util.errors import CfsError
+from ..util.errors import CfsError, IntegrityError, UsageError
 from ..util.fsutil import copy_fd, remove_tree
 
 
 class CheckoutError(CfsError):
+    pass
+
+
+class CheckoutUsageError(CheckoutError, UsageError):
+    pass
+
+
+class CheckoutIntegrityError(CheckoutError, IntegrityError):
     pass
 
 
@@ -44,11 +52,12 @@ def _create(path: bytes, node: Inode, store: ObjectStore) -> None:
                 os.write(fd, node.content)
             elif node.size:
                 if node.digest is None:
-                    raise CheckoutError(f"{os.fsdecode(path)}: the manifest names no object")
+                    raise CheckoutIntegrityError(f"{os.fsdecode(path)}: the manifest names no object")
                 try:
                     src = os.open(store.path_of(node.digest), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    raise CheckoutError(f"object {node.digest.hex()} is missing (run fsck, or pull)") from None
+                    raise CheckoutIntegrityError(f"object {node.digest.hex()} is missing",
+                                                 hint="run fsck, or pull") from None
                 try:
                     copy_fd(src, fd)
                 finally:
@@ -60,13 +69,13 @@ def _create(path: bytes, node: Inode, store: ObjectStore) -> None:
     elif ftype in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
         os.mknod(path, ftype | 0o600, node.rdev)
     else:
-        raise CheckoutError(f"{os.fsdecode(path)}: unsupported file type {ftype:o}")
+        raise CheckoutIntegrityError(f"{os.fsdecode(path)}: unsupported file type {ftype:o}")
 
 
 def checkout(root: Inode, store: ObjectStore, dest: str | os.PathLike[str]) -> None:
     dest_s = os.path.abspath(os.fspath(dest))
     if os.path.lexists(dest_s):
-        raise CheckoutError(f"refusing to check out over existing {dest_s}")
+        raise CheckoutUsageError(f"refusing to check out over existing {dest_s}")
     parent = os.path.dirname(dest_s)
     staging = os.fsencode(tempfile.mkdtemp(prefix=f".{os.path.basename(dest_s)}.", dir=parent))
     try:

@@ -34,7 +34,7 @@ from ..composefs.tarscan import scan_tar
 from ..composefs.tree import Inode, lookup, walk
 from ..composefs.tree import resolve as resolve_entry
 from ..util import lockfile
-from ..util.errors import CfsError
+from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from . import signing
 
@@ -69,13 +69,23 @@ class RepositoryError(CfsError):
     pass
 
 
-class CommitTextError(RepositoryError):
-    """User text cannot become part of a commit message (a usage error)."""
-
-    exit_code = 2
+class RepositoryUsageError(RepositoryError, UsageError):
+    pass
 
 
-class TrailerError(RepositoryError):
+class RepositoryNotFoundError(RepositoryError, NotFoundError):
+    pass
+
+
+class RepositoryIntegrityError(RepositoryError, IntegrityError):
+    pass
+
+
+class CommitTextError(RepositoryError, UsageError):
+    """User text cannot become part of a commit message."""
+
+
+class TrailerError(RepositoryError, IntegrityError):
     """A commit message's trailers are ambiguous."""
 
 
@@ -92,7 +102,7 @@ class Repository:
         self.path = os.path.abspath(os.fspath(path))
         for part in ("config.toml", "git", "objects", "tmp"):
             if not os.path.exists(os.path.join(self.path, part)):
-                raise RepositoryError(f"not a cfsdeploy repository: {self.path} (no {part})")
+                raise RepositoryNotFoundError(f"not a cfsdeploy repository: {self.path} (no {part})")
         self.git = pygit2.Repository(os.path.join(self.path, "git"))
         self.objects = ObjectStore(os.path.join(self.path, "objects"), os.path.join(self.path, "tmp"))
 
@@ -104,7 +114,7 @@ class Repository:
         either nothing or a whole repository."""
         path = os.path.abspath(os.fspath(path))
         if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise RepositoryError(f"refusing to create a repository over existing {path}")
+            raise RepositoryUsageError(f"refusing to create a repository over existing {path}")
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.init-", dir=parent)
@@ -171,7 +181,7 @@ class Repository:
             obj = self.git.revparse_single(rev)
             commit = obj.peel(pygit2.Commit)
         except (KeyError, ValueError, pygit2.GitError):
-            raise RepositoryError(f"unknown revision {rev!r}") from None
+            raise RepositoryNotFoundError(f"unknown revision {rev!r}") from None
         return commit
 
     def branch_head(self, branch: str) -> pygit2.Commit | None:
@@ -255,7 +265,7 @@ class Repository:
 
 def _check_branch(branch: str) -> None:
     if not valid_ref_name(f"refs/heads/{branch}"):
-        raise RepositoryError(f"invalid branch name {branch!r}")
+        raise RepositoryUsageError(f"invalid branch name {branch!r}")
 
 
 def valid_ref_name(ref: str) -> bool:
@@ -347,7 +357,7 @@ def image_digest_of(commit: pygit2.Commit) -> bytes:
     except ValueError:
         digest = b""
     if len(digest) != fsverity.HASH_SIZE:
-        raise RepositoryError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
+        raise RepositoryIntegrityError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
     return digest
 
 
@@ -447,9 +457,9 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
 def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
     ref = f"refs/tags/{name}"
     if not valid_ref_name(ref):
-        raise RepositoryError(f"invalid tag name {name!r}")
+        raise RepositoryUsageError(f"invalid tag name {name!r}")
     if ref in repo.git.references and not force:
-        raise RepositoryError(f"tag {name!r} already exists")
+        raise RepositoryUsageError(f"tag {name!r} already exists")
     commit = repo.resolve(rev)
     repo.git.references.create(ref, commit.id, force=force)
     return str(commit.id)
@@ -460,7 +470,7 @@ def manifest_of(repo: Repository, rev: str) -> Inode:
     try:
         blob = commit.tree[MANIFEST]
     except KeyError:
-        raise RepositoryError(f"commit {commit.id} has no {MANIFEST}") from None
+        raise RepositoryIntegrityError(f"commit {commit.id} has no {MANIFEST}") from None
     return dumpfile.parse(blob.data)
 
 
@@ -468,25 +478,26 @@ def read_file(repo: Repository, rev: str, path: str) -> bytes:
     """The content of a regular file in a commit, from its inline data or its object."""
     entry = lookup(manifest_of(repo, rev), os.fsencode(path))
     if entry is None:
-        raise RepositoryError(f"{path}: no such file in {rev}")
+        raise RepositoryNotFoundError(f"{path}: no such file in {rev}")
     return read_content(repo, resolve_entry(entry), path)
 
 
 def read_content(repo: Repository, node: Inode, path: str) -> bytes:
     """The content of a regular file of a manifest, checked against its digest."""
     if not node.is_reg():
-        raise RepositoryError(f"{path}: not a regular file")
+        raise RepositoryUsageError(f"{path}: not a regular file")
     if node.content is not None or node.size == 0:
         return node.content or b""
     if node.digest is None:
-        raise RepositoryError(f"{path}: the manifest names no object for this file")
+        raise RepositoryUsageError(f"{path}: the manifest names no object for this file")
     try:
         with open(repo.objects.path_of(node.digest), "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise RepositoryError(f"{path}: object {node.digest.hex()} is missing (run fsck, or pull)") from None
+        raise RepositoryIntegrityError(f"{path}: object {node.digest.hex()} is missing",
+                                       hint="run fsck, or pull") from None
     if fsverity.digest_bytes(data) != node.digest:
-        raise RepositoryError(f"{path}: object {node.digest.hex()} is corrupt (run fsck)")
+        raise RepositoryIntegrityError(f"{path}: object {node.digest.hex()} is corrupt", hint="run fsck")
     return data
 
 
@@ -495,7 +506,7 @@ def verify_commit(repo: Repository, rev: str, *, gpg_homedir: str | None = None)
     commit = repo.resolve(rev)
     signature, payload = commit.gpg_signature
     if not signature:
-        raise signing.SignatureError(f"commit {commit.id} is not signed")
+        raise signing.SignatureIntegrityError(f"commit {commit.id} is not signed")
     return signing.verify(payload, signature.decode(), homedir=gpg_homedir)
 
 

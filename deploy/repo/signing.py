@@ -16,10 +16,22 @@ from dataclasses import dataclass
 
 import gnupg
 
-from ..util.errors import CfsError
+from ..util.errors import CfsError, HostError, IntegrityError, UsageError
 
 
 class SignatureError(CfsError):
+    pass
+
+
+class SignatureUsageError(SignatureError, UsageError):
+    pass
+
+
+class SignatureIntegrityError(SignatureError, IntegrityError):
+    pass
+
+
+class SignatureHostError(SignatureError, HostError):
     pass
 
 
@@ -34,7 +46,7 @@ def _gpg(homedir: str | None) -> gnupg.GPG:
     try:
         return gnupg.GPG(gnupghome=homedir) if homedir else gnupg.GPG()
     except (OSError, ValueError) as e:
-        raise SignatureError(f"cannot run gpg: {e}") from None
+        raise SignatureHostError(f"cannot run gpg: {e}") from None
 
 
 def sign(data: bytes, key: str, *, homedir: str | None = None) -> str:
@@ -44,11 +56,11 @@ def sign(data: bytes, key: str, *, homedir: str | None = None) -> str:
     secret = gpg.list_keys(secret=True, keys=[key])
     if len(secret) != 1:
         found = "no" if not secret else "more than one"
-        raise SignatureError(f"signing with key {key!r} failed: {found} matching secret key")
+        raise SignatureUsageError(f"signing with key {key!r} failed: {found} matching secret key")
     result = gpg.sign(data, keyid=secret[0]["fingerprint"], detach=True, clearsign=False)
     if not result or not str(result).startswith("-----BEGIN PGP SIGNATURE-----"):
         status = getattr(result, "status", None) or "no signature produced"
-        raise SignatureError(f"signing with key {key!r} failed: {status}")
+        raise SignatureUsageError(f"signing with key {key!r} failed: {status}")
     return str(result)
 
 
@@ -60,8 +72,8 @@ def verify(data: bytes, signature: str, *, homedir: str | None = None) -> Signer
         result = _gpg(homedir).verify_data(sig.name, data)
     if not result.valid:
         if result.status == "no public key":
-            raise SignatureError(f"signed by unknown key {result.key_id}")
-        raise SignatureError(f"bad signature ({result.status or 'invalid'})")
+            raise SignatureIntegrityError(f"signed by unknown key {result.key_id}")
+        raise SignatureIntegrityError(f"bad signature ({result.status or 'invalid'})")
     return Signer(result.fingerprint, result.key_id, result.username or "")
 
 
@@ -85,7 +97,7 @@ def issuer(armored: str) -> Issuer:
         body = _signature_packet(_dearmor(armored))
         return _issuer_of(body)
     except (IndexError, ValueError, binascii.Error):
-        raise SignatureError("unreadable OpenPGP signature") from None
+        raise SignatureIntegrityError("unreadable OpenPGP signature") from None
 
 
 def _dearmor(armored: str) -> bytes:

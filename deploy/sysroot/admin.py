@@ -40,12 +40,19 @@ from ..repo.repository import (
     trailers,
 )
 from ..repo.treediff import TreeDiff, diff
-from ..util.errors import CfsError, VerityError
+from ..util.errors import CfsError, HostError, IntegrityError, UsageError, VerityError
 from ..util.fsutil import exchange, fsync_dir, remove_tree, syncfs
 from . import deployment, staged
 from .deployment import Deployment, Origin
 from .etcmerge import MergeReport, merge_etc
-from .layout import State, Sysroot, SysrootError, staged_deployment, staged_status
+from .layout import (
+    State,
+    Sysroot,
+    SysrootNotFoundError,
+    SysrootUsageError,
+    staged_deployment,
+    staged_status,
+)
 from .staged import Staged
 
 if TYPE_CHECKING:
@@ -74,6 +81,18 @@ def locked(fn: Callable[Concatenate[Sysroot, P], R]) -> Callable[Concatenate[Sys
 
 
 class DeployError(CfsError):
+    pass
+
+
+class DeployUsageError(DeployError, UsageError):
+    pass
+
+
+class DeployIntegrityError(DeployError, IntegrityError):
+    pass
+
+
+class DeployHostError(DeployError, HostError):
     pass
 
 
@@ -109,12 +128,12 @@ def load_commit(repo: Repository, rev: str) -> Commit:
     try:
         data = c.tree[MANIFEST].data
     except KeyError:
-        raise DeployError(f"commit {cid} has no {MANIFEST}") from None
+        raise DeployIntegrityError(f"commit {cid} has no {MANIFEST}") from None
     root = dumpfile.parse_paths(data, DEPLOY_PATHS)
     for d in (b"/etc", b"/var", b"/sysroot"):
         e = lookup(root, d)
         if not isinstance(e, Inode) or not e.is_dir():
-            raise DeployError(f"commit {cid[:12]} has no {d.decode()} directory (a root filesystem needs it)")
+            raise DeployUsageError(f"commit {cid[:12]} has no {d.decode()} directory (a root filesystem needs it)")
     kver, kernel, initramfs = find_kernel(root, cid)
     t = trailers(c.message)
     fmt = t.get(TRAILER_FORMAT, "0")
@@ -150,20 +169,20 @@ def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
             try:
                 name = bootloader.check_kver(kver.decode("ascii", errors="replace"))
             except bootloader.BootError as e:
-                raise DeployError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
+                raise DeployUsageError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
             if initrd is None or not resolve(initrd).is_reg():
-                raise DeployError(f"commit {cid[:12]} has a kernel {name} but no "
-                                  f"/usr/lib/modules/{name}/initramfs.img")
+                raise DeployUsageError(f"commit {cid[:12]} has a kernel {name} but no "
+                                       f"/usr/lib/modules/{name}/initramfs.img")
             return name, kernel, resolve(initrd)
-    raise DeployError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
+    raise DeployUsageError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
 
 
 def _missing_objects(repo: Repository, c: Commit) -> None:
     missing = sorted(d.hex() for d in repo.objects.missing(dumpfile.external_digests(c.manifest)))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DeployError(f"commit {c.id[:12]} misses {len(missing)} objects: {shown} "
-                          "(run `cfsdeploy fsck`, or pull again)")
+        raise DeployIntegrityError(f"commit {c.id[:12]} misses {len(missing)} objects: {shown}",
+                                   hint="run `cfsdeploy fsck`, or pull again")
 
 
 def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool:
@@ -176,19 +195,20 @@ def ensure_image(repo: Repository, c: Commit, log: Log = lambda m: None) -> bool
     path = repo.objects.path_of(c.image_digest)
     if repo.is_verified(c.id, c.image_digest) and os.path.exists(path):
         if fsverity.digest_file(path) != c.image_digest:
-            raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+            raise DeployIntegrityError(f"image object {c.image_digest.hex()} is corrupt", hint="run `cfsdeploy fsck`")
         return False
     log(f"building the image of commit {c.id[:12]} from its manifest")
     built = imagewriter.build(dumpfile.parse(c.manifest), min_version=c.image_format,
                               max_version=c.image_format).image
     if fsverity.digest_bytes(built) != c.image_digest:
-        raise DeployError(f"commit {c.id[:12]}: its manifest does not give the image its "
-                          "Composefs-Digest names; refusing to deploy it")
+        raise DeployIntegrityError(f"commit {c.id[:12]}: its manifest does not give the image its "
+                                   "Composefs-Digest names; refusing to deploy it")
     with repo.lock(wait=60):
         if os.path.exists(path):
             with open(path, "rb") as f:
                 if f.read() != built:
-                    raise DeployError(f"image object {c.image_digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+                    raise DeployIntegrityError(f"image object {c.image_digest.hex()} is corrupt",
+                                               hint="run `cfsdeploy fsck`")
         else:
             repo.objects.add_bytes(built)
         repo.mark_verified(c.id, c.image_digest)
@@ -418,9 +438,9 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     state = _prepare(sysroot, os_name)
     image_built = ensure_image(repo, c, log)
     if verity == "require" and not _has_verity(repo.objects.path_of(c.image_digest), c.image_digest):
-        raise DeployError("cfsdeploy.verity=require, but the image object has no fs-verity here, so "
-                          "the boot would stop: deploy with --verity try (or off), then run "
-                          "`cfsdeploy verity enable` on the machine itself")
+        raise DeployHostError("cfsdeploy.verity=require, but the image object has no fs-verity here, so "
+                              "the boot would stop", hint="deploy with --verity try (or off), then run "
+                              "`cfsdeploy verity enable` on the machine itself")
     merge_dep = state.booted or state.default
     base_kargs = merge_dep.kargs if merge_dep else sysroot.config.kargs
     new_kargs = kargs.edit(base_kargs, append=append, delete=delete)
@@ -481,12 +501,13 @@ def _install_kernel(sysroot: Sysroot, os_name: str, c: Commit) -> Kernel:
     paths = []
     for node, what in ((c.kernel, "kernel"), (c.initramfs, "initramfs")):
         if node.digest is None:
-            raise DeployError(f"commit {c.id[:12]}: the {what} is too small to be real")
+            raise DeployIntegrityError(f"commit {c.id[:12]}: the {what} is too small to be real")
         paths.append(store.path_of(node.digest))
     with open(paths[0], "rb") as k, open(paths[1], "rb") as i:
         for f, node, what in ((k, c.kernel, "kernel"), (i, c.initramfs, "initramfs")):
             if fsverity.digest_fd(f.fileno()) != node.digest:
-                raise DeployError(f"the {what} object {node.digest.hex()} is corrupt (run `cfsdeploy fsck`)")
+                raise DeployIntegrityError(f"the {what} object {node.digest.hex()} is corrupt",
+                                           hint="run `cfsdeploy fsck`")
         return bootloader.install_kernel(sysroot.boot, os_name, c.kver, k, i)
 
 
@@ -528,7 +549,7 @@ def rollback(sysroot: Sysroot, os_name: str, log: Log = lambda m: None) -> tuple
     is pending).  Returns (new default, old default)."""
     state = _prepare(sysroot, os_name)
     if len(state.deployments) < 2:
-        raise SysrootError("there is no other deployment to roll back to")
+        raise SysrootNotFoundError("there is no other deployment to roll back to")
     old = state.deployments[0]
     target = state.booted if state.booted is not None and state.booted != old else state.deployments[1]
     _unstage(sysroot, os_name, log)
@@ -542,9 +563,9 @@ def undeploy(sysroot: Sysroot, os_name: str, index: int, log: Log = lambda m: No
     state = _prepare(sysroot, os_name)
     dep = state.find(index)
     if dep == state.booted:
-        raise SysrootError(f"deployment {index} ({dep.name}) is the booted one; it stays")
+        raise SysrootUsageError(f"deployment {index} ({dep.name}) is the booted one; it stays")
     if len(state.deployments) == 1:
-        raise SysrootError("refusing to remove the only deployment: nothing would boot")
+        raise SysrootUsageError("refusing to remove the only deployment: nothing would boot")
     _unstage(sysroot, os_name, log)
     _rewrite(sysroot, state, [d for d in state.deployments if d != dep])
     _settle(sysroot, os_name)
@@ -565,7 +586,7 @@ def set_kargs(sysroot: Sysroot, os_name: str, *, append: tuple[str, ...] = (), d
     """Edit the default deployment's kernel arguments (a new entry set, switched atomically)."""
     state = _prepare(sysroot, os_name)
     if state.default is None:
-        raise SysrootError(f"os {os_name!r} has no deployment")
+        raise SysrootNotFoundError(f"os {os_name!r} has no deployment")
     dep = state.default.with_(kargs=kargs.edit(state.default.kargs, append=append, delete=delete,
                                                replace=replace))
     _unstage(sysroot, os_name, log)
@@ -786,8 +807,8 @@ def _check_not_older(repo: Repository, current: str, new: str) -> None:
     downgrade: a mirror must not bring back an old (validly signed) release."""
     a, b = repo.resolve(current), repo.resolve(new)
     if repo.git.descendant_of(a.id, b.id) or b.commit_time < a.commit_time:
-        raise DeployError(f"the origin's head {new[:12]} is older than the deployed {current[:12]}: "
-                          "refusing to downgrade (--allow-downgrade to do it anyway)")
+        raise DeployIntegrityError(f"the origin's head {new[:12]} is older than the deployed {current[:12]}: "
+                                   "refusing to downgrade", hint="--allow-downgrade to do it anyway")
 
 
 @locked
@@ -802,7 +823,7 @@ def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, che
     origin = origin or (current.origin if current else None)
     if origin is None:
         which = f"deployment {current.name} follows" if current else f"os {os_name!r} has no deployment and"
-        raise SysrootError(f"{which} no branch: `cfsdeploy switch REMOTE:BRANCH` chooses one")
+        raise SysrootUsageError(f"{which} no branch", hint="`cfsdeploy switch REMOTE:BRANCH` chooses one")
     from ..remote.pull import PullOptions, pull  # only here: HTTP and TLS cost every other command time
 
     repo = sysroot.repo
@@ -843,5 +864,5 @@ def parse_refspec(refspec: str) -> Origin:
     """REMOTE:BRANCH, or BRANCH of the machine's own repository."""
     remote, sep, branch = refspec.rpartition(":")
     if not branch or (sep and not remote):
-        raise SysrootError(f"expected REMOTE:BRANCH or BRANCH, not {refspec!r}")
+        raise SysrootUsageError(f"expected REMOTE:BRANCH or BRANCH, not {refspec!r}")
     return Origin(branch, remote or None)

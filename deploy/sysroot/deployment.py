@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..boot import bootloader
-from ..util.errors import CfsError
+from ..util.errors import IntegrityError
 from ..util.fsutil import atomic_write_bytes
 
 RECORD = "deployment.json"
@@ -17,7 +17,7 @@ _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-class DeploymentError(CfsError):
+class DeploymentError(IntegrityError):
     pass
 
 

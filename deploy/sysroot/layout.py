@@ -28,7 +28,7 @@ from ..boot.bootloader import BootEntry, Damaged, Kind
 from ..composefs import fsverity
 from ..repo.repository import Repository
 from ..util import lockfile, tomlfile
-from ..util.errors import CfsError
+from ..util.errors import CfsError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from . import deployment, staged
 from .deployment import Deployment
@@ -46,6 +46,14 @@ CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
 
 
 class SysrootError(CfsError):
+    pass
+
+
+class SysrootUsageError(SysrootError, UsageError):
+    pass
+
+
+class SysrootNotFoundError(SysrootError, NotFoundError):
     pass
 
 
@@ -145,7 +153,7 @@ def _verity_works(directory: str) -> bool:
 
 def check_os_name(name: str) -> str:
     if not isinstance(name, str) or not bootloader.OS_NAME.fullmatch(name):
-        raise SysrootError(f"invalid os name {name!r} (letters, digits, '_' and '.')")
+        raise SysrootUsageError(f"invalid os name {name!r} (letters, digits, '_' and '.')")
     return name
 
 
@@ -183,7 +191,7 @@ class State:
 
     def find(self, index: int) -> Deployment:
         if not 0 <= index < len(self.deployments):
-            raise SysrootError(f"no deployment {index} (there are {len(self.deployments)})")
+            raise SysrootNotFoundError(f"no deployment {index} (there are {len(self.deployments)})")
         return self.deployments[index]
 
 
@@ -196,7 +204,8 @@ class Sysroot:
             with open(config_path, "rb") as f:
                 self.config = Config.parse(f.read(), config_path)
         except FileNotFoundError:
-            raise SysrootError(f"not a cfsdeploy sysroot: {self.path} (run `cfsdeploy sysroot init`)") from None
+            raise SysrootNotFoundError(f"not a cfsdeploy sysroot: {self.path}",
+                                       hint="run `cfsdeploy sysroot init`") from None
         self.boot = os.path.join(self.path, boot_dir or self.config.boot_dir)
         self._cmdline = cmdline
         self._repo: Repository | None = None
@@ -234,7 +243,7 @@ class Sysroot:
             with open(config_path, "rb") as f:
                 config = Config.parse(f.read(), config_path)
             if boot_dir is not None and boot_dir != config.boot_dir:
-                raise SysrootError(f"the sysroot's boot directory is already {config.boot_dir}")
+                raise SysrootUsageError(f"the sysroot's boot directory is already {config.boot_dir}")
         else:
             config = Config(default_os=os_name, boot_dir=boot_dir or "boot",
                             kargs=kargs.check_line([kargs.check(a) for a in karg_list or []]),
@@ -289,9 +298,10 @@ class Sysroot:
                 os_name = booted.split("/")[3] if bootloader.OS_NAME.fullmatch(booted.split("/")[3]) else None
         os_name = os_name or self.config.default_os
         if os_name is None:
-            raise SysrootError("which os? give --os")
+            raise SysrootUsageError("which os?", hint="give --os")
         if os_name not in self.os_names():
-            raise SysrootError(f"no os {os_name!r} in {self.path} (run `cfsdeploy sysroot init --os {os_name}`)")
+            raise SysrootNotFoundError(f"no os {os_name!r} in {self.path}",
+                                       hint=f"run `cfsdeploy sysroot init --os {os_name}`")
         return os_name
 
     def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None

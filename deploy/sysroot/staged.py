@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..boot import bootloader, kargs
 from ..util import run
-from ..util.errors import CfsError
+from ..util.errors import IntegrityError
 from ..util.fsutil import atomic_write_bytes, fsync_dir
 from . import deployment
 
@@ -32,7 +32,7 @@ SYSTEMD_RUNNING = "/run/systemd/system"  # exists when systemd is PID 1 (sd_boot
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-class StagedError(CfsError):
+class StagedError(IntegrityError):
     pass
 
 

@@ -9,10 +9,10 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import CfsError
+from .errors import BusyError
 
 
-class LockedError(CfsError):
+class LockedError(BusyError):
     pass
 
 

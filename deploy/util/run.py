@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from .errors import CommandError
+from .errors import CommandError, CommandHostError
 
 # Debian packages providing the commands cfsdeploy runs, for "command not found" hints.
 _PACKAGES = {
@@ -83,12 +83,12 @@ def run(
         if cwd is not None and e.filename == os.fspath(cwd):
             raise CommandError(f"{name}: working directory {os.fsdecode(e.filename)} not found") from None
         package = _PACKAGES.get(name)
-        hint = f" (install package {package}?)" if package else ""
-        raise CommandError(f"{name}: command not found{hint}") from None
+        raise CommandHostError(f"{name}: command not found",
+                               hint=f"install package {package}?" if package else None) from None
     except subprocess.TimeoutExpired as e:
         raise CommandError(f"{name}: timed out after {e.timeout:g} s") from None
     except OSError as e:
-        raise CommandError(f"{name}: cannot run: {e.strerror}") from None
+        raise CommandHostError(f"{name}: cannot run: {e.strerror}") from None
 
     if not capture and proc.stderr:
         sys.stderr.write(proc.stderr.decode("utf-8", "replace"))
