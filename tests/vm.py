@@ -558,9 +558,13 @@ class Boot:
     @property
     def ended(self) -> str:
         """How the guest ended this boot: "reboot", "power off", or "?"."""
-        if "reboot: Restarting system" in self.log:
+        # systemd-shutdown's words too: the kernel's last line can be lost when the
+        # machine resets before its console is flushed
+        if "reboot: Restarting system" in self.log or "systemd-shutdown[1]: Rebooting." in self.log:
             return "reboot"
-        return "power off" if "reboot: Power down" in self.log else "?"
+        if "reboot: Power down" in self.log or "systemd-shutdown[1]: Powering off." in self.log:
+            return "power off"
+        return "?"
 
     @property
     def booted(self) -> dict[str, object] | None:
