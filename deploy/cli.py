@@ -241,22 +241,20 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
-    from .remote.dumbhttp import update_server_info
     from .util.progress import Progress, human_bytes
 
     bar = Progress("commit")
 
     def show(st: ScanStats) -> None:
-        bar.update(f"{st.entries} entries, {st.files} files, {human_bytes(st.bytes)}, "
+        bar.update(f"{st.entries} entries, {st.files} files, {human_bytes(st.file_bytes)}, "
                    f"{st.objects_written} new objects")
 
-    with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
-        result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
-                             orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
-        update_server_info(repo)
+    result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
+                         orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads,
+                         warn=lambda m: click.echo(m, err=True), progress=show, lock_wait=wait_lock,
+                         on_lock_wait=_say_waiting)
     st = result.stats
-    bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
+    bar.done(f"{st.entries} entries, {human_bytes(st.file_bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
 
 
@@ -350,13 +348,9 @@ def refs(repo_path: str) -> None:
 @click.option("--force", is_flag=True, help="Move an existing tag.")
 def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
     """Tag the commit REV as NAME."""
-    from .remote.dumbhttp import update_server_info
     from .repo.repository import create_tag
 
-    repo = _open_repo(repo_path)
-    with repo.lock(wait=60):
-        click.echo(create_tag(repo, name, rev, force=force))
-        update_server_info(repo)
+    click.echo(create_tag(_open_repo(repo_path), name, rev, force=force, on_lock_wait=_say_waiting))
 
 
 @main.command("ls")
@@ -489,9 +483,8 @@ def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
     """Remove objects that no branch, tag or remote branch needs."""
     from .repo.repository import prune as prune_objects
 
-    repo = _open_repo(repo_path)
-    with repo.lock(wait=60):
-        r = prune_objects(repo, dry_run=dry_run, keep_younger_than=keep_younger_than)
+    r = prune_objects(_open_repo(repo_path), dry_run=dry_run, keep_younger_than=keep_younger_than,
+                      on_lock_wait=_say_waiting)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {r.removed} objects ({r.bytes_freed} bytes), kept {r.kept}")
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cfsdeploy.cli import main
-from cfsdeploy.remote import dumbhttp
+from cfsdeploy.repo import dumbhttp
 from cfsdeploy.remote.pull import BindingError, pull
 from cfsdeploy.repo import signing
 from cfsdeploy.repo.repository import Repository, bindings, history

@@ -17,7 +17,7 @@ import pytest
 from cfsdeploy.composefs import fsverity, imagewriter
 from cfsdeploy.composefs.dumpfile import dumps, parse
 from cfsdeploy.composefs.tree import Inode, walk
-from cfsdeploy.remote import dumbhttp
+from cfsdeploy.repo import dumbhttp
 from cfsdeploy.remote.pull import DowngradeError, PullOptions, pull
 from cfsdeploy.remote.transport import Limits
 from cfsdeploy.repo import signing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from cfsdeploy.remote import dumbhttp
+from cfsdeploy.repo import dumbhttp
 from cfsdeploy.repo.repository import Repository
 
 from .pullkit import nginx, publish, write_files  # noqa: F401

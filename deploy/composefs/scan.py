@@ -49,7 +49,7 @@ _PR_SET_PDEATHSIG = 1
 class ScanStats:
     entries: int = 0
     files: int = 0
-    bytes: int = 0
+    file_bytes: int = 0  # the size of the regular files, in all
     objects_written: int = 0
     cache_hits: int = 0  # files whose digest came from the cache: not read
     skipped: list[bytes] = field(default_factory=list)
@@ -197,7 +197,7 @@ class _Walk:
 
     def _file(self, path: bytes, st: os.stat_result, node: Inode) -> None:
         self.stats.files += 1
-        self.stats.bytes += st.st_size
+        self.stats.file_bytes += st.st_size
         node.size = st.st_size
         if st.st_size <= INLINE_MAX_RECOMMENDED:
             node.content = _read_small(path, st) or None

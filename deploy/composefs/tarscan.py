@@ -115,7 +115,7 @@ def _inode(tar: tarfile.TarFile, member: tarfile.TarInfo, ftype: int, store: Obj
         assert src is not None
         node.size = member.size
         stats.files += 1
-        stats.bytes += member.size
+        stats.file_bytes += member.size
         if member.size <= INLINE_MAX_RECOMMENDED:
             node.content = src.read() or None
         else:

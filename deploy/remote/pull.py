@@ -46,7 +46,8 @@ from ..repo.repository import (
 from ..repo.signing import SignatureError, Signer
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, remove_tree, syncfs
-from . import dumbhttp, keyring, remotes
+from ..repo import dumbhttp
+from . import keyring, remotes
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
 from .transport import Limits, Transport, open_transport
 

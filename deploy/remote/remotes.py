@@ -29,7 +29,8 @@ from ..repo.repository import Repository, valid_ref_name
 from ..util import tomlfile
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from . import dumbhttp, keyring
+from ..repo import dumbhttp
+from . import keyring
 
 CONFIG = "config.toml"
 CONFIG_HEADER = "cfsdeploy repository settings"

@@ -7,6 +7,9 @@
     REPO/cache/        local hints (digests of files already read), never needed
     REPO/lock          flock()ed by writers
 
+Each mutating operation (commit, create_tag, prune, init) takes the lock itself
+and keeps the git/info/refs index of a static HTTP server current (dumbhttp.py).
+
 A commit's tree holds one file, manifest.dump; its message ends in trailers
 naming the image digest and format and the branches it was made for (see
 docs/architecture.md, "Commit").
@@ -36,7 +39,7 @@ from ..composefs.tree import resolve as resolve_entry
 from ..util import lockfile
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from . import signing
+from . import dumbhttp, signing
 
 MANIFEST = "manifest.dump"
 # Digests of the files last committed from a directory (a hint; see digestcache.py).
@@ -95,6 +98,7 @@ class Repository:
                 raise RepositoryError(f"not a cfsdeploy repository: {self.path} (no {part})")
         self.git = pygit2.Repository(os.path.join(self.path, "git"))
         self.objects = ObjectStore(os.path.join(self.path, "objects"), os.path.join(self.path, "tmp"))
+        self._lock_depth = 0  # lock() held by this object: nested holds are free
 
     @classmethod
     def init(cls, path: str | os.PathLike[str]) -> Repository:
@@ -117,6 +121,7 @@ class Repository:
                 f.flush()
                 os.fsync(f.fileno())
             lockfile.create(os.path.join(staging, "lock"))
+            dumbhttp.write_server_info(staging)
             os.chmod(staging, 0o755)
             if os.path.isdir(path):
                 os.rmdir(path)  # empty, checked above
@@ -129,12 +134,26 @@ class Repository:
 
     @contextlib.contextmanager
     def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold the repository's writer lock; wait up to `wait` seconds for it."""
+        """Hold the repository's writer lock; wait up to `wait` seconds for it.
+
+        Re-entrant on this object, so a caller may hold it across several operations
+        that each take it; only the outermost hold clears tmp/."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         with lockfile.hold(os.path.join(self.path, "lock"),
                            f"repository {self.path} is locked by another cfsdeploy process",
                            wait=wait, on_wait=on_wait):
-            self._clean_tmp()
-            yield
+            self._lock_depth = 1
+            try:
+                self._clean_tmp()
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _clean_tmp(self) -> None:
         # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.  So are
@@ -185,14 +204,26 @@ class Repository:
                sign_key: str | None = None, gpg_homedir: str | None = None,
                threads: int | None = None,
                warn: Callable[[str], None] | None = None,
-               progress: Callable[[ScanStats], None] | None = None) -> CommitResult:
-        """Store a tree's objects, its manifest and image, and move `branch` to a new commit.
+               progress: Callable[[ScanStats], None] | None = None,
+               lock_wait: float = 60.0, on_lock_wait: Callable[[], None] | None = None) -> CommitResult:
+        """Store a tree's objects, its manifest and image, and move `branch` to a new
+        commit, under the lock (waiting up to lock_wait seconds for it).
 
         The commit is bound to `branch` and to the branches in `bind` (its
         Cfsdeploy-Branch trailers): a pull of any other branch refuses it.
         The new objects are published durably (one transaction) before the ref moves;
         if anything fails first, nothing new is named and the branch stays."""
         message = CommitMessage(subject, body, version, (branch, *bind))
+        with self.lock(wait=lock_wait, on_wait=on_lock_wait):
+            return self._commit(tree, branch, message, parent=parent, orphan=orphan, author=author,
+                                sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads, warn=warn,
+                                progress=progress)
+
+    def _commit(self, tree: str | os.PathLike[str], branch: str, message: CommitMessage, *,
+                parent: str | None, orphan: bool, author: tuple[str, str], sign_key: str | None,
+                gpg_homedir: str | None, threads: int | None, warn: Callable[[str], None] | None,
+                progress: Callable[[ScanStats], None] | None) -> CommitResult:
+        parents: list[pygit2.Oid]
         if orphan:
             parents = []
         elif parent is not None:
@@ -219,6 +250,7 @@ class Repository:
             cache.save(cache_path)
         self.mark_verified(str(commit_id), image_digest)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
+        dumbhttp.update_server_info(self)
         return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
 
     def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[bytes, int]:
@@ -444,14 +476,18 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
     return out
 
 
-def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
+def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False, lock_wait: float = 60.0,
+               on_lock_wait: Callable[[], None] | None = None) -> str:
+    """Point the tag `name` at the commit `rev` names (under the lock); its commit id."""
     ref = f"refs/tags/{name}"
     if not valid_ref_name(ref):
         raise RepositoryError(f"invalid tag name {name!r}")
-    if ref in repo.git.references and not force:
-        raise RepositoryError(f"tag {name!r} already exists")
-    commit = repo.resolve(rev)
-    repo.git.references.create(ref, commit.id, force=force)
+    with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
+        if ref in repo.git.references and not force:
+            raise RepositoryError(f"tag {name!r} already exists")
+        commit = repo.resolve(rev)
+        repo.git.references.create(ref, commit.id, force=force)
+        dumbhttp.update_server_info(repo)
     return str(commit.id)
 
 
@@ -532,8 +568,14 @@ class PruneResult:
     kept: int
 
 
-def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float = 0.0) -> PruneResult:
-    """Remove objects that no commit reachable from a ref needs (call under the lock)."""
+def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float = 0.0, lock_wait: float = 60.0,
+          on_lock_wait: Callable[[], None] | None = None) -> PruneResult:
+    """Remove objects that no commit reachable from a ref needs, under the lock."""
+    with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
+        return _prune(repo, dry_run, keep_younger_than)
+
+
+def _prune(repo: Repository, dry_run: bool, keep_younger_than: float) -> PruneResult:
     needed: set[bytes] = set()
     for commit in reachable_commits(repo):
         needed.add(image_digest_of(commit))
