@@ -229,7 +229,7 @@ def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
 
 def test_recommit_of_an_unchanged_tree_restores_a_missing_image(repo: Repository, tree) -> None:
     first = repo.commit(tree, "b", "one")
-    os.unlink(repo.objects.path_of(bytes.fromhex(first.image_digest)))
+    os.unlink(repo.objects.path_of(first.image_digest))
     second = repo.commit(tree, "b", "two")
     assert second.image_digest == first.image_digest
-    assert repo.objects.has(bytes.fromhex(second.image_digest))
+    assert repo.objects.has(second.image_digest)

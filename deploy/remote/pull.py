@@ -32,6 +32,7 @@ import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
 from ..composefs.tree import Inode, digest_to_path, walk
+from ..repo import dumbhttp
 from ..repo.repository import (
     MANIFEST,
     RESUME_DIR,
@@ -41,12 +42,12 @@ from ..repo.repository import (
     Repository,
     TrailerError,
     bindings,
+    digest_trailer,
     trailers,
 )
 from ..repo.signing import SignatureError, Signer
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, remove_tree, syncfs
-from ..repo import dumbhttp
 from . import keyring, remotes
 from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
 from .transport import Limits, Transport, open_transport
@@ -301,12 +302,9 @@ class _Pull:
             raise ManifestError(f"commit {commit.id}: malformed manifest: {e}") from None
         needed = check_manifest(root)
         t = trailers(commit.message)  # they parse: _check_binding read them
-        try:
-            digest = bytes.fromhex(t.get(TRAILER_DIGEST, ""))
-            fmt = int(t.get(TRAILER_FORMAT, ""))
-        except ValueError:
-            digest, fmt = b"", -1
-        if len(digest) != fsverity.HASH_SIZE or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
+        digest = digest_trailer(t)
+        fmt = int(t.get(TRAILER_FORMAT, "")) if t.get(TRAILER_FORMAT, "").isdigit() else -1
+        if digest is None or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
             raise ManifestError(f"commit {commit.id}: no valid {TRAILER_DIGEST} and {TRAILER_FORMAT} trailers")
         image = None
         # A commit already here came with its image checked, by the commit or pull that stored it.

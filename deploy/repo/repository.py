@@ -30,6 +30,7 @@ from typing import Any
 import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
+from ..composefs.fsverity import Digest, DigestError
 from ..composefs.digestcache import DigestCache
 from ..composefs.objects import ObjectStore
 from ..composefs.scan import ScanStats, scan
@@ -84,8 +85,10 @@ class TrailerError(RepositoryError):
 
 @dataclass(frozen=True)
 class CommitResult:
+    """What Repository.commit made: the new commit on `branch`, and what the scan saw."""
+
     commit: str
-    image_digest: str
+    image_digest: Digest
     branch: str
     stats: ScanStats
 
@@ -251,9 +254,9 @@ class Repository:
         self.mark_verified(str(commit_id), image_digest)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
         dumbhttp.update_server_info(self)
-        return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
+        return CommitResult(str(commit_id), image_digest, branch, stats)
 
-    def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[bytes, int]:
+    def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[Digest, int]:
         """The digest and format of the manifest's image, stored.  An unchanged tree
         reuses its parent's image: the image is a function of the manifest alone
         (what fsck checks), so building it again would give the same bytes."""
@@ -372,13 +375,17 @@ def bindings(message: str) -> list[str]:
     return _split_message(message)[1].get(TRAILER_BRANCH, [])
 
 
-def image_digest_of(commit: pygit2.Commit) -> bytes:
-    value = trailers(commit.message).get(TRAILER_DIGEST, "")
+def digest_trailer(found: dict[str, str]) -> Digest | None:
+    """The image digest a commit's trailers name; None if none or not a digest."""
     try:
-        digest = bytes.fromhex(value)
-    except ValueError:
-        digest = b""
-    if len(digest) != fsverity.HASH_SIZE:
+        return Digest.from_hex(found.get(TRAILER_DIGEST, ""))
+    except DigestError:
+        return None
+
+
+def image_digest_of(commit: pygit2.Commit) -> Digest:
+    digest = digest_trailer(trailers(commit.message))
+    if digest is None:
         raise RepositoryError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
     return digest
 
