@@ -175,7 +175,7 @@ def test_log_json_lists_commits_newest_first(history_repo: Repository) -> None:
     import json
     r = cli("log", "--repo", history_repo.path, "os/stable", "--json")
     assert r.exit_code == 0, r.output
-    entries = json.loads(r.output)
+    entries = json.loads(r.output)["commits"]
     assert [e["subject"] for e in entries] == ["Second", "First"]
     assert [e["version"] for e in entries] == ["1.1", "1.0"]
     assert all(len(e["image_digest"]) == 64 for e in entries)

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..repo import dumbhttp
 from ..repo.repository import Repository, valid_ref_name
 from ..util import tomlfile
 from ..util.errors import CfsError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from ..repo import dumbhttp
 from . import keyring
 
 CONFIG = "config.toml"

@@ -25,13 +25,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
-from ..composefs.fsverity import Digest, DigestError
 from ..composefs.digestcache import DigestCache
+from ..composefs.fsverity import Digest, DigestError
 from ..composefs.objects import ObjectStore
 from ..composefs.scan import ScanStats, scan
 from ..composefs.tarscan import scan_tar
@@ -407,24 +408,32 @@ class SignatureInfo:
 
 @dataclass(frozen=True)
 class CommitInfo:
+    """A stored commit as log and show describe it: its message split into parts, its
+    trailers read (a trailer that does not parse is None), who signed it."""
+
     id: str
     subject: str
     body: str
     version: str | None
-    timestamp: int
+    time: int  # the committer's timestamp
     author: str
     parents: list[str]
-    image_digest: str | None
+    image_digest: Digest | None
     image_format: int | None
     branches: list[str]  # the binding; empty for commits made before bindings
     signature: SignatureInfo | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"commit": self.id, "subject": self.subject, "version": self.version,
-                "branches": self.branches,
-                "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
-                "image_digest": self.image_digest, "image_format": self.image_format,
+        return {"commit": self.id, "subject": self.subject, "body": self.body, "version": self.version,
+                "branches": self.branches, "time": iso_time(self.time), "author": self.author,
+                "parents": self.parents, "image_digest": self.image_digest.hex() if self.image_digest else None,
+                "image_format": self.image_format,
                 "signature": self.signature.to_json() if self.signature else None}
+
+
+def iso_time(timestamp: int) -> str:
+    """A Unix time in ISO 8601, UTC: 2026-11-30T05:12:43Z."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> SignatureInfo | None:
@@ -455,8 +464,8 @@ def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> Com
     return CommitInfo(
         id=str(commit.id), subject=paragraphs[0], body="\n\n".join(paragraphs[1:]),
         version=t.get(TRAILER_VERSION), branches=found.get(TRAILER_BRANCH, []),
-        timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
-        parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
+        time=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
+        parents=[str(p) for p in commit.parent_ids], image_digest=digest_trailer(t),
         image_format=int(fmt) if fmt and fmt.isdigit() else None,
         signature=signature_info(commit, gpg_homedir=gpg_homedir))
 
@@ -498,13 +507,46 @@ def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False, lo
     return str(commit.id)
 
 
+def manifest_data(commit: pygit2.Commit) -> bytes:
+    """The manifest (dumpfile) a commit's tree holds."""
+    entry = commit.tree[MANIFEST] if MANIFEST in commit.tree else None
+    if not isinstance(entry, pygit2.Blob):
+        raise RepositoryError(f"commit {commit.id} has no {MANIFEST}")
+    return entry.data
+
+
 def manifest_of(repo: Repository, rev: str) -> Inode:
-    commit = repo.resolve(rev)
-    try:
-        blob = commit.tree[MANIFEST]
-    except KeyError:
-        raise RepositoryError(f"commit {commit.id} has no {MANIFEST}") from None
-    return dumpfile.parse(blob.data)
+    return dumpfile.parse(manifest_data(repo.resolve(rev)))
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One line of `ls`: a path of a commit's tree and its metadata."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    symlink_target: bytes | None  # for symlinks
+
+
+def list_files(repo: Repository, rev: str, path: str, *, recursive: bool = False) -> list[ListedFile]:
+    """The file at `path` in commit `rev`; or for a directory, its entries (all those
+    below it if recursive), in tree order."""
+    top = lookup(manifest_of(repo, rev), os.fsencode(path))
+    if top is None:
+        raise RepositoryError(f"{path}: no such file in {rev}")
+    prefix = os.fsencode(path).rstrip(b"/")
+    node = resolve_entry(top)
+    if node.children is None:
+        entries = [(prefix, node)]
+    else:
+        depth = prefix.count(b"/") + 1
+        entries = [(prefix + p, resolve_entry(e)) for p, e in walk(node)
+                   if p != b"/" and (recursive or (prefix + p).count(b"/") == depth)]
+    return [ListedFile(p, n.mode, n.uid, n.gid, n.size, (n.payload or b"") if n.is_symlink() else None)
+            for p, n in entries]
 
 
 def read_file(repo: Repository, rev: str, path: str) -> bytes:
@@ -586,7 +628,7 @@ def _prune(repo: Repository, dry_run: bool, keep_younger_than: float) -> PruneRe
     needed: set[bytes] = set()
     for commit in reachable_commits(repo):
         needed.add(image_digest_of(commit))
-        needed |= objects_of(dumpfile.parse(commit.tree[MANIFEST].data))
+        needed |= objects_of(dumpfile.parse(manifest_data(commit)))
     cutoff = time.time() - keep_younger_than
     removed = freed = kept = 0
     for sub in sorted(os.listdir(repo.objects.path)):
