@@ -200,8 +200,8 @@ def test_tag_and_refs(history_repo: Repository) -> None:
 def test_ls_lists_a_directory_and_recursively(history_repo: Repository) -> None:
     r = cli("ls", "--repo", history_repo.path, "os/stable", "/etc")
     lines = r.output.splitlines()
-    assert [l.split()[-1] for l in lines if "->" not in l] == ["/etc/hostname"]
-    assert any(l.endswith("/etc/name-link -> hostname") for l in lines)
+    assert [line.split()[-1] for line in lines if "->" not in line] == ["/etc/hostname"]
+    assert any(line.endswith("/etc/name-link -> hostname") for line in lines)
     rec = cli("ls", "--repo", history_repo.path, "os/stable", "-R").output
     assert "/usr/bin/tool" in rec
 
