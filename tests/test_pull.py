@@ -13,10 +13,9 @@ from click.testing import CliRunner
 from cfsdeploy.cli import main
 from cfsdeploy.composefs import fsverity
 from cfsdeploy.remote import remotes
-from cfsdeploy.repo import dumbhttp
 from cfsdeploy.remote.pull import PullError, PullOptions, pull
 from cfsdeploy.remote.transport import TransportError
-from cfsdeploy.repo import fsck
+from cfsdeploy.repo import dumbhttp, fsck
 from cfsdeploy.repo.repository import (
     RESUME_DIR,
     Repository,

@@ -17,10 +17,9 @@ import pytest
 from cfsdeploy.composefs import fsverity, imagewriter
 from cfsdeploy.composefs.dumpfile import dumps, parse
 from cfsdeploy.composefs.tree import Inode, walk
-from cfsdeploy.repo import dumbhttp
 from cfsdeploy.remote.pull import DowngradeError, PullOptions, pull
 from cfsdeploy.remote.transport import Limits
-from cfsdeploy.repo import signing
+from cfsdeploy.repo import dumbhttp, signing
 from cfsdeploy.repo.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
 from cfsdeploy.util.errors import CfsError
 

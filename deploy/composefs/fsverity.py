@@ -21,7 +21,7 @@ import stat
 import string
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import BinaryIO
 
 from ..util.errors import CfsError, VerityError
@@ -156,7 +156,7 @@ class _Tree:
         """The root hash once `last` (a final level-0 hash, or nothing) is added;
         the tree itself is left unchanged."""
         carry = last
-        for pending, count in zip(self._pending, self._counts):
+        for pending, count in zip(self._pending, self._counts, strict=True):
             hashes = bytes(pending) + carry
             if count + len(carry) // HASH_SIZE == 1:
                 return hashes
@@ -285,7 +285,7 @@ def _kill_and_reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _level0(fd: int, size: int, pieces: list[tuple[int, int]], workers: int) -> Iterator[bytes]:
+def _level0(fd: int, size: int, pieces: list[tuple[int, int]], workers: int) -> Generator[bytes]:
     """The level-0 hashes of each piece, in order.
 
     Worker k of n hashes pieces k, k+n, k+2n... into its own pipe; the caller is

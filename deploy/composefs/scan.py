@@ -9,8 +9,9 @@ The scan runs in two passes: a walk in sorted order that builds the whole tree
 from lstat (and takes digests from a DigestCache where it may), then the reading
 of the remaining files, shared between forked worker processes (threads would
 serialize on the GIL: hashlib takes it for every 4 KiB block).  The result
-depends only on the tree, never on the number of workers or the order of work.  A file that differs from what the walk saw, or
-changes while it is read, is an error.
+depends only on the tree, never on the number of workers or the order of work.
+A file that differs from what the walk saw, or changes while it is read, is an
+error.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def _read_files(jobs: list[tuple[bytes, os.stat_result, Inode]], store: ObjectSt
 
     def collect(results: Iterable[tuple[bytes, bool]]) -> None:
         # In queue order, so the first failure reported is the first in the walk.
-        for (_, st, node), (digest, written) in zip(jobs, results):
+        for (_, st, node), (digest, written) in zip(jobs, results, strict=True):
             _set_digest(node, digest)
             stats.objects_written += written
             if cache is not None:

@@ -174,7 +174,8 @@ def scan_tar(path: str, *, store: ObjectStore | None = None,
 
 
 def _add(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Inode,
-         names: dict[tuple[bytes, ...], Inode], store: ObjectStore | None, stats: ScanStats, warn: Callable[[str], None]) -> None:
+         names: dict[tuple[bytes, ...], Inode], store: ObjectStore | None, stats: ScanStats,
+         warn: Callable[[str], None]) -> None:
     parts = tuple(_parts(member.name))
     if member.type == tarfile.LNKTYPE:
         target = names.get(tuple(_parts(member.linkname)))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pygit2
 
@@ -227,7 +227,7 @@ class Repository:
                 parent: str | None, orphan: bool, author: tuple[str, str], sign_key: str | None,
                 gpg_homedir: str | None, threads: int | None, warn: Callable[[str], None] | None,
                 progress: Callable[[ScanStats], None] | None) -> CommitResult:
-        parents: list[pygit2.Oid]
+        parents: list[str | pygit2.Oid]
         if orphan:
             parents = []
         elif parent is not None:
@@ -257,7 +257,7 @@ class Repository:
         dumbhttp.update_server_info(self)
         return CommitResult(str(commit_id), image_digest, branch, stats)
 
-    def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[Digest, int]:
+    def _image_of(self, manifest: bytes, root: Inode, parents: list[str | pygit2.Oid]) -> tuple[Digest, int]:
         """The digest and format of the manifest's image, stored.  An unchanged tree
         reuses its parent's image: the image is a function of the manifest alone
         (what fsck checks), so building it again would give the same bytes."""
@@ -272,7 +272,7 @@ class Repository:
         built = imagewriter.build(root)
         return self.objects.add_bytes(built.image), built.version
 
-    def _create_commit(self, manifest: bytes, message: str, parents: list[pygit2.Oid],
+    def _create_commit(self, manifest: bytes, message: str, parents: list[str | pygit2.Oid],
                        author: tuple[str, str], sign_key: str | None,
                        gpg_homedir: str | None) -> pygit2.Oid:
         """The git commit of a manifest (signed if asked), not yet on any ref."""
@@ -284,7 +284,8 @@ class Repository:
         sig = pygit2.Signature(author[0], author[1], when, 0)
         if sign_key is None:
             return self.git.create_commit(None, sig, sig, message, tree_id, parents)
-        content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
+        # pygit2's stubs say Oid; it returns the commit's text.
+        content = cast(str, self.git.create_commit_string(sig, sig, message, tree_id, parents))
         signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
         return self.git.create_commit_with_signature(content, signature)
 
@@ -474,7 +475,7 @@ def history(repo: Repository, rev: str, limit: int | None = None, *,
             gpg_homedir: str | None = None) -> list[CommitInfo]:
     """Commits reachable from rev, newest first (first-parent order); signatures are
     checked against the keyring in gpg_homedir when one is given."""
-    out = []
+    out: list[CommitInfo] = []
     commit: pygit2.Commit | None = repo.resolve(rev)
     while commit is not None and (limit is None or len(out) < limit):
         out.append(commit_info(commit, gpg_homedir=gpg_homedir))
