@@ -60,3 +60,13 @@ def test_cli_fsck_exits_non_zero_on_problems(repo) -> None:
     os.unlink(r.objects.path_of(digest))
     bad = CliRunner().invoke(main, ["fsck", "--repo", r.path, "--quick"])
     assert bad.exit_code == 1 and "missing object" in bad.output
+
+
+def test_a_commit_with_a_malformed_format_trailer_is_a_problem_not_a_crash(repo) -> None:
+    r, _ = repo
+    c = r.resolve("b")
+    message = c.message.replace("Composefs-Format: 0", "Composefs-Format: zero")
+    forged = r.git.create_commit(None, c.author, c.committer, message, c.tree_id, [c.id])
+    r.git.references.create("refs/heads/b", forged, force=True)
+    [problem] = fsck(r).problems
+    assert problem == Problem(ProblemKind.BAD_COMMIT, commit=str(forged), detail="Composefs-Format: zero")

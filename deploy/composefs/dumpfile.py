@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import IO
 
 from ..util.errors import DumpfileError, TreeError
+from .fsverity import Digest
 from .tree import (
     DIGEST_SIZE,
     S_IFBLK,
@@ -238,7 +239,7 @@ class _Parser:
         if digest_field:
             if _DIGEST.fullmatch(digest_field) is None:
                 raise ValueError(f"invalid digest {digest_field[:80]!r}: expected 64 hex digits")
-            digest = bytes.fromhex(digest_field.decode())
+            digest = Digest(bytes.fromhex(digest_field.decode()))
 
         if ftype == S_IFLNK:
             if self.strict:

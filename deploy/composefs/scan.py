@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from ..util.errors import CfsError, TreeError
 from . import fsverity
 from .digestcache import DigestCache
+from .fsverity import Digest
 from .objects import ObjectStore, ObjectWriteError
 from .tree import (
     INLINE_MAX_RECOMMENDED,
@@ -211,7 +212,7 @@ class _Walk:
             self.to_read.append((path, st, node))
 
 
-def _set_digest(node: Inode, digest: bytes) -> None:
+def _set_digest(node: Inode, digest: Digest) -> None:
     node.digest = digest
     node.payload = digest_to_path(digest)
 
@@ -239,7 +240,7 @@ def _read_small(path: bytes, st: os.stat_result) -> bytes:
         os.close(fd)
 
 
-def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | None) -> tuple[bytes, bool]:
+def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | None) -> tuple[Digest, bool]:
     """The file's digest, and whether its object was new to the store."""
     path, st = job
     try:
@@ -276,7 +277,7 @@ def _read_files(jobs: list[tuple[bytes, os.stat_result, Inode]], store: ObjectSt
     work = functools.partial(_digest_and_store, store=store)
     args = [(path, st) for path, st, _ in jobs]
 
-    def collect(results: Iterable[tuple[bytes, bool]]) -> None:
+    def collect(results: Iterable[tuple[Digest, bool]]) -> None:
         # In queue order, so the first failure reported is the first in the walk.
         for (_, st, node), (digest, written) in zip(jobs, results, strict=True):
             _set_digest(node, digest)

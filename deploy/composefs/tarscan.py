@@ -137,7 +137,7 @@ def _members(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> bytes:
+def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> fsverity.Digest:
     """The digest of a member's content, copied into the store as it is hashed."""
     if store is not None:
         try:

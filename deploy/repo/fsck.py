@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
+from ..composefs.fsverity import Digest
 from ..util.errors import CfsError
 from ..util.run import run
 from .repository import (
@@ -62,7 +63,7 @@ class FsckReport:
 def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
     report = FsckReport()
     problems = report.problems
-    needed: dict[bytes, tuple[str, bool]] = {}  # digest -> (commit, whether as its image)
+    needed: dict[Digest, tuple[str, bool]] = {}  # digest -> (commit, whether as its image)
     tips = {repo.git.references[name].peel(pygit2.Commit).id for name in repo.git.references
             if name.startswith(ROOT_REFS)}
     for commit in reachable_commits(repo):
@@ -83,8 +84,15 @@ def fsck(repo: Repository, *, quick: bool = False) -> FsckReport:
         for digest in objects_of(root):
             needed.setdefault(digest, (cid, False))
         if not quick:
-            fmt = int(trailers(commit.message).get(TRAILER_FORMAT, "0") or 0)
-            rebuilt = imagewriter.build(root, min_version=fmt, max_version=fmt).image
+            fmt = trailers(commit.message).get(TRAILER_FORMAT, "0")
+            if not fmt.isdigit() or int(fmt) > imagewriter.FORMAT_VERSION_MAX:
+                problems.append(Problem(ProblemKind.BAD_COMMIT, commit=cid, detail=f"{TRAILER_FORMAT}: {fmt}"))
+                continue
+            try:
+                rebuilt = imagewriter.build(root, min_version=int(fmt), max_version=int(fmt)).image
+            except CfsError as e:  # a manifest no image can be built from
+                problems.append(Problem(ProblemKind.BAD_COMMIT, commit=cid, detail=str(e)))
+                continue
             if fsverity.digest_bytes(rebuilt) != image_digest:
                 problems.append(Problem(ProblemKind.IMAGE_MISMATCH, commit=cid))
     for digest, (cid, is_image) in sorted(needed.items()):

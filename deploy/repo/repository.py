@@ -605,7 +605,7 @@ def reachable_commits(repo: Repository) -> list[pygit2.Commit]:
     return out
 
 
-def objects_of(root: Inode) -> set[bytes]:
+def objects_of(root: Inode) -> set[Digest]:
     """The digests of the external files a manifest needs."""
     return {e.digest for _, e in walk(root)
             if isinstance(e, Inode) and e.is_reg() and e.digest is not None and e.content is None}
@@ -626,7 +626,7 @@ def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float =
 
 
 def _prune(repo: Repository, dry_run: bool, keep_younger_than: float) -> PruneResult:
-    needed: set[bytes] = set()
+    needed: set[Digest] = set()
     for commit in reachable_commits(repo):
         needed.add(image_digest_of(commit))
         needed |= objects_of(dumpfile.parse(manifest_data(commit)))
