@@ -18,12 +18,12 @@ from . import __version__
 from .boot.bootloader import Kind
 from .composefs import dumpfile, fsverity, imagewriter
 from .util.errors import CfsError, HostError, IntegrityError, NotFoundError
-from .util.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .boot.bootloader import Repair
     from .composefs.scan import ScanStats
     from .remote.pull import PullProgress
+    from .repo.fsck import Problem
     from .repo.repository import CommitInfo, Repository, SignatureInfo
     from .sysroot.admin import DeployResult
     from .sysroot.deployment import Origin
@@ -156,8 +156,7 @@ def image() -> None:
 def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str | None,
                 min_version: int, max_version: int, lenient: bool, print_digest: bool) -> None:
     """Write the composefs EROFS image of a directory or a dumpfile to IMAGE."""
-    from .composefs import scan
-    from .composefs.objects import ObjectStore
+    from .composefs import imagefile
 
     if from_file is not None:
         if len(args) != 1:
@@ -165,19 +164,15 @@ def image_build(args: tuple[str, ...], from_file: str | None, digest_store: str 
         if digest_store:
             raise click.UsageError("--digest-store goes with a directory, not --from-file")
         data = sys.stdin.buffer.read() if from_file == "-" else open(from_file, "rb").read()
-        root = dumpfile.parse(data, strict=not lenient)
+        built = imagefile.from_dumpfile(data, args[0], strict=not lenient, min_version=min_version,
+                                        max_version=max_version)
     else:
         if len(args) != 2:
             raise click.UsageError("give DIR IMAGE, or --from-file DUMP IMAGE")
-        store = None
-        if digest_store:
-            os.makedirs(digest_store, exist_ok=True)
-            store = ObjectStore(digest_store)
-        root, _ = scan.scan(args[0], store=store)
-    result = imagewriter.build(root, min_version=min_version, max_version=max_version)
-    atomic_write_bytes(args[-1], result.image)
+        built = imagefile.from_directory(args[0], args[1], digest_store=digest_store or None,
+                                         min_version=min_version, max_version=max_version)
     if print_digest:
-        click.echo(fsverity.digest_bytes(result.image).hex())
+        click.echo(built.digest.hex())
 
 
 @image.command("dump")
@@ -253,22 +248,20 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
     repo = _open_repo(repo_path)
-    from .remote.dumbhttp import update_server_info
     from .util.progress import Progress, human_bytes
 
     bar = Progress("commit")
 
     def show(st: ScanStats) -> None:
-        bar.update(f"{st.entries} entries, {st.files} files, {human_bytes(st.bytes)}, "
+        bar.update(f"{st.entries} entries, {st.files} files, {human_bytes(st.file_bytes)}, "
                    f"{st.objects_written} new objects")
 
-    with repo.lock(wait=wait_lock, on_wait=lambda: click.echo("waiting for the repository lock...", err=True)):
-        result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
-                             orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir,
-                             threads=threads, warn=lambda m: click.echo(m, err=True), progress=show)
-        update_server_info(repo)
+    result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
+                         orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads,
+                         warn=lambda m: click.echo(m, err=True), progress=show, lock_wait=wait_lock,
+                         on_lock_wait=_say_waiting)
     st = result.stats
-    bar.done(f"{st.entries} entries, {human_bytes(st.bytes)}, {st.objects_written} new objects")
+    bar.done(f"{st.entries} entries, {human_bytes(st.file_bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
 
 
@@ -278,8 +271,16 @@ def _open_repo(path: str) -> Repository:
     return Repository(path)
 
 
+# The version of the JSON the repository commands print (docs/json.md).
+JSON_SCHEMA = 1
+
+
+def _print_json(fields: dict[str, object]) -> None:
+    click.echo(json.dumps({"schema": JSON_SCHEMA, **fields}, indent=2))
+
+
 def _print_commit(info: CommitInfo, *, full: bool) -> None:
-    when = datetime.fromtimestamp(info.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(info.time, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     click.echo(f"commit {info.id}")
     click.echo(f"Date:    {when}")
     if full:
@@ -289,7 +290,7 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
     if full and info.branches:
         click.echo(f"Branch:  {', '.join(info.branches)}")
     if info.image_digest:
-        click.echo(f"Image:   {info.image_digest} (format {info.image_format})")
+        click.echo(f"Image:   {info.image_digest.hex()} (format {info.image_format})")
     if info.signature:
         click.echo(f"Signed:  {_signature_line(info.signature)}")
     click.echo(f"\n    {info.subject}")
@@ -324,7 +325,7 @@ def log(repo_path: str, rev: str, max_count: int | None, as_json: bool,
 
     commits = history(_open_repo(repo_path), rev, max_count, gpg_homedir=gpg_homedir)
     if as_json:
-        click.echo(json.dumps([c.to_json() for c in commits], indent=2))
+        _print_json({"commits": [c.to_json() for c in commits]})
         return
     for info in commits:
         _print_commit(info, full=False)
@@ -340,18 +341,23 @@ def show(repo_path: str, rev: str, as_json: bool) -> None:
 
     info = commit_info(_open_repo(repo_path).resolve(rev))
     if as_json:
-        click.echo(json.dumps(info.to_json() | {"body": info.body}, indent=2))
+        _print_json(info.to_json())
     else:
         _print_commit(info, full=True)
 
 
 @main.command()
 @repo_option
-def refs(repo_path: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def refs(repo_path: str, as_json: bool) -> None:
     """List branches, tags and remote branches with their commits."""
     from .repo.repository import list_refs
 
-    for name, target in list_refs(_open_repo(repo_path)):
+    found = list_refs(_open_repo(repo_path))
+    if as_json:
+        _print_json({"refs": [{"ref": name, "commit": target} for name, target in found]})
+        return
+    for name, target in found:
         click.echo(f"{target} {name}")
 
 
@@ -362,13 +368,9 @@ def refs(repo_path: str) -> None:
 @click.option("--force", is_flag=True, help="Move an existing tag.")
 def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
     """Tag the commit REV as NAME."""
-    from .remote.dumbhttp import update_server_info
     from .repo.repository import create_tag
 
-    repo = _open_repo(repo_path)
-    with repo.lock(wait=60):
-        click.echo(create_tag(repo, name, rev, force=force))
-        update_server_info(repo)
+    click.echo(create_tag(_open_repo(repo_path), name, rev, force=force, on_lock_wait=_say_waiting))
 
 
 @main.command("ls")
@@ -378,27 +380,13 @@ def tag(repo_path: str, name: str, rev: str, force: bool) -> None:
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 def ls_cmd(repo_path: str, rev: str, path: str, recursive: bool) -> None:
     """List the files of a commit under PATH, with mode, owner and size."""
-    from .composefs.tree import Hardlink, lookup, walk
-    from .repo.repository import RepositoryNotFoundError, manifest_of
+    from .repo.repository import list_files
 
-    root = manifest_of(_open_repo(repo_path), rev)
-    top = lookup(root, os.fsencode(path))
-    if top is None:
-        raise RepositoryNotFoundError(f"{path}: no such file in {rev}")
-    prefix = os.fsencode(path).rstrip(b"/")
-    node = top.target if isinstance(top, Hardlink) else top
-    if node.children is None:
-        entries = [(prefix, top)]
-    else:
-        entries = [(prefix + p, e) for p, e in walk(node) if p != b"/"]
-        if not recursive:
-            entries = [(p, e) for p, e in entries if p.count(b"/") == prefix.count(b"/") + 1]
     out = sys.stdout.buffer
-    for p, e in entries:
-        n = e.target if isinstance(e, Hardlink) else e
-        line = b"%s %5d %5d %10d %s" % (stat.filemode(n.mode).encode(), n.uid, n.gid, n.size, p)
-        if n.is_symlink():
-            line += b" -> " + (n.payload or b"")
+    for f in list_files(_open_repo(repo_path), rev, path, recursive=recursive):
+        line = b"%s %5d %5d %10d %s" % (stat.filemode(f.mode).encode(), f.uid, f.gid, f.size, f.path)
+        if f.symlink_target is not None:
+            line += b" -> " + f.symlink_target
         out.write(line + b"\n")
     out.flush()
 
@@ -439,17 +427,32 @@ def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
 
     report = fsck(_open_repo(repo_path), quick=quick)
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, "commits": report.commits, "history_only": report.history_only,
-                               "objects_checked": report.objects_checked,
-                               "problems": report.problems}, indent=2))
+        _print_json({"ok": report.ok, "commits": report.commits, "history_only": report.history_only,
+                     "objects_checked": report.objects_checked,
+                     "problems": [{"kind": p.kind.value, "commit": p.commit, "object_digest": p.object,
+                                   "image": p.image, "detail": p.detail} for p in report.problems]})
     else:
         for problem in report.problems:
-            click.echo(problem)
+            click.echo(_fsck_line(problem))
         history = f" ({report.history_only} of them history only)" if report.history_only else ""
         click.echo(f"{report.commits} commits{history}, {report.objects_checked} objects verified: "
                    f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
     if not report.ok:
         sys.exit(IntegrityError.exit_code)
+
+
+def _fsck_line(p: Problem) -> str:
+    from .repo.fsck import ProblemKind
+
+    commit = (p.commit or "")[:12]
+    return {
+        ProblemKind.BAD_COMMIT: f"commit {commit}: bad manifest or trailers: {p.detail}",
+        ProblemKind.IMAGE_MISMATCH: f"commit {commit}: manifest does not give the image named by its trailer",
+        ProblemKind.MISSING_OBJECT: f"missing object {p.object} (needed by {'image of ' if p.image else ''}"
+                                    f"commit {commit})",
+        ProblemKind.CORRUPT_OBJECT: f"corrupt object {p.object}",
+        ProblemKind.GIT_FSCK: f"git fsck: {p.detail}",
+    }[p.kind]
 
 
 @main.command()
@@ -478,9 +481,8 @@ def diff_cmd(repo_path: str, rev1: str, rev2: str, as_json: bool) -> None:
     d = diff(manifest_of(repo, rev1), manifest_of(repo, rev2))
     if as_json:
         name = os.fsdecode
-        click.echo(json.dumps({"added": [name(p) for p in d.added],
-                               "removed": [name(p) for p in d.removed],
-                               "modified": {name(p): w for p, w in d.modified.items()}}, indent=2))
+        _print_json({"added": [name(p) for p in d.added], "removed": [name(p) for p in d.removed],
+                     "modified": {name(p): w for p, w in d.modified.items()}})
         return
     out = sys.stdout.buffer
     for p in d.added:
@@ -501,9 +503,8 @@ def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
     """Remove objects that no branch, tag or remote branch needs."""
     from .repo.repository import prune as prune_objects
 
-    repo = _open_repo(repo_path)
-    with repo.lock(wait=60):
-        r = prune_objects(repo, dry_run=dry_run, keep_younger_than=keep_younger_than)
+    r = prune_objects(_open_repo(repo_path), dry_run=dry_run, keep_younger_than=keep_younger_than,
+                      on_lock_wait=_say_waiting)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {r.removed} objects ({r.bytes_freed} bytes), kept {r.kept}")
 

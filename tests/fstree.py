@@ -304,7 +304,7 @@ def compare_trees(
             diffs.append(f"{where}: type {et:#o} != {at:#o}")
             continue
 
-        def differ(what: str, x: object, y: object) -> None:
+        def differ(what: str, x: object, y: object, where: str = where) -> None:
             if x != y:
                 diffs.append(f"{where}: {what} {x} != {y}")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cfsdeploy.composefs import fsverity
-from cfsdeploy.remote import dumbhttp, remotes
+from cfsdeploy.remote import remotes
+from cfsdeploy.repo import dumbhttp
 from cfsdeploy.repo.repository import Repository
 
 from .nginx import Nginx, missing_reason
@@ -67,7 +68,7 @@ def stranger_key():
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory):
-    """A real nginx serving its `root` directory, gzip on (level 1, as remote/dumbhttp.py advises)."""
+    """A real nginx serving its `root` directory, gzip on (level 1, as repo/dumbhttp.py advises)."""
     reason = missing_reason()
     if reason:
         pytest.skip(reason)

@@ -21,8 +21,9 @@ def invoke(*args: str, input: bytes | None = None):
     return CliRunner().invoke(main, list(args), input=input)
 
 
-@pytest.mark.parametrize("command", REMOTE_COMMANDS + SYSROOT_COMMANDS + ["digest", "init", "commit", "log", "show", "ls", "cat", "refs", "tag", "checkout", "fsck", "verify", "diff", "prune", "image build", "image dump",
-                                               "image digest", "image mount"])
+@pytest.mark.parametrize("command", REMOTE_COMMANDS + SYSROOT_COMMANDS + [
+    "digest", "init", "commit", "log", "show", "ls", "cat", "refs", "tag", "checkout", "fsck", "verify", "diff",
+    "prune", "image build", "image dump", "image digest", "image mount"])
 def test_every_command_has_help(command: str) -> None:
     result = invoke(*command.split(), "--help")
     assert result.exit_code == 0 and "Usage:" in result.output

@@ -158,7 +158,7 @@ def test_streaming_hasher_equals_digest_bytes_for_any_split(data: st.DataObject)
     content = content[:data.draw(st.integers(0, len(content)), label="size")]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(content)), max_size=10), label="cuts"))
     hasher = fsverity.Hasher()
-    for start, end in zip([0] + cuts, cuts + [len(content)]):
+    for start, end in zip([0] + cuts, cuts + [len(content)], strict=True):
         hasher.update(content[start:end])
     assert hasher.digest() == fsverity.digest_bytes(content)
 
@@ -321,3 +321,29 @@ def test_measure_verity_returns_the_digest_the_kernel_writes(
 
     monkeypatch.setattr(fcntl, "ioctl", kernel)
     assert fsverity.measure_verity(read_only_fd) == digest
+
+
+def test_a_digest_is_its_bytes() -> None:
+    d = fsverity.digest_bytes(b"x")
+    assert isinstance(d, fsverity.Digest) and d == bytes(d) and {bytes(d): 1}[d] == 1
+
+
+def test_a_digest_reads_its_hex_in_either_case() -> None:
+    d = fsverity.digest_bytes(b"x")
+    assert fsverity.Digest.from_hex(d.hex()) == d == fsverity.Digest.from_hex(d.hex().upper())
+
+
+@pytest.mark.parametrize("text", ["", "ab", "g" * 64, "a" * 63 + " ", "a" * 66, "ab " * 32])
+def test_text_that_is_not_64_hex_digits_is_no_digest(text: str) -> None:
+    with pytest.raises(fsverity.DigestError):
+        fsverity.Digest.from_hex(text)
+
+
+def test_a_digest_is_32_bytes() -> None:
+    with pytest.raises(fsverity.DigestError):
+        fsverity.Digest(b"\0" * 31)
+
+
+def test_a_digest_names_its_object_path() -> None:
+    d = fsverity.Digest(bytes(range(32)))
+    assert d.object_path() == "00/" + bytes(range(1, 32)).hex()

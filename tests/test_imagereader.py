@@ -184,7 +184,7 @@ def locate(image: bytes) -> Layout:
                        for i in range(count)]
         entries = r.dirents(raw)
         assert len(places) == len(entries)
-        for (at, name_at), (name, child, ftype) in zip(places, entries):
+        for (at, name_at), (name, child, ftype) in zip(places, entries, strict=True):
             out.dirents.append(Dirent(at, name_at, nid, name, child, ftype))
             if name not in (b".", b".."):
                 stack.append((child, nid))
@@ -421,37 +421,37 @@ def test_directory_spread_over_many_blocks_lists_every_entry(plain: Built) -> No
 
 
 def test_modes_match_the_source(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        assert resolve(entry).mode == st.st_mode, path
+    for path, lst, entry in pairs(plain):
+        assert resolve(entry).mode == lst.st_mode, path
 
 
 def test_owners_match_the_source_including_ids_over_65535(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        assert (resolve(entry).uid, resolve(entry).gid) == (st.st_uid, st.st_gid), path
+    for path, lst, entry in pairs(plain):
+        assert (resolve(entry).uid, resolve(entry).gid) == (lst.st_uid, lst.st_gid), path
     assert plain.image.root.children[b"owned"].uid == 100000
 
 
 def test_nlink_comes_from_the_image_for_files_and_directories(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        assert resolve(entry).nlink == st.st_nlink, path
+    for path, lst, entry in pairs(plain):
+        assert resolve(entry).nlink == lst.st_nlink, path
 
 
 def test_mtimes_of_extended_inodes_match_the_source(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
+    for path, lst, entry in pairs(plain):
         node = resolve(entry)
-        assert (node.mtime_sec, node.mtime_nsec) == divmod(st.st_mtime_ns, 10**9), path
+        assert (node.mtime_sec, node.mtime_nsec) == divmod(lst.st_mtime_ns, 10**9), path
 
 
 def test_device_numbers_match_the_source(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            assert resolve(entry).rdev == st.st_rdev, path
+    for path, lst, entry in pairs(plain):
+        if stat.S_ISCHR(lst.st_mode) or stat.S_ISBLK(lst.st_mode):
+            assert resolve(entry).rdev == lst.st_rdev, path
     assert plain.image.root.children[b"bigdev"].rdev == os.makedev(300, 70000)
 
 
 def test_symlink_targets_match_the_source_short_and_long(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        if stat.S_ISLNK(st.st_mode):
+    for path, lst, entry in pairs(plain):
+        if stat.S_ISLNK(lst.st_mode):
             assert resolve(entry).payload == os.readlink(path), path
     assert len(plain.image.root.children[b"long-link"].payload) == 4000
 
@@ -462,20 +462,20 @@ def test_xattrs_match_the_source_sorted_by_name(plain: Built) -> None:
 
 
 def test_sizes_of_regular_files_match_the_source(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        if stat.S_ISREG(st.st_mode):
-            assert resolve(entry).size == st.st_size, path
+    for path, lst, entry in pairs(plain):
+        if stat.S_ISREG(lst.st_mode):
+            assert resolve(entry).size == lst.st_size, path
 
 
 def test_flat_files_up_to_5000_bytes_have_their_content(flat: Built) -> None:
-    for path, st, entry in pairs(flat):
-        if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_MAX:
+    for path, lst, entry in pairs(flat):
+        if stat.S_ISREG(lst.st_mode) and 0 < lst.st_size <= INLINE_MAX:
             assert resolve(entry).content == Path(os.fsdecode(path)).read_bytes(), path
 
 
 def test_larger_flat_files_and_empty_files_have_no_content(plain: Built) -> None:
-    for path, st, entry in pairs(plain):
-        if stat.S_ISREG(st.st_mode) and not 0 < st.st_size <= INLINE_MAX:
+    for path, lst, entry in pairs(plain):
+        if stat.S_ISREG(lst.st_mode) and not 0 < lst.st_size <= INLINE_MAX:
             assert resolve(entry).content is None, path
 
 
@@ -486,12 +486,12 @@ def test_chunk_based_files_have_a_size_and_no_content(images: dict[str, Built]) 
 
 def test_first_name_in_sorted_preorder_is_the_inode_later_names_are_hardlinks(plain: Built) -> None:
     first: dict[int, Inode | Hardlink] = {}
-    for path, st, entry in pairs(plain):
-        if st.st_ino in first:
-            assert isinstance(entry, Hardlink) and entry.target is first[st.st_ino], path
+    for path, lst, entry in pairs(plain):
+        if lst.st_ino in first:
+            assert isinstance(entry, Hardlink) and entry.target is first[lst.st_ino], path
         else:
             assert isinstance(entry, Inode), path
-            first[st.st_ino] = entry
+            first[lst.st_ino] = entry
     # "/a/small-link" comes before "/small" in a sorted pre-order walk.
     assert isinstance(plain.image.root.children[b"small"], Hardlink)
 
@@ -625,7 +625,8 @@ def test_duplicate_names_are_rejected(fuzz_image: bytes, fuzz_layout: Layout) ->
 def test_dot_dot_must_point_at_the_parent(fuzz_image: bytes, fuzz_layout: Layout) -> None:
     e = fuzz_layout.entry(b"e")
     dotdot = next(d for d in fuzz_layout.dirents if d.dir_nid == e.nid and d.name == b"..")
-    with pytest.raises(ImageError, match=f"directory nid {e.nid}: b'..' entry missing or not pointing at nid {e.dir_nid}"):
+    with pytest.raises(ImageError,
+                       match=f"directory nid {e.nid}: b'..' entry missing or not pointing at nid {e.dir_nid}"):
         imagereader.read_image(patched(fuzz_image, dotdot.at, "<Q", e.nid))
 
 

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from cfsdeploy.cli import main
 from cfsdeploy.composefs import fsverity
-from cfsdeploy.remote import dumbhttp, remotes
-from cfsdeploy.remote.pull import PullIntegrityError, PullNotFoundError, PullOptions, PullUsageError, pull
+from cfsdeploy.remote import remotes
+from cfsdeploy.remote.pull import PullError, PullIntegrityError, PullNotFoundError, PullOptions, PullUsageError, pull
 from cfsdeploy.remote.transport import TransportError
-from cfsdeploy.repo import fsck
+from cfsdeploy.repo import dumbhttp, fsck
 from cfsdeploy.repo.repository import (
     RESUME_DIR,
     Repository,

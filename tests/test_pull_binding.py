@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from cfsdeploy.cli import main
-from cfsdeploy.remote import dumbhttp
 from cfsdeploy.remote.pull import BindingError, pull
-from cfsdeploy.repo import signing
+from cfsdeploy.repo import dumbhttp, signing
 from cfsdeploy.repo.repository import Repository, bindings, history
 
 from .pullkit import (  # noqa: F401  (fixtures)

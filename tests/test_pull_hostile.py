@@ -17,11 +17,10 @@ import pytest
 from cfsdeploy.composefs import fsverity, imagewriter
 from cfsdeploy.composefs.dumpfile import dumps, parse
 from cfsdeploy.composefs.tree import Inode, walk
-from cfsdeploy.remote import dumbhttp
 from cfsdeploy.remote.gitfetch import GitObjectError
 from cfsdeploy.remote.pull import DowngradeError, ManifestError, ObjectMismatchError, PullOptions, pull
 from cfsdeploy.remote.transport import Limits, NotFoundError, TransportError
-from cfsdeploy.repo import signing
+from cfsdeploy.repo import dumbhttp, signing
 from cfsdeploy.repo.repository import MANIFEST, Repository, TrailerError, image_digest_of, manifest_of, objects_of
 from cfsdeploy.util.errors import CfsError
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from cfsdeploy.remote import dumbhttp
-from cfsdeploy.repo.repository import Repository
+from cfsdeploy.repo import dumbhttp
+from cfsdeploy.repo.repository import Repository, create_tag
 
 from .pullkit import nginx, publish, write_files  # noqa: F401
 
@@ -51,3 +51,23 @@ def test_git_clones_a_repository_served_by_nginx(tmp_path, nginx) -> None:  # no
     subprocess.run(["git", "clone", "-q", "--bare", "--no-checkout", nginx.url("cloneme/git"),
                     str(tmp_path / "clone")], check=True, capture_output=True)
     assert git(str(tmp_path / "clone"), "rev-parse", "os/stable").strip() == head
+
+
+def test_a_new_repository_is_servable(tmp_path) -> None:
+    repo = Repository.init(tmp_path / "r")
+    assert (read(repo, "info/refs"), read(repo, "objects/info/packs")) == (b"", b"\n")
+
+
+def test_commit_keeps_the_index_current(tmp_path) -> None:
+    write_files(tmp_path / "tree", {"f": b"x"})
+    repo = Repository.init(tmp_path / "r")
+    cid = repo.commit(tmp_path / "tree", "os/stable", "one").commit
+    assert read(repo, "info/refs") == f"{cid}\trefs/heads/os/stable\n".encode()
+
+
+def test_tag_keeps_the_index_current(tmp_path) -> None:
+    write_files(tmp_path / "tree", {"f": b"x"})
+    repo = Repository.init(tmp_path / "r")
+    cid = repo.commit(tmp_path / "tree", "os/stable", "one").commit
+    create_tag(repo, "v1", "os/stable")
+    assert f"{cid}\trefs/tags/v1\n".encode() in read(repo, "info/refs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import threading
 
@@ -13,10 +14,14 @@ from cfsdeploy.cli import main
 from cfsdeploy.composefs import dumpfile, fsverity
 from cfsdeploy.composefs.scan import scan
 from cfsdeploy.repo.repository import (
+    ListedFile,
     Repository,
     RepositoryError,
+    create_tag,
     history,
     image_digest_of,
+    list_files,
+    prune,
     trailers,
 )
 from cfsdeploy.util.errors import TreeError
@@ -120,8 +125,19 @@ def test_bad_branch_name_and_missing_tree_move_no_ref(repo: Repository, tree, tm
 
 
 def test_second_writer_fails_with_a_clear_message(repo: Repository) -> None:
-    held = threading.Event()
-    release = threading.Event()
+    release, t = hold_elsewhere(repo)
+    try:
+        with pytest.raises(LockedError, match="locked by another"):
+            with repo.lock(wait=0.2):
+                pass
+    finally:
+        release.set()
+        t.join()
+
+
+def hold_elsewhere(repo: Repository) -> tuple[threading.Event, threading.Thread]:
+    """The lock held by another holder until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
         with Repository(repo.path).lock():
@@ -131,13 +147,40 @@ def test_second_writer_fails_with_a_clear_message(repo: Repository) -> None:
     t = threading.Thread(target=holder)
     t.start()
     held.wait(5)
+    return release, t
+
+
+@pytest.mark.parametrize("operation", ["commit", "tag", "prune"])
+def test_each_mutating_operation_takes_the_lock(repo: Repository, tree, operation: str) -> None:
+    repo.commit(tree, "b", "one")
+    release, t = hold_elsewhere(repo)
     try:
-        with pytest.raises(LockedError, match="locked by another"):
-            with repo.lock(wait=0.2):
-                pass
+        with pytest.raises(LockedError):
+            if operation == "commit":
+                repo.commit(tree, "b", "two", lock_wait=0.1)
+            elif operation == "tag":
+                create_tag(repo, "v1", "b", lock_wait=0.1)
+            else:
+                prune(repo, lock_wait=0.1)
     finally:
         release.set()
         t.join()
+
+
+def test_the_lock_is_reentrant_for_its_holder(repo: Repository, tree) -> None:
+    with repo.lock():
+        cid = repo.commit(tree, "b", "one").commit
+        create_tag(repo, "v1", "b")
+    assert str(repo.resolve("v1").id) == cid
+
+
+def test_a_nested_hold_leaves_tmp_alone(repo: Repository) -> None:
+    with repo.lock():
+        staged = os.path.join(repo.path, "tmp", "in-progress")
+        open(staged, "w").close()
+        with repo.lock():
+            pass
+        assert os.path.exists(staged)
 
 
 def test_lock_clears_stale_temp_files(repo: Repository) -> None:
@@ -176,7 +219,7 @@ def test_log_json_lists_commits_newest_first(history_repo: Repository) -> None:
     import json
     r = cli("log", "--repo", history_repo.path, "os/stable", "--json")
     assert r.exit_code == 0, r.output
-    entries = json.loads(r.output)
+    entries = json.loads(r.output)["commits"]
     assert [e["subject"] for e in entries] == ["Second", "First"]
     assert [e["version"] for e in entries] == ["1.1", "1.0"]
     assert all(len(e["image_digest"]) == 64 for e in entries)
@@ -201,8 +244,8 @@ def test_tag_and_refs(history_repo: Repository) -> None:
 def test_ls_lists_a_directory_and_recursively(history_repo: Repository) -> None:
     r = cli("ls", "--repo", history_repo.path, "os/stable", "/etc")
     lines = r.output.splitlines()
-    assert [l.split()[-1] for l in lines if "->" not in l] == ["/etc/hostname"]
-    assert any(l.endswith("/etc/name-link -> hostname") for l in lines)
+    assert [line.split()[-1] for line in lines if "->" not in line] == ["/etc/hostname"]
+    assert any(line.endswith("/etc/name-link -> hostname") for line in lines)
     rec = cli("ls", "--repo", history_repo.path, "os/stable", "-R").output
     assert "/usr/bin/tool" in rec
 
@@ -232,7 +275,31 @@ def test_unknown_revision_is_a_clear_error(history_repo: Repository) -> None:
 
 def test_recommit_of_an_unchanged_tree_restores_a_missing_image(repo: Repository, tree) -> None:
     first = repo.commit(tree, "b", "one")
-    os.unlink(repo.objects.path_of(bytes.fromhex(first.image_digest)))
+    os.unlink(repo.objects.path_of(first.image_digest))
     second = repo.commit(tree, "b", "two")
     assert second.image_digest == first.image_digest
-    assert repo.objects.has(bytes.fromhex(second.image_digest))
+    assert repo.objects.has(second.image_digest)
+
+
+def test_list_files_gives_the_entries_of_a_directory(repo: Repository, tree) -> None:
+    repo.commit(tree, "b", "one")
+    [f] = list_files(repo, "b", "/etc")
+    assert f == ListedFile(b"/etc/hostname", f.mode, f.uid, f.gid, 4, None) and stat.S_ISREG(f.mode)
+
+
+def test_list_files_recursive_goes_below_subdirectories(repo: Repository, tree) -> None:
+    repo.commit(tree, "b", "one")
+    paths = [f.path for f in list_files(repo, "b", "/", recursive=True)]
+    assert paths == [b"/etc", b"/etc/hostname", b"/usr", b"/usr/bin", b"/usr/bin/tool"]
+
+
+def test_list_files_of_a_symlink_names_its_target(repo: Repository, tree) -> None:
+    os.symlink("hostname", tree / "etc/link")
+    repo.commit(tree, "b", "one")
+    assert list_files(repo, "b", "/etc/link")[0].symlink_target == b"hostname"
+
+
+def test_list_files_of_a_missing_path_is_an_error(repo: Repository, tree) -> None:
+    repo.commit(tree, "b", "one")
+    with pytest.raises(RepositoryError, match="no such file"):
+        list_files(repo, "b", "/nope")

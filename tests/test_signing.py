@@ -119,14 +119,14 @@ def test_an_unreadable_signature_is_a_signature_error() -> None:
 def test_log_names_the_signing_key_without_a_keyring(signed, signer_home) -> None:
     r = log(signed, "--json")
     assert r.exit_code == 0, r.output
-    sig = json.loads(r.output)[0]["signature"]
+    sig = json.loads(r.output)["commits"][0]["signature"]
     assert sig["fingerprint"] == fingerprint_of(signer_home) and sig["verified"] is None
     text = log(signed).output
     assert f"Signed:  key {fingerprint_of(signer_home)} (not verified)" in text
 
 
 def test_log_with_a_keyring_shows_the_verified_signer(signed, signer_home) -> None:
-    sig = json.loads(log(signed, "--json", "--gpg-homedir", signer_home).output)[0]["signature"]
+    sig = json.loads(log(signed, "--json", "--gpg-homedir", signer_home).output)["commits"][0]["signature"]
     assert sig["verified"] is True and sig["signer"] == "Builder <builder@example.com>"
     text = log(signed, "--gpg-homedir", signer_home).output
     assert "Signed:  good signature from Builder <builder@example.com>" in text
@@ -135,7 +135,7 @@ def test_log_with_a_keyring_shows_the_verified_signer(signed, signer_home) -> No
 def test_log_with_a_keyring_lacking_the_key_says_it_does_not_verify(signed, stranger_home) -> None:
     r = log(signed, "--json", "--gpg-homedir", stranger_home)
     assert r.exit_code == 0, r.output
-    sig = json.loads(r.output)[0]["signature"]
+    sig = json.loads(r.output)["commits"][0]["signature"]
     assert sig["verified"] is False and "unknown key" in sig["problem"] and sig["signer"] is None
     assert "NOT VERIFIED: signed by unknown key" in log(signed, "--gpg-homedir", stranger_home).output
 
@@ -145,5 +145,5 @@ def test_log_of_an_unsigned_commit_has_no_signature(tmp_path) -> None:
     tree.mkdir()
     repo = Repository.init(tmp_path / "r")
     repo.commit(tree, "os/stable", "unsigned")
-    assert json.loads(log(repo, "--json").output)[0]["signature"] is None
+    assert json.loads(log(repo, "--json").output)["commits"][0]["signature"] is None
     assert "Signed:" not in log(repo).output

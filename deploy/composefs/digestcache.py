@@ -20,6 +20,7 @@ import struct
 import time
 
 from ..util.fsutil import atomic_write_bytes
+from .fsverity import Digest
 
 _MAGIC = b"cfsdeploy digest cache 1\n"
 _KEY = struct.Struct("<QQQqq")  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
@@ -52,14 +53,15 @@ class DigestCache:
         return cls({data[i:i + k]: data[i + k:i + _RECORD]
                     for i in range(len(_MAGIC), len(data), _RECORD)})
 
-    def get(self, st: os.stat_result) -> bytes | None:
+    def get(self, st: os.stat_result) -> Digest | None:
         """The digest recorded for this exact file state, if any; a hit is kept for
         the next save."""
         key = _key(st)
         digest = self._old.get(key)
-        if digest is not None:
-            self._new[key] = digest
-        return digest
+        if digest is None:
+            return None
+        self._new[key] = digest
+        return Digest(digest)
 
     def put(self, st: os.stat_result, digest: bytes) -> None:
         """Remember a digest just computed for the file in state `st` (if settled)."""

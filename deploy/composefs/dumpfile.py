@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import IO
 
 from ..util.errors import DumpfileError, TreeError
+from .fsverity import Digest
 from .tree import (
     DIGEST_SIZE,
     S_IFBLK,
@@ -165,8 +166,9 @@ class _Parser:
         return node, name
 
     def line(self, line: bytes) -> None:
-        if b"\0" in line:
-            raise ValueError("embedded NUL character at position %d" % line.index(b"\0"))
+        nul = line.find(b"\0")
+        if nul >= 0:
+            raise ValueError(f"embedded NUL character at position {nul}")
         fields = line.split(b" ", 11)
         if len(fields) < 11:
             if self.strict:
@@ -237,7 +239,7 @@ class _Parser:
         if digest_field:
             if _DIGEST.fullmatch(digest_field) is None:
                 raise ValueError(f"invalid digest {digest_field[:80]!r}: expected 64 hex digits")
-            digest = bytes.fromhex(digest_field.decode())
+            digest = Digest(bytes.fromhex(digest_field.decode()))
 
         if ftype == S_IFLNK:
             if self.strict:
@@ -392,9 +394,9 @@ def parse_paths(data: bytes, pattern: bytes) -> Inode:
             needs.append(fields[8])
         for q in needs:
             if q not in found:
-                m = re.search(rb"^" + re.escape(q) + rb" [^\n]*\n", data, re.M)
-                if m is not None:  # else parse() names what is missing
-                    found[q] = (m.start(), m.group())
+                line = re.search(rb"^" + re.escape(q) + rb" [^\n]*\n", data, re.M)
+                if line is not None:  # else parse() names what is missing
+                    found[q] = (line.start(), line.group())
                     todo.append(q)
     # The file's order is pre-order: ancestors come before their descendants.
     return parse(b"".join(line for _, line in sorted(found.values())))

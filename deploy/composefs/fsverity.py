@@ -18,16 +18,46 @@ import hashlib
 import os
 import signal
 import stat
+import string
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import BinaryIO
 
-from ..util.errors import VerityError, VerityHostError, VerityUsageError
+from ..util.errors import CfsError, VerityError, VerityHostError, VerityUsageError
 from ..util.fsutil import data_extents
 
 BLOCK = 4096
 HASH_SIZE = 32
+
+
+class DigestError(CfsError, ValueError):
+    """Text or bytes that are not a SHA-256 fs-verity digest."""
+
+
+class Digest(bytes):
+    """An fs-verity SHA-256 digest: exactly 32 bytes.  It is its bytes (equal to,
+    hashed as, and usable wherever raw bytes are), with the hex form digests take
+    in trailers, JSON and kernel arguments, and the object path they name."""
+
+    __slots__ = ()
+
+    def __new__(cls, raw: bytes | bytearray | memoryview) -> Digest:
+        if len(raw) != HASH_SIZE:
+            raise DigestError(f"a digest is {HASH_SIZE} bytes, not {len(raw)}")
+        return super().__new__(cls, raw)
+
+    @classmethod
+    def from_hex(cls, text: str) -> Digest:
+        """The digest of 64 hex digits (written lowercase, read in either case)."""
+        if len(text) != 2 * HASH_SIZE or not all(c in string.hexdigits for c in text):
+            raise DigestError(f"not a digest: {text[:80]!r} (64 hex digits)")
+        return cls(bytes.fromhex(text))
+
+    def object_path(self) -> str:
+        """Its path in an object store: 'ab/cdef...' (the first byte, '/', the other 31)."""
+        h = self.hex()
+        return f"{h[:2]}/{h[2:]}"
 HASHES_PER_BLOCK = BLOCK // HASH_SIZE
 FS_VERITY_HASH_ALG_SHA256 = 1
 
@@ -126,7 +156,7 @@ class _Tree:
         """The root hash once `last` (a final level-0 hash, or nothing) is added;
         the tree itself is left unchanged."""
         carry = last
-        for pending, count in zip(self._pending, self._counts):
+        for pending, count in zip(self._pending, self._counts, strict=True):
             hashes = bytes(pending) + carry
             if count + len(carry) // HASH_SIZE == 1:
                 return hashes
@@ -134,11 +164,11 @@ class _Tree:
         return carry or bytes(HASH_SIZE)
 
 
-def _file_digest(root: bytes, size: int) -> bytes:
+def _file_digest(root: bytes, size: int) -> Digest:
     log_blocksize = BLOCK.bit_length() - 1
     descriptor = _DESCRIPTOR.pack(1, FS_VERITY_HASH_ALG_SHA256, log_blocksize, 0, 0, size,
                                   root, b"")
-    return _sha256(descriptor).digest()
+    return Digest(_sha256(descriptor).digest())
 
 
 class Hasher:
@@ -167,13 +197,13 @@ class Hasher:
             self._tree.add(_hash_blocks(view[i:min(i + _CHUNK, full)]))
         self._partial += view[full:]
 
-    def digest(self) -> bytes:
+    def digest(self) -> Digest:
         """The raw 32-byte digest of everything fed so far."""
         last = _sha256(self._partial.ljust(BLOCK, b"\0")).digest() if self._partial else b""
         return _file_digest(self._tree.root(last), self._size)
 
 
-def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
+def digest_bytes(data: bytes | bytearray | memoryview) -> Digest:
     """The raw 32-byte fs-verity digest of a buffer."""
     hasher = Hasher()
     hasher.update(data)
@@ -255,7 +285,7 @@ def _kill_and_reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _level0(fd: int, size: int, pieces: list[tuple[int, int]], workers: int) -> Iterator[bytes]:
+def _level0(fd: int, size: int, pieces: list[tuple[int, int]], workers: int) -> Generator[bytes]:
     """The level-0 hashes of each piece, in order.
 
     Worker k of n hashes pieces k, k+n, k+2n... into its own pipe; the caller is
@@ -310,7 +340,7 @@ def _worker_count(threads: int | None, data_size: int, pieces: int) -> int:
     return max(1, min(threads, pieces))
 
 
-def digest_fd(fd: int, *, threads: int | None = None) -> bytes:
+def digest_fd(fd: int, *, threads: int | None = None) -> Digest:
     """The raw 32-byte fs-verity digest of a regular file's whole content.
 
     Reads with pread from offset 0 (the fd's offset is left as it was) and skips
@@ -344,7 +374,7 @@ def digest_fd(fd: int, *, threads: int | None = None) -> bytes:
 
 
 def digest_file(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *,
-                threads: int | None = None) -> bytes:
+                threads: int | None = None) -> Digest:
     """The raw 32-byte fs-verity digest of the file at `path` (see digest_fd)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..util.errors import CorruptImageError, ImageError
 from . import erofs as E
+from .fsverity import Digest
 from .tree import (
     DIGEST_SIZE,
     INLINE_MAX,
@@ -383,7 +384,7 @@ def _set_xattrs(node: Inode, xattrs: dict[bytes, bytes], where: str) -> None:
             if node.is_reg() and value:
                 if len(value) != len(_METACOPY_HEADER) + DIGEST_SIZE or not value.startswith(_METACOPY_HEADER):
                     raise CorruptImageError(f"{where}: unsupported trusted.overlay.metacopy value {value[:8].hex()}...")
-                node.digest = value[len(_METACOPY_HEADER):]
+                node.digest = Digest(value[len(_METACOPY_HEADER):])
         elif key == _REDIRECT:
             if node.is_reg():
                 payload = value[1:] if value.startswith(b"/") else value

@@ -323,8 +323,9 @@ class _Layout:
             if not node.xattrs:
                 node.xattr_size = 0
                 continue
-            node.shared = shared_offs = []
-            node.inline = inline = []
+            shared_offs: list[int] = []
+            inline: list[tuple[bytes, bytes]] = []
+            node.shared, node.inline = shared_offs, inline
             for kv in sorted(node.xattrs.items()):
                 off = offsets.get(kv)
                 if off is not None and len(shared_offs) < limit:
@@ -489,7 +490,7 @@ class _Layout:
             if ftype == S_IFDIR:
                 out += _encode_dirents(_dir_blocks(node.dir_entries)[-1])
             elif ftype == S_IFLNK:
-                out += src.payload  # type: ignore[operator]
+                out += src.payload or b""
             elif src.content is not None:
                 out += src.content[node.size - node.tail:]
             else:
@@ -512,13 +513,12 @@ class _Layout:
             # A chunk index that did not fit inline: one block of null chunks.
             out += b"\xff" * E.BLKSIZ
             return
-        data = src.payload if ftype == S_IFLNK else src.content
-        assert data is not None
+        content = (src.payload if ftype == S_IFLNK else src.content) or b""
         if node.n_blocks > 1:
             # The reference writes only the first block here and then aborts.
             raise ImageError("inline content too large to lay out")
-        block = data[:E.BLKSIZ]
-        out += block + bytes(E.BLKSIZ - len(block))
+        first = content[:E.BLKSIZ]
+        out += first + bytes(E.BLKSIZ - len(first))
 
 
 def build(root: Inode, *, min_version: int = 0, max_version: int = FORMAT_VERSION_MAX) -> BuildResult:

@@ -57,7 +57,9 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 
 
-def _errname(err: int) -> str:
+def _errname(err: int | None) -> str:
+    if err is None:  # an OSError raised without an errno
+        return "unknown error"
     return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
 
 

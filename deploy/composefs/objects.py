@@ -101,7 +101,7 @@ class ObjectStore:
             return False
         return self._place(self._write_temp(lambda fd: copy_fd(src, fd)), digest)
 
-    def add_bytes(self, data: bytes) -> bytes:
+    def add_bytes(self, data: bytes) -> fsverity.Digest:
         """Store a buffer (e.g. an image) and return its digest."""
         digest = fsverity.digest_bytes(data)
         if not self.has(digest):
@@ -114,7 +114,7 @@ class ObjectStore:
             self._place(self._write_temp(fill), digest)
         return digest
 
-    def add_stream(self, read: Callable[[int], bytes], size: int) -> bytes:
+    def add_stream(self, read: Callable[[int], bytes], size: int) -> fsverity.Digest:
         """Store `size` bytes from `read` (hashed as they are written); return the digest."""
         hasher = fsverity.Hasher()
 

@@ -9,8 +9,9 @@ The scan runs in two passes: a walk in sorted order that builds the whole tree
 from lstat (and takes digests from a DigestCache where it may), then the reading
 of the remaining files, shared between forked worker processes (threads would
 serialize on the GIL: hashlib takes it for every 4 KiB block).  The result
-depends only on the tree, never on the number of workers or the order of work.  A file that differs from what the walk saw, or
-changes while it is read, is an error.
+depends only on the tree, never on the number of workers or the order of work.
+A file that differs from what the walk saw, or changes while it is read, is an
+error.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from ..util.errors import CfsError, TreeError
 from . import fsverity
 from .digestcache import DigestCache
+from .fsverity import Digest
 from .objects import ObjectStore, ObjectWriteError
 from .tree import (
     INLINE_MAX_RECOMMENDED,
@@ -49,7 +51,7 @@ _PR_SET_PDEATHSIG = 1
 class ScanStats:
     entries: int = 0
     files: int = 0
-    bytes: int = 0
+    file_bytes: int = 0  # the size of the regular files, in all
     objects_written: int = 0
     cache_hits: int = 0  # files whose digest came from the cache: not read
     skipped: list[bytes] = field(default_factory=list)
@@ -197,7 +199,7 @@ class _Walk:
 
     def _file(self, path: bytes, st: os.stat_result, node: Inode) -> None:
         self.stats.files += 1
-        self.stats.bytes += st.st_size
+        self.stats.file_bytes += st.st_size
         node.size = st.st_size
         if st.st_size <= INLINE_MAX_RECOMMENDED:
             node.content = _read_small(path, st) or None
@@ -210,7 +212,7 @@ class _Walk:
             self.to_read.append((path, st, node))
 
 
-def _set_digest(node: Inode, digest: bytes) -> None:
+def _set_digest(node: Inode, digest: Digest) -> None:
     node.digest = digest
     node.payload = digest_to_path(digest)
 
@@ -238,7 +240,7 @@ def _read_small(path: bytes, st: os.stat_result) -> bytes:
         os.close(fd)
 
 
-def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | None) -> tuple[bytes, bool]:
+def _digest_and_store(job: tuple[bytes, os.stat_result], store: ObjectStore | None) -> tuple[Digest, bool]:
     """The file's digest, and whether its object was new to the store."""
     path, st = job
     try:
@@ -275,9 +277,9 @@ def _read_files(jobs: list[tuple[bytes, os.stat_result, Inode]], store: ObjectSt
     work = functools.partial(_digest_and_store, store=store)
     args = [(path, st) for path, st, _ in jobs]
 
-    def collect(results: Iterable[tuple[bytes, bool]]) -> None:
+    def collect(results: Iterable[tuple[Digest, bool]]) -> None:
         # In queue order, so the first failure reported is the first in the walk.
-        for (_, st, node), (digest, written) in zip(jobs, results):
+        for (_, st, node), (digest, written) in zip(jobs, results, strict=True):
             _set_digest(node, digest)
             stats.objects_written += written
             if cache is not None:

@@ -115,7 +115,7 @@ def _inode(tar: tarfile.TarFile, member: tarfile.TarInfo, ftype: int, store: Obj
         assert src is not None
         node.size = member.size
         stats.files += 1
-        stats.bytes += member.size
+        stats.file_bytes += member.size
         if member.size <= INLINE_MAX_RECOMMENDED:
             node.content = src.read() or None
         else:
@@ -137,7 +137,7 @@ def _members(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> bytes:
+def _store(src: IO[bytes], size: int, store: ObjectStore | None) -> fsverity.Digest:
     """The digest of a member's content, copied into the store as it is hashed."""
     if store is not None:
         try:
@@ -174,7 +174,8 @@ def scan_tar(path: str, *, store: ObjectStore | None = None,
 
 
 def _add(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Inode,
-         names: dict[tuple[bytes, ...], Inode], store: ObjectStore | None, stats: ScanStats, warn: Callable[[str], None]) -> None:
+         names: dict[tuple[bytes, ...], Inode], store: ObjectStore | None, stats: ScanStats,
+         warn: Callable[[str], None]) -> None:
     parts = tuple(_parts(member.name))
     if member.type == tarfile.LNKTYPE:
         target = names.get(tuple(_parts(member.linkname)))

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..util.errors import TreeError
+from .fsverity import Digest
 
 S_IFMT = 0o170000
 S_IFDIR = stat.S_IFDIR
@@ -63,7 +64,7 @@ class Inode:
     # Inline content of a small regular file.
     content: bytes | None = None
     # Raw 32-byte fs-verity SHA-256 digest of a regular file's content.
-    digest: bytes | None = None
+    digest: Digest | None = None
     # Extended attributes, in the order they were given.
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     # Children of a directory, None for everything else.

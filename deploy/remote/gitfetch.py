@@ -74,7 +74,11 @@ def inflate_loose(oid: str, raw: bytes, limit: int) -> tuple[str, bytes]:
 
 
 @dataclass(frozen=True)
-class CommitData:
+class RawCommit:
+    """A git commit object as fetched: parsed, but nothing in it checked yet (the
+    signature, binding and image are pull's to check).  Unlike CommitInfo, which
+    describes a stored commit, it keeps the bytes a signature covers."""
+
     id: str
     tree: str
     parents: list[str]
@@ -85,7 +89,7 @@ class CommitData:
     data: bytes               # the whole commit object's data
 
 
-def parse_commit(oid: str, data: bytes) -> CommitData:
+def parse_commit(oid: str, data: bytes) -> RawCommit:
     head, _, body = data.partition(b"\n\n")
     tree = None
     parents = []
@@ -118,7 +122,7 @@ def parse_commit(oid: str, data: bytes) -> CommitData:
         raise GitObjectError(f"commit {oid}: no tree")
     for x in (tree, *parents):
         check_oid(x)
-    return CommitData(oid, tree, parents, body.decode("utf-8", "replace"), when,
+    return RawCommit(oid, tree, parents, body.decode("utf-8", "replace"), when,
                       None if sig is None else (b"\n".join(sig) + b"\n").decode("ascii", "replace"),
                       b"\n".join(kept) + b"\n\n" + body, data)
 

@@ -32,6 +32,7 @@ import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
 from ..composefs.tree import Inode, digest_to_path, walk
+from ..repo import dumbhttp
 from ..repo.repository import (
     MANIFEST,
     RESUME_DIR,
@@ -41,13 +42,14 @@ from ..repo.repository import (
     Repository,
     TrailerError,
     bindings,
+    digest_trailer,
     trailers,
 )
 from ..repo.signing import SignatureError, SignatureIntegrityError, Signer
 from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, remove_tree, syncfs
-from . import dumbhttp, keyring, remotes
-from .gitfetch import CommitData, GitFetcher, parse_commit, parse_tree
+from . import keyring, remotes
+from .gitfetch import GitFetcher, RawCommit, parse_commit, parse_tree
 from .transport import Limits, Transport, open_transport
 
 
@@ -249,13 +251,13 @@ class _Pull:
 
     # --- commits and manifests -------------------------------------------------------
 
-    def _commit(self, oid: str) -> tuple[CommitData, bool]:
+    def _commit(self, oid: str) -> tuple[RawCommit, bool]:
         new = not self.git.has(oid)
         commit = parse_commit(oid, self.git.read(oid, "commit"))
         self._report("metadata")
         return commit, new
 
-    def _verify(self, commit: CommitData) -> Signer | None:
+    def _verify(self, commit: RawCommit) -> Signer | None:
         if self.trusted is None:
             return None
         where = f"commit {commit.id} from remote {self.remote.name}"
@@ -266,7 +268,7 @@ class _Pull:
         except SignatureError as e:
             raise SignatureIntegrityError(f"{where}: {e}") from None
 
-    def _check_binding(self, commit: CommitData) -> None:
+    def _check_binding(self, commit: RawCommit) -> None:
         """The head must be bound to the branch pulled.  Only the head: a branch's
         history may hold commits made for others (a branch forked from another, a
         promotion), and the head is what upgrades deploy."""
@@ -285,7 +287,7 @@ class _Pull:
             raise BindingError(f"{where} names no branch ({TRAILER_BRANCH}), and the remote requires "
                                "one (require-binding)")
 
-    def _refuse_downgrade(self, previous: str, commit: CommitData, is_new: bool) -> None:
+    def _refuse_downgrade(self, previous: str, commit: RawCommit, is_new: bool) -> None:
         old = self.repo.git[previous].peel(pygit2.Commit)
         older = commit.time < old.commit_time
         if older or (not is_new and self.repo.git.descendant_of(previous, commit.id)):
@@ -293,7 +295,7 @@ class _Pull:
                                  f"{previous[:12]} which {self.remote.name}/{self.branch} names: "
                                  "refusing a downgrade (allow it explicitly to go back)")
 
-    def _manifest(self, commit: CommitData) -> tuple[bytes, str, bytes]:
+    def _manifest(self, commit: RawCommit) -> tuple[bytes, str, bytes]:
         """(tree data, manifest id, manifest data) of a commit, each checked against its id."""
         tree = self.git.read(commit.tree, "tree")
         entries = parse_tree(commit.tree, tree)
@@ -302,7 +304,7 @@ class _Pull:
         blob = entries[0][2]
         return tree, blob, self.git.read(blob, "blob")
 
-    def _content(self, commit: CommitData, is_new: bool) -> tuple[dict[bytes, int], bytes | None]:
+    def _content(self, commit: RawCommit, is_new: bool) -> tuple[dict[bytes, int], bytes | None]:
         """The objects the head needs, and its image if it must be stored; the manifest
         and tree are stored once they proved to give the commit's image."""
         tree, blob, data = self._manifest(commit)
@@ -312,12 +314,9 @@ class _Pull:
             raise ManifestError(f"commit {commit.id}: malformed manifest: {e}") from None
         needed = check_manifest(root)
         t = trailers(commit.message)  # they parse: _check_binding read them
-        try:
-            digest = bytes.fromhex(t.get(TRAILER_DIGEST, ""))
-            fmt = int(t.get(TRAILER_FORMAT, ""))
-        except ValueError:
-            digest, fmt = b"", -1
-        if len(digest) != fsverity.HASH_SIZE or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
+        digest = digest_trailer(t)
+        fmt = int(t.get(TRAILER_FORMAT, "")) if t.get(TRAILER_FORMAT, "").isdigit() else -1
+        if digest is None or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
             raise ManifestError(f"commit {commit.id}: no valid {TRAILER_DIGEST} and {TRAILER_FORMAT} trailers")
         image = None
         # A commit already here came with its image checked, by the commit or pull that stored it.
@@ -333,7 +332,7 @@ class _Pull:
         self.git.write("tree", commit.tree, tree)
         return needed, image
 
-    def _history(self, head: CommitData, new: list[CommitData]) -> tuple[set[str], set[str]]:
+    def _history(self, head: RawCommit, new: list[RawCommit]) -> tuple[set[str], set[str]]:
         """Fetch the commits below the head (with their manifests) down to `depth`,
         appending the new ones to `new`; returns the commits to add to and drop
         from git/shallow."""
@@ -380,7 +379,7 @@ class _Pull:
         data = "".join(f"{i}\n" for i in sorted(ids)).encode()
         atomic_write_bytes(self.shallow_path, data, tmpdir=os.path.join(self.repo.path, "tmp"))
 
-    def _store_commits(self, new: list[CommitData], add: set[str], drop: set[str]) -> None:
+    def _store_commits(self, new: list[RawCommit], add: set[str], drop: set[str]) -> None:
         """Write commits parents first, so that any commit stored has its history stored
         or listed in git/shallow, whenever this stops."""
         shallow = self._read_shallow()

@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..repo import dumbhttp
 from ..repo.repository import Repository, valid_ref_name
 from ..util import tomlfile
 from ..util.errors import CfsError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from . import dumbhttp, keyring
+from . import keyring
 
 CONFIG = "config.toml"
 CONFIG_HEADER = "cfsdeploy repository settings"

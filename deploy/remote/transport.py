@@ -222,7 +222,7 @@ class HttpTransport(Transport):
             self._all.clear()
 
     def _connection(self, parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
-        pool = self._local.__dict__.setdefault("pool", {})
+        pool: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
         key = (parts.scheme, parts.netloc)
         conn = pool.get(key)
         if conn is None:

@@ -4,5 +4,6 @@
     REPO/objects/    the composefs object store
     REPO/tmp/, cache/, verified/, lock
 
-repository (commit, refs, tags, prune), signing (gpg), checkout, treediff, fsck.
+repository (commit, refs, tags, prune), dumbhttp (the index a static HTTP server
+needs, kept current by every ref change), signing (gpg), checkout, treediff, fsck.
 Imports composefs and util."""

@@ -7,6 +7,9 @@
     REPO/cache/        local hints (digests of files already read), never needed
     REPO/lock          flock()ed by writers
 
+Each mutating operation (commit, create_tag, prune, init) takes the lock itself
+and keeps the git/info/refs index of a static HTTP server current (dumbhttp.py).
+
 A commit's tree holds one file, manifest.dump; its message ends in trailers
 naming the image digest and format and the branches it was made for (see
 docs/architecture.md, "Commit").
@@ -22,12 +25,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import pygit2
 
 from ..composefs import dumpfile, fsverity, imagewriter
 from ..composefs.digestcache import DigestCache
+from ..composefs.fsverity import Digest, DigestError
 from ..composefs.objects import ObjectStore
 from ..composefs.scan import ScanStats, scan
 from ..composefs.tarscan import scan_tar
@@ -36,7 +41,7 @@ from ..composefs.tree import resolve as resolve_entry
 from ..util import lockfile
 from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from . import signing
+from . import dumbhttp, signing
 
 MANIFEST = "manifest.dump"
 # Digests of the files last committed from a directory (a hint; see digestcache.py).
@@ -91,8 +96,10 @@ class TrailerError(RepositoryError, IntegrityError):
 
 @dataclass(frozen=True)
 class CommitResult:
+    """What Repository.commit made: the new commit on `branch`, and what the scan saw."""
+
     commit: str
-    image_digest: str
+    image_digest: Digest
     branch: str
     stats: ScanStats
 
@@ -105,6 +112,7 @@ class Repository:
                 raise RepositoryNotFoundError(f"not a cfsdeploy repository: {self.path} (no {part})")
         self.git = pygit2.Repository(os.path.join(self.path, "git"))
         self.objects = ObjectStore(os.path.join(self.path, "objects"), os.path.join(self.path, "tmp"))
+        self._lock_depth = 0  # lock() held by this object: nested holds are free
 
     @classmethod
     def init(cls, path: str | os.PathLike[str]) -> Repository:
@@ -127,6 +135,7 @@ class Repository:
                 f.flush()
                 os.fsync(f.fileno())
             lockfile.create(os.path.join(staging, "lock"))
+            dumbhttp.write_server_info(staging)
             os.chmod(staging, 0o755)
             if os.path.isdir(path):
                 os.rmdir(path)  # empty, checked above
@@ -139,12 +148,26 @@ class Repository:
 
     @contextlib.contextmanager
     def lock(self, *, wait: float = 0.0, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold the repository's writer lock; wait up to `wait` seconds for it."""
+        """Hold the repository's writer lock; wait up to `wait` seconds for it.
+
+        Re-entrant on this object, so a caller may hold it across several operations
+        that each take it; only the outermost hold clears tmp/."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         with lockfile.hold(os.path.join(self.path, "lock"),
                            f"repository {self.path} is locked by another cfsdeploy process",
                            wait=wait, on_wait=on_wait):
-            self._clean_tmp()
-            yield
+            self._lock_depth = 1
+            try:
+                self._clean_tmp()
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _clean_tmp(self) -> None:
         # Whatever a killed writer left in tmp/ is garbage: nothing refers to it.  So are
@@ -195,14 +218,26 @@ class Repository:
                sign_key: str | None = None, gpg_homedir: str | None = None,
                threads: int | None = None,
                warn: Callable[[str], None] | None = None,
-               progress: Callable[[ScanStats], None] | None = None) -> CommitResult:
-        """Store a tree's objects, its manifest and image, and move `branch` to a new commit.
+               progress: Callable[[ScanStats], None] | None = None,
+               lock_wait: float = 60.0, on_lock_wait: Callable[[], None] | None = None) -> CommitResult:
+        """Store a tree's objects, its manifest and image, and move `branch` to a new
+        commit, under the lock (waiting up to lock_wait seconds for it).
 
         The commit is bound to `branch` and to the branches in `bind` (its
         Cfsdeploy-Branch trailers): a pull of any other branch refuses it.
         The new objects are published durably (one transaction) before the ref moves;
         if anything fails first, nothing new is named and the branch stays."""
         message = CommitMessage(subject, body, version, (branch, *bind))
+        with self.lock(wait=lock_wait, on_wait=on_lock_wait):
+            return self._commit(tree, branch, message, parent=parent, orphan=orphan, author=author,
+                                sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads, warn=warn,
+                                progress=progress)
+
+    def _commit(self, tree: str | os.PathLike[str], branch: str, message: CommitMessage, *,
+                parent: str | None, orphan: bool, author: tuple[str, str], sign_key: str | None,
+                gpg_homedir: str | None, threads: int | None, warn: Callable[[str], None] | None,
+                progress: Callable[[ScanStats], None] | None) -> CommitResult:
+        parents: list[str | pygit2.Oid]
         if orphan:
             parents = []
         elif parent is not None:
@@ -229,9 +264,10 @@ class Repository:
             cache.save(cache_path)
         self.mark_verified(str(commit_id), image_digest)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
-        return CommitResult(str(commit_id), image_digest.hex(), branch, stats)
+        dumbhttp.update_server_info(self)
+        return CommitResult(str(commit_id), image_digest, branch, stats)
 
-    def _image_of(self, manifest: bytes, root: Inode, parents: list[pygit2.Oid]) -> tuple[bytes, int]:
+    def _image_of(self, manifest: bytes, root: Inode, parents: list[str | pygit2.Oid]) -> tuple[Digest, int]:
         """The digest and format of the manifest's image, stored.  An unchanged tree
         reuses its parent's image: the image is a function of the manifest alone
         (what fsck checks), so building it again would give the same bytes."""
@@ -246,7 +282,7 @@ class Repository:
         built = imagewriter.build(root)
         return self.objects.add_bytes(built.image), built.version
 
-    def _create_commit(self, manifest: bytes, message: str, parents: list[pygit2.Oid],
+    def _create_commit(self, manifest: bytes, message: str, parents: list[str | pygit2.Oid],
                        author: tuple[str, str], sign_key: str | None,
                        gpg_homedir: str | None) -> pygit2.Oid:
         """The git commit of a manifest (signed if asked), not yet on any ref."""
@@ -258,7 +294,8 @@ class Repository:
         sig = pygit2.Signature(author[0], author[1], when, 0)
         if sign_key is None:
             return self.git.create_commit(None, sig, sig, message, tree_id, parents)
-        content = self.git.create_commit_string(sig, sig, message, tree_id, parents)
+        # pygit2's stubs say Oid; it returns the commit's text.
+        content = cast(str, self.git.create_commit_string(sig, sig, message, tree_id, parents))
         signature = signing.sign(content.encode(), sign_key, homedir=gpg_homedir)
         return self.git.create_commit_with_signature(content, signature)
 
@@ -350,13 +387,17 @@ def bindings(message: str) -> list[str]:
     return _split_message(message)[1].get(TRAILER_BRANCH, [])
 
 
-def image_digest_of(commit: pygit2.Commit) -> bytes:
-    value = trailers(commit.message).get(TRAILER_DIGEST, "")
+def digest_trailer(found: dict[str, str]) -> Digest | None:
+    """The image digest a commit's trailers name; None if none or not a digest."""
     try:
-        digest = bytes.fromhex(value)
-    except ValueError:
-        digest = b""
-    if len(digest) != fsverity.HASH_SIZE:
+        return Digest.from_hex(found.get(TRAILER_DIGEST, ""))
+    except DigestError:
+        return None
+
+
+def image_digest_of(commit: pygit2.Commit) -> Digest:
+    digest = digest_trailer(trailers(commit.message))
+    if digest is None:
         raise RepositoryIntegrityError(f"commit {commit.id} has no valid {TRAILER_DIGEST} trailer")
     return digest
 
@@ -378,24 +419,32 @@ class SignatureInfo:
 
 @dataclass(frozen=True)
 class CommitInfo:
+    """A stored commit as log and show describe it: its message split into parts, its
+    trailers read (a trailer that does not parse is None), who signed it."""
+
     id: str
     subject: str
     body: str
     version: str | None
-    timestamp: int
+    time: int  # the committer's timestamp
     author: str
     parents: list[str]
-    image_digest: str | None
+    image_digest: Digest | None
     image_format: int | None
     branches: list[str]  # the binding; empty for commits made before bindings
     signature: SignatureInfo | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"commit": self.id, "subject": self.subject, "version": self.version,
-                "branches": self.branches,
-                "timestamp": self.timestamp, "author": self.author, "parents": self.parents,
-                "image_digest": self.image_digest, "image_format": self.image_format,
+        return {"commit": self.id, "subject": self.subject, "body": self.body, "version": self.version,
+                "branches": self.branches, "time": iso_time(self.time), "author": self.author,
+                "parents": self.parents, "image_digest": self.image_digest.hex() if self.image_digest else None,
+                "image_format": self.image_format,
                 "signature": self.signature.to_json() if self.signature else None}
+
+
+def iso_time(timestamp: int) -> str:
+    """A Unix time in ISO 8601, UTC: 2026-11-30T05:12:43Z."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> SignatureInfo | None:
@@ -426,8 +475,8 @@ def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> Com
     return CommitInfo(
         id=str(commit.id), subject=paragraphs[0], body="\n\n".join(paragraphs[1:]),
         version=t.get(TRAILER_VERSION), branches=found.get(TRAILER_BRANCH, []),
-        timestamp=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
-        parents=[str(p) for p in commit.parent_ids], image_digest=t.get(TRAILER_DIGEST),
+        time=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
+        parents=[str(p) for p in commit.parent_ids], image_digest=digest_trailer(t),
         image_format=int(fmt) if fmt and fmt.isdigit() else None,
         signature=signature_info(commit, gpg_homedir=gpg_homedir))
 
@@ -436,7 +485,7 @@ def history(repo: Repository, rev: str, limit: int | None = None, *,
             gpg_homedir: str | None = None) -> list[CommitInfo]:
     """Commits reachable from rev, newest first (first-parent order); signatures are
     checked against the keyring in gpg_homedir when one is given."""
-    out = []
+    out: list[CommitInfo] = []
     commit: pygit2.Commit | None = repo.resolve(rev)
     while commit is not None and (limit is None or len(out) < limit):
         out.append(commit_info(commit, gpg_homedir=gpg_homedir))
@@ -454,24 +503,61 @@ def list_refs(repo: Repository) -> list[tuple[str, str]]:
     return out
 
 
-def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False) -> str:
+def create_tag(repo: Repository, name: str, rev: str, *, force: bool = False, lock_wait: float = 60.0,
+               on_lock_wait: Callable[[], None] | None = None) -> str:
+    """Point the tag `name` at the commit `rev` names (under the lock); its commit id."""
     ref = f"refs/tags/{name}"
     if not valid_ref_name(ref):
         raise RepositoryUsageError(f"invalid tag name {name!r}")
-    if ref in repo.git.references and not force:
-        raise RepositoryUsageError(f"tag {name!r} already exists")
-    commit = repo.resolve(rev)
-    repo.git.references.create(ref, commit.id, force=force)
+    with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
+        if ref in repo.git.references and not force:
+            raise RepositoryUsageError(f"tag {name!r} already exists")
+        commit = repo.resolve(rev)
+        repo.git.references.create(ref, commit.id, force=force)
+        dumbhttp.update_server_info(repo)
     return str(commit.id)
 
 
+def manifest_data(commit: pygit2.Commit) -> bytes:
+    """The manifest (dumpfile) a commit's tree holds."""
+    entry = commit.tree[MANIFEST] if MANIFEST in commit.tree else None
+    if not isinstance(entry, pygit2.Blob):
+        raise RepositoryIntegrityError(f"commit {commit.id} has no {MANIFEST}")
+    return entry.data
+
+
 def manifest_of(repo: Repository, rev: str) -> Inode:
-    commit = repo.resolve(rev)
-    try:
-        blob = commit.tree[MANIFEST]
-    except KeyError:
-        raise RepositoryIntegrityError(f"commit {commit.id} has no {MANIFEST}") from None
-    return dumpfile.parse(blob.data)
+    return dumpfile.parse(manifest_data(repo.resolve(rev)))
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One line of `ls`: a path of a commit's tree and its metadata."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    symlink_target: bytes | None  # for symlinks
+
+
+def list_files(repo: Repository, rev: str, path: str, *, recursive: bool = False) -> list[ListedFile]:
+    """The file at `path` in commit `rev`; or for a directory, its entries (all those
+    below it if recursive), in tree order."""
+    top = lookup(manifest_of(repo, rev), os.fsencode(path))
+    if top is None:
+        raise RepositoryNotFoundError(f"{path}: no such file in {rev}")
+    prefix = os.fsencode(path).rstrip(b"/")
+    node = resolve_entry(top)
+    if node.children is None:
+        entries = [(prefix, node)]
+    else:
+        depth = prefix.count(b"/") + 1
+        entries = [(prefix + p, resolve_entry(e)) for p, e in walk(node)
+                   if p != b"/" and (recursive or (prefix + p).count(b"/") == depth)]
+    return [ListedFile(p, n.mode, n.uid, n.gid, n.size, (n.payload or b"") if n.is_symlink() else None)
+            for p, n in entries]
 
 
 def read_file(repo: Repository, rev: str, path: str) -> bytes:
@@ -530,7 +616,7 @@ def reachable_commits(repo: Repository) -> list[pygit2.Commit]:
     return out
 
 
-def objects_of(root: Inode) -> set[bytes]:
+def objects_of(root: Inode) -> set[Digest]:
     """The digests of the external files a manifest needs."""
     return {e.digest for _, e in walk(root)
             if isinstance(e, Inode) and e.is_reg() and e.digest is not None and e.content is None}
@@ -543,12 +629,18 @@ class PruneResult:
     kept: int
 
 
-def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float = 0.0) -> PruneResult:
-    """Remove objects that no commit reachable from a ref needs (call under the lock)."""
-    needed: set[bytes] = set()
+def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float = 0.0, lock_wait: float = 60.0,
+          on_lock_wait: Callable[[], None] | None = None) -> PruneResult:
+    """Remove objects that no commit reachable from a ref needs, under the lock."""
+    with repo.lock(wait=lock_wait, on_wait=on_lock_wait):
+        return _prune(repo, dry_run, keep_younger_than)
+
+
+def _prune(repo: Repository, dry_run: bool, keep_younger_than: float) -> PruneResult:
+    needed: set[Digest] = set()
     for commit in reachable_commits(repo):
         needed.add(image_digest_of(commit))
-        needed |= objects_of(dumpfile.parse(commit.tree[MANIFEST].data))
+        needed |= objects_of(dumpfile.parse(manifest_data(commit)))
     cutoff = time.time() - keep_younger_than
     removed = freed = kept = 0
     for sub in sorted(os.listdir(repo.objects.path)):

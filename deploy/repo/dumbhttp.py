@@ -3,7 +3,8 @@
 Clients need only GETs (git's "dumb HTTP" layout): git/info/refs lists every ref
 with its commit, git/objects/info/packs lists the packs, and the objects are files
 at their names.  Like `git update-server-info`, and byte for byte the same output:
-call update_server_info() under the repository lock after any ref changes.
+the repository's own operations call update_server_info() under the lock after
+any ref change (commit, tag, pull, remote removal).
 
 Compression is the server's business, as HTTP content encoding: clients ask for
 gzip (except for git objects, which are deflated already) and count what arrives.
@@ -22,23 +23,26 @@ belong in a published copy of the repository, not beside the objects.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pygit2
 
-from ..repo.repository import Repository
 from ..util.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:  # repository.py calls update_server_info() after every ref change
+    from .repository import Repository
 
 INFO_REFS = "info/refs"
 INFO_PACKS = "objects/info/packs"
 
 
-def info_refs(repo: Repository) -> bytes:
+def info_refs(git: pygit2.Repository) -> bytes:
     """`<id>\\t<ref>` per ref, sorted by name; annotated tags add the commit they tag as `<ref>^{}`."""
     lines = []
-    for name in sorted(repo.git.references):
+    for name in sorted(git.references):
         try:
-            ref = repo.git.references[name].resolve()
-            obj = repo.git[ref.target]
+            ref = git.references[name].resolve()
+            obj = git[ref.target]
         except (KeyError, pygit2.GitError):
             continue  # a dangling ref is nothing a client can fetch
         lines.append(f"{obj.id}\t{name}\n")
@@ -47,16 +51,23 @@ def info_refs(repo: Repository) -> bytes:
     return "".join(lines).encode()
 
 
-def info_packs(repo: Repository) -> bytes:
-    pack_dir = os.path.join(repo.path, "git", "objects", "pack")
+def info_packs(git_dir: str) -> bytes:
+    pack_dir = os.path.join(git_dir, "objects", "pack")
     names = sorted(n for n in os.listdir(pack_dir) if n.endswith(".pack")) if os.path.isdir(pack_dir) else []
     return "".join(f"P {n}\n" for n in names).encode() + b"\n"
 
 
 def update_server_info(repo: Repository) -> None:
-    """Rewrite git/info/refs and git/objects/info/packs atomically (call under the lock)."""
-    for rel, data in ((INFO_REFS, info_refs(repo)), (INFO_PACKS, info_packs(repo))):
-        path = os.path.join(repo.path, "git", rel)
+    """Rewrite git/info/refs and git/objects/info/packs atomically (under the lock)."""
+    write_server_info(repo.path, repo.git)
+
+
+def write_server_info(repo_path: str, git: pygit2.Repository | None = None) -> None:
+    """update_server_info() of the repository at repo_path (also one being created)."""
+    git_dir = os.path.join(repo_path, "git")
+    git = git or pygit2.Repository(git_dir)
+    for rel, data in ((INFO_REFS, info_refs(git)), (INFO_PACKS, info_packs(git_dir))):
+        path = os.path.join(git_dir, rel)
         try:
             with open(path, "rb") as f:
                 if f.read() == data:
@@ -64,4 +75,4 @@ def update_server_info(repo: Repository) -> None:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         # Staged in tmp/, which the lock clears, so a crash leaves no stray temp file.
-        atomic_write_bytes(path, data, tmpdir=os.path.join(repo.path, "tmp"))
+        atomic_write_bytes(path, data, tmpdir=os.path.join(repo_path, "tmp"))
