@@ -319,12 +319,12 @@ class Plan:
 
 
 class RepairKind(Enum):
-    FINISHED_SWITCH = "finished-switch"      # an interrupted switch of entries, completed
-    REMOVED_LEFTOVER = "removed-leftover"    # what an interrupted older switch left
-    DAMAGED_RECORD = "damaged-record"        # a switch record that does not parse, set aside
-    SUSPECT_LEFTOVER = "suspect-leftover"    # a leftover that may share clusters: left for fsck
-    REINSTALLED_KERNEL = "reinstalled-kernel"  # an entry's kernel or initramfs was missing or torn
-    BROKEN_KERNEL = "broken-kernel"          # ... and could not be put back
+    FINISHED_SWITCH = "finished_switch"      # an interrupted switch of entries, completed
+    REMOVED_LEFTOVER = "removed_leftover"    # what an interrupted older switch left
+    DAMAGED_RECORD = "damaged_record"        # a switch record that does not parse, set aside
+    SUSPECT_LEFTOVER = "suspect_leftover"    # a leftover that may share clusters: left for fsck
+    REINSTALLED_KERNEL = "reinstalled_kernel"  # an entry's kernel or initramfs was missing or torn
+    BROKEN_KERNEL = "broken_kernel"          # ... and could not be put back
 
 
 @dataclass(frozen=True)
