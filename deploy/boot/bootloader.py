@@ -39,7 +39,7 @@ import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import BinaryIO
 
 from ..util.errors import CfsError
@@ -87,7 +87,7 @@ def clean_title(text: str) -> str:
     return " ".join(text.split())[:MAX_TITLE]
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     ENTRY = "entry"          # a boot entry of the os
     STAGED = "staged"        # the staged record
     ASIDE = "aside"          # a damaged record set aside

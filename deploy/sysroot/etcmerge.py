@@ -129,7 +129,8 @@ def read_local(path: bytes) -> LocalEtc:
             root, stats = scan(path, warn=lambda m: None, identities=identities)
         except TreeError as e:
             raise EtcMergeError(f"cannot read the local /etc: {e}") from None
-        etc = LocalEtc(path, fd, root, identities, {p[len(path):] for p in stats.skipped})
+        skipped: list[bytes] = stats.skipped
+        etc = LocalEtc(path, fd, root, identities, {p[len(path):] for p in skipped})
         st = os.fstat(fd)
         if identities[path] != (st.st_dev, st.st_ino):
             raise _changed(b"")
