@@ -538,12 +538,16 @@ def _say_repairs(repairs: list[Repair]) -> None:
 
     for r in repairs:
         click.echo({
-            RepairKind.FINISHED_SWITCH: f"repaired: finished an interrupted switch of the boot entries ({r.detail})",
+            RepairKind.FINISHED_SWITCH: "repaired: finished an interrupted switch of the boot entries "
+                                        f"(os {r.os}: {r.written} written, {r.removed} removed)",
             RepairKind.REMOVED_LEFTOVER: f"repaired: removed {r.path}, left by an interrupted switch",
-            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.detail})",
-            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: {r.detail}",
-            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} {r.detail}",
-            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: {r.detail}",
+            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.message})",
+            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: same files as {r.same_as}: "
+                                         "check the boot filesystem with fsck.vfat",
+            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} "
+                                           f"for {r.deployment}" + (f" as {r.kernel}" if r.kernel else ""),
+            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: "
+                                      f"for {r.deployment}: {r.message}",
         }[r.kind], err=True)
 
 
@@ -725,8 +729,7 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
                                "broken_entries": [{"entry": e.filename, "message": why} for e, why in broken],
                                "damaged": [{"kind": bad.kind.value, "path": bad.path, "message": bad.reason,
                                             "keeps": keeps} for bad, keeps in damaged],
-                               "repairs": [{"kind": r.kind.value, "path": r.path, "message": r.detail}
-                                           for r in s.repairs]},
+                               "repairs": [r.to_json() for r in s.repairs]},
                               indent=2))
         return
     if pending is not None:

@@ -331,7 +331,18 @@ class RepairKind(Enum):
 class Repair:
     kind: RepairKind
     path: str
-    detail: str = ""
+    message: str | None = None     # the error: DAMAGED_RECORD, BROKEN_KERNEL
+    os: str | None = None          # whose entries: FINISHED_SWITCH
+    written: int = 0               # entries written and removed: FINISHED_SWITCH
+    removed: int = 0
+    deployment: str | None = None  # whose kernel: REINSTALLED_KERNEL, BROKEN_KERNEL
+    same_as: str | None = None     # the directory with the same files: SUSPECT_LEFTOVER
+    kernel: str | None = None      # the kernel directory installed, when not path's: REINSTALLED_KERNEL
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind.value, "path": self.path, "message": self.message, "os": self.os,
+                "written": self.written, "removed": self.removed, "deployment": self.deployment,
+                "same_as": self.same_as, "kernel": self.kernel}
 
 
 def entry_files(boot: str, os_name: str) -> dict[str, str]:
@@ -439,8 +450,7 @@ def recover(boot: str, record: str) -> list[Repair]:
         if _listing(leftover) == _listing(ours):
             # Both names may hold the same clusters after a torn exchange on vfat:
             # removing one would free the other's files.  fsck.vfat sorts it out.
-            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover,
-                                  f"same files as {ours}: check the boot filesystem with fsck.vfat"))
+            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover, same_as=ours))
         else:
             remove_durably(boot, _tree(leftover))
             repairs.append(Repair(RepairKind.REMOVED_LEFTOVER, leftover))
@@ -455,10 +465,10 @@ def recover(boot: str, record: str) -> list[Repair]:
         aside = record + ".damaged"
         os.replace(record, aside)
         fsync_dir(os.path.dirname(record))
-        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, str(e))]
+        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, message=str(e))]
     _carry_out(boot, plan, record)
-    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES),
-                             f"os {plan.os}: {len(plan.write)} written, {len(plan.remove)} removed")]
+    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES), os=plan.os,
+                             written=len(plan.write), removed=len(plan.remove))]
 
 
 def needs_recovery(boot: str, record: str) -> bool:

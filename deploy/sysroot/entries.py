@@ -172,10 +172,10 @@ def recover(sysroot: Sysroot, *, lock: LockPolicy = NO_WAIT) -> list[Repair]:
             try:
                 installed = install_kernel(sysroot, os_name, load_commit(sysroot.repo, dep.commit))
             except CfsError as err:
-                repairs.append(Repair(RepairKind.BROKEN_KERNEL, where, f"for {dep.name}: {err}"))
+                repairs.append(Repair(RepairKind.BROKEN_KERNEL, where, message=str(err), deployment=dep.name))
                 continue
-            repairs.append(Repair(RepairKind.REINSTALLED_KERNEL, where,
-                                  f"for {dep.name}" + ("" if installed == k else f" as {installed.dirname}")))
+            repairs.append(Repair(RepairKind.REINSTALLED_KERNEL, where, deployment=dep.name,
+                                  kernel=None if installed == k else installed.dirname))
     sysroot.repairs += repairs
     return repairs
 
