@@ -699,39 +699,21 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
     _say_switched(r.index, r.removed, "it")
 
 
-STATUS_SCHEMA = 1  # of `status --json` (docs/json.md)
-
-
 @main.command("status")
 @sysroot_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (docs/json.md).")
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
-    from .sysroot.booted import boot_verity
-    from .sysroot.entries import repair
-    from .sysroot.layout import staged_status, status
+    from .sysroot.status import status
 
     s = _open_sysroot(sysroot_path, boot_dir)
     name = s.pick_os(os_name)
-    repair(s, lock=_lock(wait_lock))
-    state = s.state(name)
-    rows = status(state)
-    broken = state.broken
-    pending = staged_status(s, name)
-    checked = boot_verity(s.cmdline()) if state.booted is not None else None
-    present = s.directories(name)
-    damaged = [(bad, sorted(bad.mentions(present))) for bad in state.damaged]
+    st = status(s, name, lock=_lock(wait_lock))
     if as_json:
-        click.echo(json.dumps({"schema": STATUS_SCHEMA, "os": name, "deployments": [r.to_json() for r in rows],
-                               "booted_verity": checked.to_json() if checked else None,
-                               "staged": pending.to_json() if pending else None,
-                               "broken_entries": [{"entry": e.filename, "message": why} for e, why in broken],
-                               "damaged": [{"kind": bad.kind.value, "path": bad.path, "message": bad.reason,
-                                            "keeps": keeps} for bad, keeps in damaged],
-                               "repairs": [r.to_json() for r in s.repairs]},
-                              indent=2))
+        click.echo(json.dumps(st.to_json(), indent=2))
         return
+    rows, pending, checked = st.deployments, st.staged, st.booted_verity
     if pending is not None:
         d_ = pending.deployment
         click.echo(f"  staged: {name} {pending.record.name}: {_staged_when(pending)}")
@@ -741,14 +723,15 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
             click.echo(f"    Commit:  {d_.commit}")
             if d_.origin:
                 click.echo(f"    Origin:  {d_.origin.refspec}")
-    for e, why in broken:
-        click.echo(f"WARNING: boot entry {e.filename} cannot boot: {why}; "
+    for b in st.broken_entries:
+        click.echo(f"WARNING: boot entry {b.entry.filename} cannot boot: {b.message}; "
                    "the next deploy or cleanup drops it", err=True)
-    for bad, keeps in damaged:
-        what, then = _DAMAGED[bad.kind]
+    for bad in st.damaged:
+        what, then = _DAMAGED[bad.record.kind]
+        keeps = bad.keeps
         kept = (f"{', '.join(keeps)} stay{'s' if len(keeps) == 1 else ''} while it exists" if keeps
                 else "it names nothing there is")
-        click.echo(f"WARNING: {what} {bad.path}: {bad.reason}; {kept}; {then}", err=True)
+        click.echo(f"WARNING: {what} {bad.record.path}: {bad.record.reason}; {kept}; {then}", err=True)
     if not rows:
         click.echo(f"os {name}: no deployments")
     for r in rows:

@@ -22,7 +22,7 @@ from cfsdeploy.sysroot.commit import DeployError
 from cfsdeploy.sysroot.deploy import DeployResult
 from cfsdeploy.sysroot.deploy import deploy as sysroot_deploy
 from cfsdeploy.sysroot.deployment import Origin
-from cfsdeploy.sysroot.layout import BootCounting, Sysroot, SysrootError, status
+from cfsdeploy.sysroot.layout import BootCounting, Sysroot, SysrootError, status_rows
 from cfsdeploy.sysroot.rollback import pin, rollback, undeploy
 
 from .sysroots import (
@@ -303,7 +303,7 @@ def test_boot_counting_tries_name_the_new_entry(machine) -> None:
     deploy(machine, tries=3)
     files = sorted(os.listdir(machine.boot / "loader" / "entries"))
     assert files == [f"cfsdeploy-{OS}-1.conf", f"cfsdeploy-{OS}-2+3.conf"]
-    assert status(machine.sysroot.state(OS))[0].boot_counting == BootCounting.TRIAL
+    assert status_rows(machine.sysroot.state(OS))[0].boot_counting == BootCounting.TRIAL
 
 
 def test_sysroot_tries_put_every_new_deployment_on_trial(tmp_path) -> None:
@@ -338,14 +338,14 @@ def tries_used_up(m) -> None:
 
 def test_status_says_loudly_that_an_entry_failed(machine) -> None:
     tries_used_up(machine)
-    rows = status(booted_into(machine, 1).state(OS))
+    rows = status_rows(booted_into(machine, 1).state(OS))
     assert rows[0].boot_failed and rows[0].boot_counting == BootCounting.FAILED
     assert rows[1].booted and rows[1].rollback
 
 
 def test_status_of_a_boot_on_its_last_try_is_not_yet_a_failure(machine) -> None:
     tries_used_up(machine)
-    rows = status(booted_into(machine, 0).state(OS))
+    rows = status_rows(booted_into(machine, 0).state(OS))
     assert rows[0].booted and not rows[0].boot_failed
     assert rows[0].boot_counting == BootCounting.LAST_TRY
 

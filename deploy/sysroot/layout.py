@@ -445,7 +445,7 @@ class DeploymentStatus:
                 "boot_failed": self.boot_failed, "boot_counting": counting.value if counting else None}
 
 
-def status(state: State) -> list[DeploymentStatus]:
+def status_rows(state: State) -> list[DeploymentStatus]:
     return [DeploymentStatus(i, d, e, d == state.booted)
             for i, (d, e) in enumerate(zip(state.deployments, state.entries, strict=True))]
 
