@@ -14,12 +14,12 @@ import pytest
 from cfsdeploy.sysroot import staged
 from cfsdeploy.sysroot.cleanup import cleanup
 from cfsdeploy.sysroot.cmdline import set_kargs
-from cfsdeploy.sysroot.deploy import DeployResult
+from cfsdeploy.sysroot.deploy import DeployResult, FinalizeUnit
 from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.finalize import DiscardReason, finalize_staged
 from cfsdeploy.sysroot.layout import StagedState, staged_status
 from cfsdeploy.sysroot.rollback import rollback, undeploy
-from cfsdeploy.sysroot.upgrade import upgrade
+from cfsdeploy.sysroot.upgrade import UpgradeOutcome, upgrade
 from cfsdeploy.util.errors import CommandError
 
 from .sysroots import BRANCH, OS, commit_tree, make_os_tree
@@ -50,6 +50,8 @@ def test_staging_leaves_the_entries_unchanged(machine) -> None:
     before = entries_files(machine)
     r = stage(machine)
     assert r.staged and r.index == 0
+    # Only the machine's own sysroot is finalized by the unit, at shutdown.
+    assert r.finalize_unit == FinalizeUnit.NOT_DEFAULT_SYSROOT
     assert entries_files(machine) == before
     assert (os_dir(machine) / r.deployment.name / "etc/hostname").is_file()
 
@@ -186,9 +188,10 @@ def test_record_of_an_earlier_boot_is_discarded(machine) -> None:
 def test_upgrade_stage_stages_the_head_once(machine) -> None:
     installed_and_booted(machine)
     r = upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
-    assert r.deployed.staged and r.deployed.deployment.commit == r.commit
+    assert r.outcome == UpgradeOutcome.STAGED and r.deployed.deployment.commit == r.commit
     again = upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
-    assert again.deployed is None and staged_status(machine.sysroot, OS).deployment == r.deployed.deployment
+    assert again.outcome == UpgradeOutcome.PENDING_REBOOT and again.deployed is None
+    assert staged_status(machine.sysroot, OS).deployment == r.deployed.deployment
 
 
 def test_finalize_unit_is_not_started_without_systemd(tmp_path) -> None:

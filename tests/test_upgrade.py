@@ -16,7 +16,7 @@ from cfsdeploy.sysroot.deploy import deploy
 from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.layout import Sysroot, SysrootError
 from cfsdeploy.sysroot.rollback import rollback
-from cfsdeploy.sysroot.upgrade import upgrade
+from cfsdeploy.sysroot.upgrade import UpgradeOutcome, upgrade
 
 from .pullkit import builder_key, nginx, publish, serve_branch_as  # noqa: F401  (fixtures)
 from .sysroots import OS, ROOT_KARGS, boot_mount, entries_read_as_meant, make_os_tree
@@ -66,7 +66,7 @@ def test_upgrade_deploys_the_new_head_and_keeps_the_rollback(fleet) -> None:
     old = fleet.sysroot.state(OS).default
     new = release(fleet, "2")
     r = upgrade(fleet.sysroot, OS)
-    assert r.deployed.deployment.commit == new
+    assert r.outcome == UpgradeOutcome.DEPLOYED and r.deployed.deployment.commit == new
     state = fleet.sysroot.state(OS)
     assert state.default.commit == new and state.rollback == old
     assert {os.fsdecode(p) for p in r.changes.modified} >= {"/etc/default/app", "/usr/lib/os-release"}
@@ -85,7 +85,7 @@ def test_upgrade_with_nothing_new_changes_nothing(fleet) -> None:
     install(fleet)
     before = fleet.sysroot.state(OS).deployments
     r = upgrade(fleet.sysroot, OS)
-    assert not r.available and r.deployed is None
+    assert r.outcome == UpgradeOutcome.UP_TO_DATE and not r.available and r.deployed is None
     assert fleet.sysroot.state(OS).deployments == before
 
 
@@ -94,14 +94,16 @@ def test_upgrade_already_deployed_is_not_deployed_twice(fleet) -> None:
     release(fleet, "2")
     upgrade(fleet.sysroot, OS)
     r = upgrade(fleet.sysroot, OS)
-    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 2
+    assert r.outcome == UpgradeOutcome.PENDING_REBOOT and r.deployed is None
+    assert len(fleet.sysroot.state(OS).deployments) == 2
 
 
 def test_check_only_reports(fleet) -> None:
     install(fleet)
     release(fleet, "2")
     r = upgrade(fleet.sysroot, OS, check=True)
-    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 1
+    assert r.outcome == UpgradeOutcome.UPDATE_AVAILABLE and r.deployed is None
+    assert len(fleet.sysroot.state(OS).deployments) == 1
 
 
 def test_local_etc_edit_survives_the_upgrade(fleet) -> None:
