@@ -5,15 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..boot.bootloader import Kind
-from ..repo.repository import (
-    prune,
-)
-from .entries import (
-    prepare,
-    retain,
-    rewrite,
-    settle,
-)
+from ..repo.repository import prune
+from .entries import prepare, retain, rewrite, settle
 from .layout import Sysroot
 from .locking import NO_WAIT, LockPolicy, locked
 

@@ -15,15 +15,7 @@ from ..repo.checkout import checkout
 from ..util.errors import CfsError
 from ..util.fsutil import fsync_dir, remove_tree, syncfs
 from . import deployment, staged
-from .commit import (
-    Commit,
-    DeployError,
-    check_objects,
-    ensure_image,
-    load_commit,
-    origin_of,
-    os_release,
-)
+from .commit import Commit, DeployError, check_objects, ensure_image, load_commit, origin_of, os_release
 from .deployment import Deployment, Origin
 from .entries import (
     install_kernel,

@@ -22,18 +22,10 @@ from ..boot import bootloader, kargs
 from ..boot.bootloader import BootEntry, Damaged, Kernel, Kind, Repair, RepairKind
 from ..composefs import dumpfile, fsverity
 from ..composefs.tree import Inode, lookup
-from ..repo.repository import (
-    Repository,
-)
+from ..repo.repository import Repository
 from ..util.errors import CfsError
 from . import deployment, staged
-from .commit import (
-    ETC_PATHS,
-    Commit,
-    DeployError,
-    load_commit,
-    manifest_data,
-)
+from .commit import ETC_PATHS, Commit, DeployError, load_commit, manifest_data
 from .deployment import Deployment
 from .etcmerge import MergeReport, merge_etc
 from .layout import State, Sysroot
@@ -41,8 +33,6 @@ from .locking import NO_WAIT, LockPolicy, locked
 from .staged import Staged
 
 DEPLOY_REF = "refs/deployments"
-
-
 
 
 def options(dep: Deployment, verity: str) -> str:
@@ -57,8 +47,8 @@ def new_entry(dep: Deployment, kernel: Kernel, title: str, verity: str, tries: i
 
 
 def rewrite(sysroot: Sysroot, state: State, order: list[Deployment],
-             new_entries: dict[str, BootEntry] | None = None,
-             verity: dict[str, str] | None = None) -> list[BootEntry]:
+            new_entries: dict[str, BootEntry] | None = None,
+            verity: dict[str, str] | None = None) -> list[BootEntry]:
     """Switch the os's entries to `order`, keeping each kept entry's fields and
     counters; `verity` changes the cfsdeploy.verity= of deployments it names."""
     by_name = {d.name: e for d, e in zip(state.deployments, state.entries, strict=True)}
@@ -218,7 +208,7 @@ def order_with(state: State, sysroot: Sysroot, dep: Deployment, make_default: bo
 
 
 def switch_in(sysroot: Sysroot, state: State, dep: Deployment, entry: BootEntry,
-               make_default: bool) -> tuple[int, list[str]]:
+              make_default: bool) -> tuple[int, list[str]]:
     """Switch the entries to the new deployment's order, then remove what they no longer
     name; returns its index and the deployments removed."""
     order = order_with(state, sysroot, dep, make_default)

@@ -10,17 +10,9 @@ from enum import Enum
 from ..boot.bootloader import Kernel
 from ..util.fsutil import exchange, fsync_dir, remove_tree, syncfs
 from . import staged
-from .commit import (
-    Commit,
-    load_commit,
-)
+from .commit import Commit, load_commit
 from .deployment import Deployment
-from .entries import (
-    make_etc,
-    new_entry,
-    prepare,
-    switch_in,
-)
+from .entries import make_etc, new_entry, prepare, switch_in
 from .etcmerge import MergeReport
 from .layout import Sysroot, staged_deployment
 from .locking import NO_WAIT, LockPolicy, locked

@@ -393,7 +393,6 @@ class Sysroot:
         return removed
 
 
-
 class BootCounting(Enum):
     """What systemd-boot's counter in an entry's name says."""
     TRIAL = "trial"          # tries left: blessed when a boot completes

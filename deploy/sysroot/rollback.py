@@ -6,12 +6,7 @@ from dataclasses import dataclass
 
 from . import deployment
 from .deployment import Deployment
-from .entries import (
-    prepare,
-    rewrite,
-    settle,
-    unstage,
-)
+from .entries import prepare, rewrite, settle, unstage
 from .layout import Sysroot, SysrootError
 from .locking import NO_WAIT, LockPolicy, locked
 

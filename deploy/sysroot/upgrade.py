@@ -9,16 +9,12 @@ from typing import TYPE_CHECKING
 
 from ..composefs import dumpfile
 from ..composefs.tree import Inode
-from ..repo.repository import (
-    Repository,
-)
+from ..repo.repository import Repository
 from ..repo.treediff import TreeDiff, diff
 from .commit import DeployError, manifest_data
 from .deploy import DeployResult, deploy
 from .deployment import Deployment, Origin
-from .entries import (
-    prepare,
-)
+from .entries import prepare
 from .layout import Sysroot, SysrootError, staged_status
 from .locking import NO_WAIT, LockPolicy, locked
 

@@ -9,17 +9,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..composefs import dumpfile, fsverity
-from ..repo.repository import (
-    Repository,
-)
+from ..repo.repository import Repository
 from ..util.errors import VerityError
 from . import staged
 from .commit import manifest_data
 from .deployment import Deployment
-from .entries import (
-    prepare,
-    rewrite,
-)
+from .entries import prepare, rewrite
 from .layout import Sysroot, staged_status
 from .locking import NO_WAIT, LockPolicy, locked
 
