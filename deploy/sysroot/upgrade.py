@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 class UpgradeOutcome(Enum):
+    """What an upgrade (or switch, or check) found and did."""
     UP_TO_DATE = "up_to_date"            # the origin's head is what runs
     PENDING_REBOOT = "pending_reboot"    # the head is deployed (the default) or staged, not yet booted
     UPDATE_AVAILABLE = "update_available"  # a check found a head to deploy
