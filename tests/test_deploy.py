@@ -86,7 +86,8 @@ def test_deploy_lays_out_the_deployment(machine) -> None:
     assert (top / "etc" / "hostname").read_text() == "testbox\n"
     assert json.loads((top / "deployment.json").read_text())["image_digest"] == d.image_digest
     assert machine.sysroot.repo.objects.has(bytes.fromhex(d.image_digest))
-    assert (machine.boot / r.kernel.relpath / "vmlinuz").read_bytes() == (machine.tree / f"usr/lib/modules/{KVER}/vmlinuz").read_bytes()
+    kernel = machine.tree / f"usr/lib/modules/{KVER}/vmlinuz"
+    assert (machine.boot / r.kernel.relpath / "vmlinuz").read_bytes() == kernel.read_bytes()
 
 
 def test_entry_names_kernel_initramfs_and_arguments(machine) -> None:
@@ -480,7 +481,8 @@ def test_concurrent_deploy_waits_for_the_lock_or_fails_clearly(machine) -> None:
         p = subprocess.run([sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS,
                             "--wait-lock", "0.3"], env=env, capture_output=True, text=True)
     assert p.returncode == 1
-    assert p.stderr.strip().splitlines()[-1] == f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
+    busy = f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
+    assert p.stderr.strip().splitlines()[-1] == busy
     assert machine.sysroot.state(OS).deployments == []
 
 
@@ -661,7 +663,8 @@ def test_unparsable_entry_is_reported_and_keeps_its_deployment(machine) -> None:
         assert p.returncode == 0, p.stderr
     assert kept(machine, a) and aside(machine)[0].startswith(entry.name)
     st = json.loads(cli(machine, "status", "--json").stdout)
-    assert [(d["kind"], d["keeps"]) for d in st["damaged"]] == [("aside", sorted([a.deployment.name, a.kernel.dirname]))]
+    keeps = sorted([a.deployment.name, a.kernel.dirname])
+    assert [(d["kind"], d["keeps"]) for d in st["damaged"]] == [("aside", keeps)]
 
 
 def test_empty_entry_blocks_no_command(machine) -> None:
