@@ -25,10 +25,12 @@ if TYPE_CHECKING:
     from .remote.pull import PullProgress
     from .repo.fsck import Problem
     from .repo.repository import CommitInfo, Repository, SignatureInfo
-    from .sysroot.admin import DeployResult
+    from .sysroot.booted import BootVerity
+    from .sysroot.deploy import DeployResult
     from .sysroot.deployment import Origin
-    from .sysroot.etcmerge import MergeReport
-    from .sysroot.layout import Sysroot
+    from .sysroot.etcmerge import Conflict, MergeReport
+    from .sysroot.layout import DeploymentStatus, StagedStatus, Sysroot
+    from .sysroot.locking import LockPolicy
     from .util.progress import Progress
 
 
@@ -512,11 +514,6 @@ def prune(repo_path: str, dry_run: bool, keep_younger_than: float) -> None:
 # --- sysroot and deployments ------------------------------------------------------------
 
 
-def _default_sysroot() -> str:
-    # In a booted system / is the composed image and the physical root is at /sysroot.
-    return "/sysroot" if os.path.isdir("/sysroot/cfsdeploy") else "/"
-
-
 def sysroot_options(fn: Any) -> Any:
     fn = whole_sysroot_options(fn)
     return click.option("--os", "os_name", metavar="NAME", help="The os (default: the booted or configured one).")(fn)
@@ -533,15 +530,19 @@ def whole_sysroot_options(fn: Any) -> Any:
     return fn
 
 
-def _open_sysroot(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> Sysroot:
-    from .sysroot.layout import Sysroot
+def _open_sysroot(sysroot_path: str | None, boot_dir: str | None) -> Sysroot:
+    from .sysroot.layout import Sysroot, default_path
 
     # An empty --sysroot is a mistake, not a request for the default one.
-    s = Sysroot(_default_sysroot() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
-    s.lock_wait = wait_lock
-    s.on_lock_wait = lambda: click.echo("waiting for another cfsdeploy to finish...", err=True)
+    s = Sysroot(default_path() if sysroot_path is None else sysroot_path, boot_dir=boot_dir)
     click.get_current_context().call_on_close(lambda: _say_repairs(s.repairs))
     return s
+
+
+def _lock(wait_lock: float) -> LockPolicy:
+    from .sysroot.locking import LockPolicy
+
+    return LockPolicy(wait_lock, lambda: click.echo("waiting for another cfsdeploy to finish...", err=True))
 
 
 def _say_repairs(repairs: list[Repair]) -> None:
@@ -550,12 +551,16 @@ def _say_repairs(repairs: list[Repair]) -> None:
 
     for r in repairs:
         click.echo({
-            RepairKind.FINISHED_SWITCH: f"repaired: finished an interrupted switch of the boot entries ({r.detail})",
+            RepairKind.FINISHED_SWITCH: "repaired: finished an interrupted switch of the boot entries "
+                                        f"(os {r.os}: {r.written} written, {r.removed} removed)",
             RepairKind.REMOVED_LEFTOVER: f"repaired: removed {r.path}, left by an interrupted switch",
-            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.detail})",
-            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: {r.detail}",
-            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} {r.detail}",
-            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: {r.detail}",
+            RepairKind.DAMAGED_RECORD: f"repaired: set a damaged switch record aside as {r.path} ({r.message})",
+            RepairKind.SUSPECT_LEFTOVER: f"WARNING: left {r.path} in place: same files as {r.same_as}: "
+                                         "check the boot filesystem with fsck.vfat",
+            RepairKind.REINSTALLED_KERNEL: f"repaired: reinstalled the kernel and initramfs {r.path} "
+                                           f"for {r.deployment}" + (f" as {r.kernel}" if r.kernel else ""),
+            RepairKind.BROKEN_KERNEL: f"WARNING: the kernel {r.path} is damaged and could not be put back: "
+                                      f"for {r.deployment}: {r.message}",
         }[r.kind], err=True)
 
 
@@ -565,11 +570,11 @@ def sysroot() -> None:
 
 
 @sysroot.command("init")
-@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True, type=click.Path(),
-              metavar="PATH", help="The physical root to lay out.")
+@click.option("--sysroot", "sysroot_path", envvar="CFSDEPLOY_SYSROOT", default="/", show_default=True,
+              type=click.Path(), metavar="PATH", help="The physical root to lay out.")
 @click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot) to add.")
-@click.option("--boot-dir", metavar="DIR", type=click.Path(), help="The boot directory, relative to the sysroot or absolute "
-              "(default: boot).")
+@click.option("--boot-dir", metavar="DIR", type=click.Path(),
+              help="The boot directory, relative to the sysroot or absolute (default: boot).")
 @click.option("--karg", "karg_list", multiple=True, metavar="ARG",
               help="Kernel argument of the first deployment, e.g. root=UUID=... (repeatable).")
 @click.option("--tries", type=click.IntRange(0, 99), default=0, metavar="N",
@@ -590,18 +595,16 @@ stage_option = click.option("--stage", is_flag=True,
                                  "(`cfsdeploy finalize-staged`), so /etc edits until then are kept.")
 
 
-def _staged_next(s: Sysroot) -> None:
-    """After staging: have systemd finalize it at shutdown, or say who must."""
-    from .sysroot.staged import FINALIZE_UNIT, start_finalize_unit
+def _say_staged_next(r: DeployResult) -> None:
+    """After staging: whether systemd finalizes it at shutdown, or who must."""
+    from .sysroot.deploy import FinalizeUnit
+    from .sysroot.staged import FINALIZE_UNIT
 
-    # The unit finalizes the default sysroot: only that one is armed.
-    if os.path.realpath(s.path) == os.path.realpath(_default_sysroot()):
-        try:
-            if start_finalize_unit():
-                click.echo(f"staged: {FINALIZE_UNIT} finalizes it at shutdown")
-                return
-        except CfsError as e:
-            click.echo(f"cfsdeploy: cannot start {FINALIZE_UNIT}: {e}", err=True)
+    if r.finalize_unit == FinalizeUnit.STARTED:
+        click.echo(f"staged: {FINALIZE_UNIT} finalizes it at shutdown")
+        return
+    if r.finalize_unit == FinalizeUnit.FAILED:
+        click.echo(f"cfsdeploy: cannot start {FINALIZE_UNIT}: {r.finalize_unit_error}", err=True)
     click.echo("staged: run `cfsdeploy finalize-staged` before rebooting to make it bootable")
 
 
@@ -620,31 +623,46 @@ def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
                rev: str, append: tuple[str, ...], delete: tuple[str, ...], no_default: bool,
                tries: int | None, verity: str | None, stage: bool) -> None:
     """Make commit REV (a branch, tag or commit of the sysroot's repository) bootable."""
-    from .sysroot import admin
+    from .sysroot.deploy import deploy
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    s = _open_sysroot(sysroot_path, boot_dir)
     name = s.pick_os(os_name)
-    r = admin.deploy(s, rev, os_name=name, append=append, delete=delete, make_default=not no_default,
-                     tries=tries, verity=verity, stage=stage,
-                     log=lambda m: click.echo(m, err=True))
+    r = deploy(s, rev, os_name=name, append=append, delete=delete, make_default=not no_default,
+               tries=tries, verity=verity, stage=stage, lock=_lock(wait_lock))
     d = r.deployment
     click.echo(f"{'staged' if r.staged else 'deployed'} {d.commit[:12]} as {d.path}"
                + (f" (version {d.version})" if d.version else ""))
     click.echo(f"image {d.image_digest}{' (built)' if r.image_built else ''}")
     click.echo(f"kernel {d.kernel_version} in {os.path.join(s.boot, r.kernel.relpath)}")
     src = f" from {r.merged_from.name}" if r.merged_from else ""
-    click.echo(f"etc{src}: {r.etc.summary()}")
+    click.echo(f"etc{src}: {_merge_summary(r.etc)}")
     _say_conflicts(r.etc)
-    _say_discarded(r)
+    _say_discarded(r.discarded, replaced=r.staged)
     if r.staged:
-        _staged_next(s)
+        _say_staged_next(r)
     else:
         _say_switched(r.index, r.removed)
 
 
+def _merge_summary(report: MergeReport) -> str:
+    n = len(report.conflicts)
+    return (f"/etc: {len(report.modified)} modified, {len(report.added)} added, "
+            f"{len(report.removed)} removed, {n} conflict{'' if n == 1 else 's'}")
+
+
+def _conflict_text(c: Conflict) -> str:
+    from .sysroot.etcmerge import ConflictKind
+
+    if c.kind == ConflictKind.PARENT_NOT_DIRECTORY:
+        return f"parent {os.fsdecode(c.parent or b'')} is a {c.upstream} upstream, not a directory"
+    if c.kind == ConflictKind.BOTH_ADDED:
+        return f"added locally as a {c.local}, but upstream added a {c.upstream}"
+    return f"upstream turned the {c.original} into a {c.upstream}; the local {c.local} was not applied"
+
+
 def _say_conflicts(report: MergeReport) -> None:
-    for path, why in report.conflicts:
-        click.echo(f"  conflict {os.fsdecode(path)}: {why} (upstream version kept)")
+    for c in report.conflicts:
+        click.echo(f"  conflict {os.fsdecode(c.path)}: {_conflict_text(c)} (upstream version kept)")
 
 
 def _say_switched(index: int, removed: list[str], subject: str = "this") -> None:
@@ -655,9 +673,16 @@ def _say_switched(index: int, removed: list[str], subject: str = "this") -> None
                else f"boot entry {index} added; the default is unchanged")
 
 
-def _say_discarded(r: DeployResult) -> None:
-    if r.discarded:
-        click.echo(f"{'replaced' if r.staged else 'discarded'} the staged deployment {r.discarded}")
+def _say_discarded(name: str | None, *, replaced: bool = False) -> None:
+    if name:
+        click.echo(f"{'replaced' if replaced else 'discarded'} the staged deployment {name}")
+
+
+# Why finalize-staged discarded a staged record, in words.
+_DISCARDED = {"stale": "it was staged during an earlier boot that ended without finalizing it",
+              "os_gone": "its os {os!r} is gone",
+              "deployment_gone": "its deployment {name} is gone",
+              "kernel_gone": "its kernel {kernel} is gone from {boot}"}
 
 
 @main.command("finalize-staged")
@@ -665,18 +690,23 @@ def _say_discarded(r: DeployResult) -> None:
 def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Make the staged deployment bootable: merge /etc again and switch the entries
     (what cfsdeploy-finalize-staged.service runs at shutdown)."""
-    from .sysroot import admin
+    from .sysroot.finalize import finalize_staged
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    r = admin.finalize_staged(s, log=lambda m: click.echo(m, err=True))
+    s = _open_sysroot(sysroot_path, boot_dir)
+    r = finalize_staged(s, lock=_lock(wait_lock))
     if r is None:
         click.echo("nothing is staged")
         return
+    rec = r.staged
     if r.deployment is None:
-        click.echo(f"discarded the staged deployment {r.staged.name}: {r.discarded}")
+        assert r.discarded is not None
+        why = _DISCARDED[r.discarded.value].format(os=rec.os, name=rec.name, kernel=rec.kernel, boot=s.boot)
+        click.echo(f"discarded the staged deployment {rec.name}: {why}")
         return
+    if r.etc is None and rec.merge_from is not None:
+        click.echo(f"the merge source {rec.merge_from} is gone: keeping /etc as merged at staging", err=True)
     src = f" from {r.merged_from.name}" if r.merged_from else ""
-    click.echo(f"finalized {r.deployment.name}" + (f"; etc{src}: {r.etc.summary()}" if r.etc else ""))
+    click.echo(f"finalized {r.deployment.name}" + (f"; etc{src}: {_merge_summary(r.etc)}" if r.etc else ""))
     if r.etc:
         _say_conflicts(r.etc)
     _say_switched(r.index, r.removed, "it")
@@ -684,51 +714,37 @@ def finalize_staged_cmd(sysroot_path: str | None, boot_dir: str | None, wait_loc
 
 @main.command("status")
 @sysroot_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (docs/json.md).")
 def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                as_json: bool) -> None:
     """Show the deployments in boot order: default, rollback, booted, pinned, boot counting."""
-    from .sysroot import admin
-    from .sysroot.booted import boot_verity
-    from .sysroot.layout import staged_status, status
+    from .sysroot.status import status
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    s = _open_sysroot(sysroot_path, boot_dir)
     name = s.pick_os(os_name)
-    admin.repair(s)
-    state = s.state(name)
-    rows = status(state)
-    broken = state.broken
-    pending = staged_status(s, name)
-    checked = boot_verity(s.cmdline()) if state.booted is not None else None
-    present = s.directories(name)
-    damaged = [(bad, sorted(bad.mentions(present))) for bad in state.damaged]
+    st = status(s, name, lock=_lock(wait_lock))
     if as_json:
-        click.echo(json.dumps({"os": name, "deployments": [r.to_json() for r in rows],
-                               "booted_verity": checked.to_json() if checked else None,
-                               "staged": pending.to_json() if pending else None,
-                               "broken_entries": [{"entry": e.filename, "reason": why} for e, why in broken],
-                               "damaged": [{"kind": bad.kind.value, "path": bad.path, "reason": bad.reason,
-                                            "keeps": keeps} for bad, keeps in damaged],
-                               "repairs": [{"kind": r.kind.value, "path": r.path, "detail": r.detail}
-                                           for r in s.repairs]},
-                              indent=2))
+        click.echo(json.dumps(st.to_json(), indent=2))
         return
+    rows, pending, checked = st.deployments, st.staged, st.booted_verity
     if pending is not None:
         d_ = pending.deployment
-        click.echo(f"  staged: {name} {pending.record.name}: {pending.when}")
+        click.echo(f"  staged: {name} {pending.record.name}: {_staged_when(pending)}")
         if d_ is not None:
             if d_.version:
                 click.echo(f"    Version: {d_.version}")
             click.echo(f"    Commit:  {d_.commit}")
             if d_.origin:
                 click.echo(f"    Origin:  {d_.origin.refspec}")
-    for e, why in broken:
-        click.echo(f"WARNING: boot entry {e.filename} cannot boot: {why}; "
+    for b in st.broken_entries:
+        click.echo(f"WARNING: boot entry {b.entry.filename} cannot boot: {b.message}; "
                    "the next deploy or cleanup drops it", err=True)
-    for bad, keeps in damaged:
-        what, then = _DAMAGED[bad.kind]
-        kept = f"{', '.join(keeps)} stay{'s' if len(keeps) == 1 else ''} while it exists" if keeps else "it names nothing there is"
-        click.echo(f"WARNING: {what} {bad.path}: {bad.reason}; {kept}; {then}", err=True)
+    for bad in st.damaged:
+        what, then = _DAMAGED[bad.record.kind]
+        keeps = bad.keeps
+        kept = (f"{', '.join(keeps)} stay{'s' if len(keeps) == 1 else ''} while it exists" if keeps
+                else "it names nothing there is")
+        click.echo(f"WARNING: {what} {bad.record.path}: {bad.record.reason}; {kept}; {then}", err=True)
     if not rows:
         click.echo(f"os {name}: no deployments")
     for r in rows:
@@ -746,12 +762,12 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         click.echo(f"    Kernel:  {d.kernel_version}")
         click.echo(f"    Entry:   {r.entry.filename}")
         if r.boot_counting:
-            click.echo(f"    Boot:    {r.boot_counting}")
+            click.echo(f"    Boot:    {_boot_counting_text(r)}")
         if r.booted and checked is not None:
-            click.echo(f"    Verity:  {'verified' if checked.verified else 'NOT VERIFIED'}: {checked.why}")
+            click.echo(f"    Verity:  {'verified' if checked.verified else 'NOT VERIFIED'}: {_verity_why(checked)}")
     booted = next((r for r in rows if r.booted), None)
     if booted is not None and checked is not None and not checked.verified:
-        click.echo(f"WARNING: the booted deployment {booted.deployment.name} is NOT VERIFIED: {checked.why}",
+        click.echo(f"WARNING: the booted deployment {booted.deployment.name} is NOT VERIFIED: {_verity_why(checked)}",
                    err=True)
     if rows and rows[0].boot_failed:
         fell_back = f"; running {booted.deployment.name} instead" if booted and not booted.default else ""
@@ -765,15 +781,57 @@ _DAMAGED = {Kind.ENTRY: ("damaged boot entry", "the next deploy or cleanup sets 
             Kind.ASIDE: ("set aside", "delete it once checked")}
 
 
+def _staged_when(st: StagedStatus) -> str:
+    from .sysroot.layout import StagedState
+
+    if st.state == StagedState.STALE:
+        return "staged during an earlier boot that ended without finalizing it: the next change discards it"
+    if st.state == StagedState.GONE:
+        return "its deployment is gone: finalizing discards the record"
+    return "becomes the default at shutdown" if st.record.default else "is added after the default at shutdown"
+
+
+def _boot_counting_text(r: DeploymentStatus) -> str:
+    """What systemd-boot's counter in the entry's name says, in words."""
+    from .sysroot.layout import BootCounting
+
+    left, done = r.entry.tries_left or 0, r.entry.tries_done or 0
+    if r.boot_counting == BootCounting.LAST_TRY:
+        return (f"on its last try ({done} used): blessed if this boot reaches boot-complete, "
+                "else the boot loader boots the next entry from now on")
+    if r.boot_counting == BootCounting.FAILED:
+        return (f"FAILED TO BOOT: all {done} tries used without reaching boot-complete; "
+                "the boot loader now boots the next entry")
+    return f"on trial: {left} {'try' if left == 1 else 'tries'} left, {done} used (blessed when a boot completes)"
+
+
+def _verity_why(v: BootVerity) -> str:
+    """Why the files of the running deployment are checked when read, or not."""
+    from .sysroot.booted import Reason
+
+    if v.reason == Reason.RECORD_DAMAGED:
+        return f"the boot hook's record {v.record} is damaged ({v.message}): what this boot checked is unknown"
+    if v.reason == Reason.NO_RECORD:
+        return f"cfsdeploy.verity=try, and the boot hook left no record ({v.record}) that fs-verity was used"
+    if v.reason == Reason.MEASURED:
+        return f"the kernel measured the image and checks every file as it is read (cfsdeploy.verity={v.mode})"
+    hint = (" (`cfsdeploy verity enable` gives every object fs-verity and moves to require)"
+            if v.mode == "try" else "")
+    return (f"cfsdeploy.verity={v.mode}: the image's digest was checked at boot, but files are "
+            f"served as the disk holds them, edited or not{hint}")
+
+
 @main.command("rollback")
 @sysroot_options
 def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Make the previous deployment the default."""
-    from .sysroot import admin
+    from .sysroot.rollback import rollback
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    new, old = admin.rollback(s, s.pick_os(os_name), log=click.echo)
-    click.echo(f"default is now {new.name} ({new.commit[:12]}), was {old.name}; reboot to use it")
+    s = _open_sysroot(sysroot_path, boot_dir)
+    r = rollback(s, s.pick_os(os_name), lock=_lock(wait_lock))
+    _say_discarded(r.discarded)
+    click.echo(f"default is now {r.default.name} ({r.default.commit[:12]}), was {r.previous.name}; "
+               "reboot to use it")
 
 
 @main.command("undeploy")
@@ -782,11 +840,12 @@ def rollback_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
 def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                  index: int) -> None:
     """Remove deployment INDEX (as `status` numbers them)."""
-    from .sysroot import admin
+    from .sysroot.rollback import undeploy
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    d = admin.undeploy(s, s.pick_os(os_name), index, log=click.echo)
-    click.echo(f"removed deployment {d.name}")
+    s = _open_sysroot(sysroot_path, boot_dir)
+    r = undeploy(s, s.pick_os(os_name), index, lock=_lock(wait_lock))
+    _say_discarded(r.discarded)
+    click.echo(f"removed deployment {r.deployment.name}")
 
 
 @main.command("pin")
@@ -796,10 +855,10 @@ def undeploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | 
 def pin_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
             index: int, unpin: bool) -> None:
     """Keep deployment INDEX whatever the retention says."""
-    from .sysroot import admin
+    from .sysroot.rollback import pin
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    d = admin.pin(s, s.pick_os(os_name), index, not unpin)
+    s = _open_sysroot(sysroot_path, boot_dir)
+    d = pin(s, s.pick_os(os_name), index, not unpin, lock=_lock(wait_lock))
     click.echo(f"deployment {d.name} {'pinned' if d.pinned else 'unpinned'}")
 
 
@@ -809,11 +868,11 @@ def pin_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None,
 def cleanup_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                 no_prune: bool) -> None:
     """Remove deployments beyond the retention, then unused kernels and objects."""
-    from .sysroot import admin
+    from .sysroot.cleanup import cleanup
     from .util.progress import human_bytes
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
-    r = admin.cleanup(s, s.pick_os(os_name), prune_objects=not no_prune)
+    s = _open_sysroot(sysroot_path, boot_dir)
+    r = cleanup(s, s.pick_os(os_name), prune_objects=not no_prune, lock=_lock(wait_lock))
     click.echo(f"removed {len(r.deployments)} deployments, {len(r.kernels)} kernels, "
                f"{r.objects} objects ({human_bytes(r.bytes_freed)})")
 
@@ -826,12 +885,14 @@ def cleanup_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 def kargs_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
               append: tuple[str, ...], delete: tuple[str, ...], replace: tuple[str, ...]) -> None:
     """Show, or edit, the default deployment's kernel arguments."""
-    from .sysroot import admin
+    from .sysroot.cmdline import set_kargs
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    s = _open_sysroot(sysroot_path, boot_dir)
     name = s.pick_os(os_name)
     if append or delete or replace:
-        d = admin.set_kargs(s, name, append=append, delete=delete, replace=replace, log=click.echo)
+        r = set_kargs(s, name, append=append, delete=delete, replace=replace, lock=_lock(wait_lock))
+        _say_discarded(r.discarded)
+        d = r.deployment
     else:
         default = s.state(name).default
         if default is None:
@@ -861,23 +922,23 @@ def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
 
 def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
              origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
-    from .sysroot import admin
+    from .sysroot.upgrade import UpgradeOutcome, upgrade
     from .util.progress import human_bytes
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    s = _open_sysroot(sysroot_path, boot_dir)
     bar, show = _pull_progress()
-    r = admin.upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
-                      tries=tries, stage=stage, progress=show, log=lambda m: click.echo(m, err=True))
+    r = upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
+                tries=tries, stage=stage, progress=show, lock=_lock(wait_lock))
     if r.pulled is not None:
         p = r.pulled
         bar.done(f"{p.objects_fetched} objects, {human_bytes(p.bytes_fetched)} "
                  f"({human_bytes(p.wire_bytes)} on the wire)")
-    if r.changes is None and r.deployed is None and not (check and r.available):
-        pending = r.available
+    if r.outcome == UpgradeOutcome.UP_TO_DATE or (r.outcome == UpgradeOutcome.PENDING_REBOOT and not check):
+        pending = r.outcome == UpgradeOutcome.PENDING_REBOOT
         click.echo(f"{r.origin.refspec}: {r.commit[:12]} " + (
             "is already deployed: reboot to use it" if pending else "is what runs: no update"))
         if check:
-            sys.exit(0 if pending else EXIT_NO_UPDATE)
+            sys.exit(EXIT_NO_UPDATE)
         return
     if r.changes is not None and r.current is not None:
         c = r.changes
@@ -889,17 +950,18 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
             click.echo(f"  D {os.fsdecode(p_)}")
         for p_, what in list(c.modified.items())[:5]:
             click.echo(f"  M {os.fsdecode(p_)} ({','.join(what)})")
-    if check:
+    if r.deployed is None:  # a check: UPDATE_AVAILABLE, or a PENDING_REBOOT
         click.echo("an update is available")
         return
-    assert r.deployed is not None
     d = r.deployed
+    if d.image_built:
+        click.echo(f"built the image of commit {r.commit[:12]} from its manifest", err=True)
     click.echo(f"{'staged' if d.staged else 'deployed'} {r.commit[:12]} as {d.deployment.name}; "
-               f"etc: {d.etc.summary()}")
+               f"etc: {_merge_summary(d.etc)}")
     _say_conflicts(d.etc)
-    _say_discarded(d)
+    _say_discarded(d.discarded, replaced=d.staged)
     if d.staged:
-        _staged_next(s)
+        _say_staged_next(d)
     else:
         click.echo("reboot to activate it (`cfsdeploy rollback` goes back)")
 
@@ -925,7 +987,7 @@ def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                refspec: str, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
     """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
-    from .sysroot.admin import parse_refspec
+    from .sysroot.upgrade import parse_refspec
 
     _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries,
              stage)
@@ -940,15 +1002,18 @@ def verity() -> None:
 @sysroot_options
 def verity_enable(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float) -> None:
     """Enable fs-verity on every object, then boot deployments with verity=require."""
-    from .sysroot import admin
+    from .sysroot.verity import ProblemKind, enable_verity
     from .util.progress import Progress
 
-    s = _open_sysroot(sysroot_path, boot_dir, wait_lock)
+    s = _open_sysroot(sysroot_path, boot_dir)
     bar = Progress("verity")
-    r = admin.enable_verity(s, s.pick_os(os_name), progress=lambda i, n: bar.update(f"{i}/{n} objects"))
+    r = enable_verity(s, s.pick_os(os_name), progress=lambda i, n: bar.update(f"{i}/{n} objects"),
+                      lock=_lock(wait_lock))
     bar.done(f"{r.enabled}/{r.objects} objects")
     for problem in r.problems:
-        click.echo(problem, err=True)
+        click.echo(f"{problem.object_digest}: {problem.message}" if problem.kind == ProblemKind.CANNOT_ENABLE
+                   else f"{problem.object_digest}: corrupt object (its content has digest {problem.measured_digest}; "
+                        "run fsck)", err=True)
     n = len(r.required)
     click.echo(f"fs-verity on {r.enabled} of {r.objects} objects; "
                f"{n} deployment{'' if n == 1 else 's'} now boot{'s' if n == 1 else ''} with cfsdeploy.verity=require")

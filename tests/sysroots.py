@@ -88,7 +88,7 @@ def entries_read_as_meant(sysroot: Sysroot, os_name: str) -> None:
     state = sysroot.state(os_name)
     assert ([d for d in state.damaged if d.kind == bootloader.Kind.ENTRY], state.broken) == ([], [])
     meant = {}
-    for e, dep in zip(state.entries, state.deployments):
+    for e, dep in zip(state.entries, state.deployments, strict=True):
         record = deployment.load(sysroot.dir_of(dep))
         verity = e.option(kargs.VERITY)
         assert verity in kargs.VERITY_MODES

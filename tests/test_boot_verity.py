@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from cfsdeploy.boot.kargs import split
-from cfsdeploy.sysroot import admin
-from cfsdeploy.sysroot.booted import RECORD_ENV, boot_verity
+from cfsdeploy.sysroot.booted import RECORD_ENV, Reason, boot_verity
+from cfsdeploy.sysroot.deploy import deploy
 from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, boot_mount, commit_tree, make_os_tree
@@ -48,17 +48,17 @@ def test_try_recorded_by_an_older_hook_with_fs_verity_is_verified(record: Path) 
 def test_try_is_not_verified(record: Path) -> None:
     write(record, "try", "no")
     v = boot_verity(args("try"))
-    assert not v.verified and v.why.startswith("cfsdeploy.verity=try:")
+    assert (v.verified, v.reason, v.mode) == (False, Reason.UNMEASURED, "try")
 
 
 def test_try_without_a_record_is_not_verified(record: Path) -> None:
     v = boot_verity(args("try"))
-    assert not v.verified and "left no record" in v.why
+    assert (v.verified, v.reason) == (False, Reason.NO_RECORD)
 
 
 def test_off_is_not_verified(record: Path) -> None:
     v = boot_verity(args("off"))
-    assert not v.verified and v.why.startswith("cfsdeploy.verity=off")
+    assert (v.verified, v.reason, v.mode) == (False, Reason.UNMEASURED, "off")
 
 
 @pytest.mark.parametrize("verity", ["require", None])
@@ -76,7 +76,7 @@ def test_record_of_another_deployment_is_ignored(record: Path) -> None:
 def test_damaged_record_is_not_verified(record: Path, content: bytes) -> None:
     record.write_bytes(content)
     v = boot_verity(args("try"))
-    assert not v.verified and "is damaged" in v.why
+    assert (v.verified, v.reason) == (False, Reason.RECORD_DAMAGED) and v.message
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def machine(tmp_path: Path) -> Iterator[SimpleNamespace]:
     with boot_mount(root / "boot"):
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
         commit_tree(s, make_os_tree(tmp_path / "tree"))
-        d = admin.deploy(s, BRANCH, os_name=OS).deployment
+        d = deploy(s, BRANCH, os_name=OS).deployment
         yield SimpleNamespace(root=root, tmp=tmp_path, deployment=d)
 
 
@@ -120,7 +120,8 @@ def test_status_json_has_the_booted_verity(machine: SimpleNamespace) -> None:
     d = machine.deployment
     (machine.tmp / "booted").write_text(f"deployment={d.path} digest={d.image_digest} verity=try fs-verity=no\n")
     got = json.loads(status(machine, "try", "--json").stdout)["booted_verity"]
-    assert got["verified"] is False and got["why"].startswith("cfsdeploy.verity=try:")
+    assert got == {"verified": False, "reason": "unmeasured", "mode": "try", "record": str(machine.tmp / "booted"),
+                   "message": None}
 
 
 def test_status_of_a_system_not_booted_into_a_deployment_says_nothing_of_verity(machine: SimpleNamespace) -> None:

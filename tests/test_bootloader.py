@@ -104,7 +104,8 @@ def test_damaged_entries_are_listed_apart_and_the_rest_read(tmp_path) -> None:
     (d / "cfsdeploy-deb-4.conf").symlink_to("cfsdeploy-deb-3.conf")
     good, damaged = scan_entries(str(tmp_path), "deb")
     assert good == [entry(3)]
-    assert [(x.kind, os.path.basename(x.path)) for x in damaged] == [(Kind.ENTRY, f"cfsdeploy-deb-{n}.conf") for n in (1, 2, 4)]
+    assert [(x.kind, os.path.basename(x.path)) for x in damaged] == [
+        (Kind.ENTRY, f"cfsdeploy-deb-{n}.conf") for n in (1, 2, 4)]
     assert [x.reason for x in damaged] == ["not UTF-8", "missing title, version, sort-key, linux, initrd, options",
                                            "cannot be read (Too many levels of symbolic links)"]
 
@@ -304,7 +305,8 @@ def test_a_full_boot_directory_undoes_the_switch_and_keeps_the_old_entries(tmp_p
         switch_entries(str(esp), "deb", [entry(0, title="a")], record(tmp_path))
         (esp / "filler").write_bytes(b"x" * ((1 << 20) - 8192))
         with pytest.raises(BootError, match="full"):
-            switch_entries(str(esp), "deb", [entry(0, title=f"t{i}" * 100, options="x" * 1500) for i in range(8)], record(tmp_path))
+            big = [entry(0, title=f"t{i}" * 100, options="x" * 1500) for i in range(8)]
+            switch_entries(str(esp), "deb", big, record(tmp_path))
         assert [e.title for e in read_entries(str(esp), "deb")] == ["a"]
         assert not os.path.exists(record(tmp_path))
 

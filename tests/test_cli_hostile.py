@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from cfsdeploy.cli import main
 from cfsdeploy.remote.remotes import add as add_remote
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deploy import deploy
 from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
@@ -135,7 +135,7 @@ class Machine:
         s = Sysroot.init(str(p / "sysroot"), OS, karg_list=ROOT_KARGS)
         tree = make_os_tree(p / "tree", files=3)
         commit_tree(s, tree)
-        admin.deploy(s, BRANCH, os_name=OS)
+        deploy(s, BRANCH, os_name=OS)
         server = p / "server"
         shutil.copytree(s.repo.path, server, symlinks=True)
         add_remote(s.repo, "origin", str(server), gpg_verify=False, branch=BRANCH)

@@ -17,9 +17,14 @@ from cfsdeploy.boot import bootloader
 from cfsdeploy.boot.kargs import KargsError
 from cfsdeploy.repo.fsck import fsck
 from cfsdeploy.repo.repository import RepositoryNotFoundError
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.cleanup import cleanup
+from cfsdeploy.sysroot.cmdline import set_kargs
+from cfsdeploy.sysroot.commit import DeployError, DeployHostError, DeployIntegrityError
+from cfsdeploy.sysroot.deploy import DeployResult
+from cfsdeploy.sysroot.deploy import deploy as sysroot_deploy
 from cfsdeploy.sysroot.deployment import Origin
-from cfsdeploy.sysroot.layout import Sysroot, SysrootError, status
+from cfsdeploy.sysroot.layout import BootCounting, Sysroot, SysrootError, status_rows
+from cfsdeploy.sysroot.rollback import pin, rollback, undeploy
 
 from .sysroots import (
     BRANCH,
@@ -46,8 +51,8 @@ def machine(tmp_path):
         entries_read_as_meant(Sysroot(str(root)), OS)
 
 
-def deploy(m, rev: str = BRANCH, **kw) -> admin.DeployResult:
-    return admin.deploy(m.sysroot, rev, os_name=OS, **kw)
+def deploy(m, rev: str = BRANCH, **kw) -> DeployResult:
+    return sysroot_deploy(m.sysroot, rev, os_name=OS, **kw)
 
 
 def booted_into(m, index: int = 0) -> Sysroot:
@@ -82,7 +87,8 @@ def test_deploy_lays_out_the_deployment(machine) -> None:
     assert (top / "etc" / "hostname").read_text() == "testbox\n"
     assert json.loads((top / "deployment.json").read_text())["image_digest"] == d.image_digest
     assert machine.sysroot.repo.objects.has(bytes.fromhex(d.image_digest))
-    assert (machine.boot / r.kernel.relpath / "vmlinuz").read_bytes() == (machine.tree / f"usr/lib/modules/{KVER}/vmlinuz").read_bytes()
+    kernel = machine.tree / f"usr/lib/modules/{KVER}/vmlinuz"
+    assert (machine.boot / r.kernel.relpath / "vmlinuz").read_bytes() == kernel.read_bytes()
 
 
 def test_entry_names_kernel_initramfs_and_arguments(machine) -> None:
@@ -131,7 +137,7 @@ def test_deploy_keeps_new_rollback_and_booted_only(machine) -> None:
 def test_pinned_deployment_survives_retention(machine) -> None:
     commit_tree(machine.sysroot, machine.tree)
     a = deploy(machine).deployment
-    admin.pin(machine.sysroot, OS, 0)
+    pin(machine.sysroot, OS, 0)
     for v in ("2", "3", "4"):
         new_version(machine, v)
         deploy(machine)
@@ -182,8 +188,8 @@ def test_rollback_swaps_default_and_previous(machine) -> None:
     a = deploy(machine).deployment
     new_version(machine, "2")
     b = deploy(machine).deployment
-    new, old = admin.rollback(machine.sysroot, OS)
-    assert (new, old) == (a, b) and names(machine) == [a.name, b.name]
+    r = rollback(machine.sysroot, OS)
+    assert (r.default, r.previous) == (a, b) and names(machine) == [a.name, b.name]
 
 
 def test_rollback_with_pending_upgrade_goes_back_to_booted(machine) -> None:
@@ -194,14 +200,15 @@ def test_rollback_with_pending_upgrade_goes_back_to_booted(machine) -> None:
     machine.sysroot = booted_into(machine, 0)
     new_version(machine, "3")
     c = deploy(machine).deployment
-    assert admin.rollback(machine.sysroot, OS) == (b, c)
+    r = rollback(machine.sysroot, OS)
+    assert (r.default, r.previous) == (b, c)
 
 
 def test_rollback_needs_two_deployments(machine) -> None:
     commit_tree(machine.sysroot, machine.tree)
     deploy(machine)
     with pytest.raises(SysrootError, match="no other deployment"):
-        admin.rollback(machine.sysroot, OS)
+        rollback(machine.sysroot, OS)
 
 
 def test_undeploy_removes_a_deployment(machine) -> None:
@@ -209,7 +216,7 @@ def test_undeploy_removes_a_deployment(machine) -> None:
     a = deploy(machine).deployment
     new_version(machine, "2")
     b = deploy(machine).deployment
-    assert admin.undeploy(machine.sysroot, OS, 1) == a
+    assert undeploy(machine.sysroot, OS, 1).deployment == a
     assert names(machine) == [b.name]
     assert a.name not in os.listdir(machine.root / "cfsdeploy" / "deploy" / OS)
 
@@ -218,18 +225,18 @@ def test_undeploy_refuses_the_booted_and_the_last(machine) -> None:
     commit_tree(machine.sysroot, machine.tree)
     deploy(machine)
     with pytest.raises(SysrootError, match="only deployment"):
-        admin.undeploy(machine.sysroot, OS, 0)
+        undeploy(machine.sysroot, OS, 0)
     new_version(machine, "2")
     deploy(machine)
     machine.sysroot = booted_into(machine, 1)
     with pytest.raises(SysrootError, match="booted"):
-        admin.undeploy(machine.sysroot, OS, 1)
+        undeploy(machine.sysroot, OS, 1)
 
 
 def test_kargs_edit_the_default_entry(machine) -> None:
     commit_tree(machine.sysroot, machine.tree)
     deploy(machine)
-    d = admin.set_kargs(machine.sysroot, OS, append=("quiet",), delete=("rw",), replace=("root=/dev/vdb",))
+    d = set_kargs(machine.sysroot, OS, append=("quiet",), delete=("rw",), replace=("root=/dev/vdb",)).deployment
     assert d.kargs == ["root=/dev/vdb", "quiet"]
     assert machine.sysroot.state(OS).entries[0].options.startswith("root=/dev/vdb quiet cfsdeploy=")
 
@@ -255,7 +262,7 @@ def test_kargs_replace_with_a_newline_is_refused_and_changes_nothing(machine) ->
     a = deploy(machine, append=("console=ttyS0",)).deployment
     before = entries_files(machine)
     with pytest.raises(KargsError, match="printable ASCII"):
-        admin.set_kargs(machine.sysroot, OS, replace=("console=ttyS0=ttyS1\nlinux /evil",))
+        set_kargs(machine.sysroot, OS, replace=("console=ttyS0=ttyS1\nlinux /evil",))
     assert entries_files(machine) == before and names(machine) == [a.name]
 
 
@@ -265,8 +272,8 @@ def test_quoted_karg_with_spaces_boots_as_meant_through_every_rewrite(machine) -
     deploy(machine, append=(meant,))
     new_version(machine, "2")
     deploy(machine)
-    admin.set_kargs(machine.sysroot, OS, append=("quiet",))
-    admin.rollback(machine.sysroot, OS)
+    set_kargs(machine.sysroot, OS, append=("quiet",))
+    rollback(machine.sysroot, OS)
     state = machine.sysroot.state(OS)
     assert [d.kargs for d in state.deployments] == [ROOT_KARGS + [meant], ROOT_KARGS + [meant, "quiet"]]
     # ... and the fixture's guard checks that bootctl reads both entries so.
@@ -286,7 +293,7 @@ def test_module_directory_that_is_no_plain_version_is_refused(machine, kver, sta
     shutil.copytree(machine.tree / f"usr/lib/modules/{KVER}", hostile)
     commit_tree(machine.sysroot, machine.tree)
     before = snapshot(machine)
-    with pytest.raises(admin.DeployError, match="invalid kernel version"):
+    with pytest.raises(DeployError, match="invalid kernel version"):
         deploy(machine, stage=stage)
     assert snapshot(machine) == before
 
@@ -298,7 +305,7 @@ def test_boot_counting_tries_name_the_new_entry(machine) -> None:
     deploy(machine, tries=3)
     files = sorted(os.listdir(machine.boot / "loader" / "entries"))
     assert files == [f"cfsdeploy-{OS}-1.conf", f"cfsdeploy-{OS}-2+3.conf"]
-    assert "3 tries left" in status(machine.sysroot.state(OS))[0].boot_counting
+    assert status_rows(machine.sysroot.state(OS))[0].boot_counting == BootCounting.TRIAL
 
 
 def test_sysroot_tries_put_every_new_deployment_on_trial(tmp_path) -> None:
@@ -306,7 +313,7 @@ def test_sysroot_tries_put_every_new_deployment_on_trial(tmp_path) -> None:
     with boot_mount(root / "boot"):
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS, tries=2)
         commit_tree(s, make_os_tree(tmp_path / "tree"))
-        admin.deploy(s, BRANCH, os_name=OS)
+        sysroot_deploy(s, BRANCH, os_name=OS)
         assert os.listdir(root / "boot/loader/entries") == [f"cfsdeploy-{OS}-1+2.conf"]
 
 
@@ -333,16 +340,16 @@ def tries_used_up(m) -> None:
 
 def test_status_says_loudly_that_an_entry_failed(machine) -> None:
     tries_used_up(machine)
-    rows = status(booted_into(machine, 1).state(OS))
-    assert rows[0].boot_failed and "FAILED TO BOOT" in rows[0].boot_counting
+    rows = status_rows(booted_into(machine, 1).state(OS))
+    assert rows[0].boot_failed and rows[0].boot_counting == BootCounting.FAILED
     assert rows[1].booted and rows[1].rollback
 
 
 def test_status_of_a_boot_on_its_last_try_is_not_yet_a_failure(machine) -> None:
     tries_used_up(machine)
-    rows = status(booted_into(machine, 0).state(OS))
+    rows = status_rows(booted_into(machine, 0).state(OS))
     assert rows[0].booted and not rows[0].boot_failed
-    assert rows[0].boot_counting.startswith("on its last try (2 used)")
+    assert rows[0].boot_counting == BootCounting.LAST_TRY
 
 
 def test_var_is_made_once_and_never_touched_by_upgrades(machine) -> None:
@@ -382,7 +389,7 @@ def test_prune_keeps_objects_of_deployments_whose_branch_moved(machine) -> None:
     deploy(machine)
     repo = machine.sysroot.repo
     repo.git.references.delete(f"refs/heads/{BRANCH}")
-    r = admin.cleanup(machine.sysroot, OS)
+    r = cleanup(machine.sysroot, OS)
     assert r.objects == 0 and fsck(repo).ok
 
 
@@ -393,7 +400,7 @@ def test_cleanup_applies_the_retention(machine) -> None:
         deploy(machine)
         new_version(machine, v)
     machine.sysroot.config.keep_extra = 0
-    r = admin.cleanup(machine.sysroot, OS)
+    r = cleanup(machine.sysroot, OS)
     assert len(r.deployments) == 1 and len(names(machine)) == 2
 
 
@@ -420,7 +427,7 @@ def test_commit_without_kernel_is_refused(machine) -> None:
         f.unlink()
     commit_tree(machine.sysroot, machine.tree)
     before = snapshot(machine)
-    with pytest.raises(admin.DeployError, match="has no kernel"):
+    with pytest.raises(DeployError, match="has no kernel"):
         deploy(machine)
     assert snapshot(machine) == before
 
@@ -428,7 +435,7 @@ def test_commit_without_kernel_is_refused(machine) -> None:
 def test_commit_without_sysroot_dir_is_refused(machine) -> None:
     (machine.tree / "sysroot").rmdir()
     commit_tree(machine.sysroot, machine.tree)
-    with pytest.raises(admin.DeployError, match="no /sysroot directory"):
+    with pytest.raises(DeployError, match="no /sysroot directory"):
         deploy(machine)
 
 
@@ -439,7 +446,7 @@ def test_missing_objects_are_named(machine) -> None:
     victim.unlink()
     before = snapshot(machine)
     missing = f"misses 1 objects: {victim.parent.name}{victim.name}"
-    with pytest.raises(admin.DeployIntegrityError, match=missing) as info:
+    with pytest.raises(DeployIntegrityError, match=missing) as info:
         deploy(machine)
     assert "fsck" in (info.value.hint or "")
     assert snapshot(machine) == before
@@ -452,7 +459,7 @@ def test_manifest_that_does_not_give_its_image_is_refused(machine) -> None:
     digest = c.message.split("Composefs-Digest: ")[1][:64]
     message = c.message.replace(digest, "11" * 32)
     forged = repo.git.create_commit(None, c.author, c.committer, message, c.tree_id, [])
-    with pytest.raises(admin.DeployError, match="does not give the image"):
+    with pytest.raises(DeployError, match="does not give the image"):
         deploy(machine, str(forged))
 
 
@@ -464,7 +471,7 @@ def test_full_boot_directory_leaves_old_state(tmp_path) -> None:
         (tree / f"usr/lib/modules/{KVER}/initramfs.img").write_bytes(os.urandom(2 << 20))
         commit_tree(s, tree)
         with pytest.raises(bootloader.BootHostError, match="boot directory .* is full"):
-            admin.deploy(s, BRANCH, os_name=OS)
+            sysroot_deploy(s, BRANCH, os_name=OS)
         assert s.state(OS).deployments == []
         assert os.listdir(boot) in ([], ["cfsdeploy"]) and not list((boot).rglob("*.img"))
         assert os.listdir(root / "cfsdeploy/deploy" / OS) == ["var"]
@@ -477,7 +484,8 @@ def test_concurrent_deploy_waits_for_the_lock_or_fails_clearly(machine) -> None:
         p = subprocess.run([sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS,
                             "--wait-lock", "0.3"], env=env, capture_output=True, text=True)
     assert p.returncode == 5
-    assert p.stderr.strip().splitlines()[-1] == f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
+    busy = f"cfsdeploy: sysroot {machine.root} is locked by another cfsdeploy process"
+    assert p.stderr.strip().splitlines()[-1] == busy
     assert machine.sysroot.state(OS).deployments == []
 
 
@@ -537,7 +545,7 @@ def test_corrupt_image_object_is_refused(machine) -> None:
     os.chmod(path, 0o644)
     with open(path, "wb") as f:
         f.write(data)
-    with pytest.raises(admin.DeployError, match="corrupt"):
+    with pytest.raises(DeployError, match="corrupt"):
         deploy(machine)
 
 
@@ -551,7 +559,7 @@ def test_entry_of_a_vanished_deployment_is_reported_and_dropped(machine) -> None
     assert [d.name for d in state.deployments] != [] and "missing its deployment.json" in state.broken[0][1]
     p = cli(machine, "status")
     assert p.returncode == 0 and "cannot boot" in p.stderr
-    admin.cleanup(machine.sysroot, OS, prune_objects=False)
+    cleanup(machine.sysroot, OS, prune_objects=False)
     assert machine.sysroot.state(OS).broken == [] and len(names(machine)) == 1
 
 
@@ -579,7 +587,7 @@ def test_deploy_refuses_require_where_the_image_has_no_verity(machine) -> None:
     if host_has_verity(machine.tmp):
         pytest.skip("this kernel has fs-verity: the refusal cannot happen")
     commit_tree(machine.sysroot, machine.tree)
-    with pytest.raises(admin.DeployHostError, match="the boot would stop") as info:
+    with pytest.raises(DeployHostError, match="the boot would stop") as info:
         deploy(machine, verity="require")
     assert "verity enable" in (info.value.hint or "")
     assert machine.sysroot.state(OS).deployments == []
@@ -624,7 +632,7 @@ def test_etc_and_var_hardlinked_to_usr_are_deployed_as_files(machine) -> None:
 # --- damaged records: reported, set aside, and never a reason to delete ------------------
 
 
-def two_kernels(m) -> tuple[admin.DeployResult, admin.DeployResult]:
+def two_kernels(m) -> tuple[DeployResult, DeployResult]:
     """Version 1 (the rollback) and 2 (the default), each with a kernel of its own."""
     commit_tree(m.sysroot, m.tree)
     a = deploy(m)
@@ -633,7 +641,7 @@ def two_kernels(m) -> tuple[admin.DeployResult, admin.DeployResult]:
     return a, deploy(m)
 
 
-def kept(m, r: admin.DeployResult) -> bool:
+def kept(m, r: DeployResult) -> bool:
     """The deployment's directory, kernel and ref are all still there."""
     return ((m.root / "cfsdeploy/deploy" / OS / r.deployment.name / "etc").is_dir()
             and (m.boot / r.kernel.relpath / "vmlinuz").is_file()
@@ -650,7 +658,7 @@ def test_unparsable_entry_is_reported_and_keeps_its_deployment(machine) -> None:
     entry = machine.boot / "loader/entries" / f"cfsdeploy-{OS}-1.conf"
     entry.write_bytes(entry.read_bytes() + b"linux /evil\n")
     st = json.loads(cli(machine, "status", "--json").stdout)
-    assert [(d["kind"], d["path"], d["reason"]) for d in st["damaged"]] == [("entry", str(entry), "two linux lines")]
+    assert [(d["kind"], d["path"], d["message"]) for d in st["damaged"]] == [("entry", str(entry), "two linux lines")]
     assert st["damaged"][0]["keeps"] == sorted([a.deployment.name, a.kernel.dirname])
     p = cli(machine, "status")
     assert p.returncode == 0 and f"WARNING: damaged boot entry {entry}: two linux lines" in p.stderr
@@ -659,7 +667,8 @@ def test_unparsable_entry_is_reported_and_keeps_its_deployment(machine) -> None:
         assert p.returncode == 0, p.stderr
     assert kept(machine, a) and aside(machine)[0].startswith(entry.name)
     st = json.loads(cli(machine, "status", "--json").stdout)
-    assert [(d["kind"], d["keeps"]) for d in st["damaged"]] == [("aside", sorted([a.deployment.name, a.kernel.dirname]))]
+    keeps = sorted([a.deployment.name, a.kernel.dirname])
+    assert [(d["kind"], d["keeps"]) for d in st["damaged"]] == [("aside", keeps)]
 
 
 def test_empty_entry_blocks_no_command(machine) -> None:
@@ -681,7 +690,7 @@ def test_damaged_deployment_record_keeps_its_directory(machine) -> None:
     record = machine.root / "cfsdeploy/deploy" / OS / a.deployment.name / "deployment.json"
     record.write_text(json.dumps(json.loads(record.read_text()) | {"kernel_version": "6.1\noptions x"}))
     assert "malformed (bad kernel_version)" in machine.sysroot.state(OS).broken[0][1]
-    admin.cleanup(machine.sysroot, OS, prune_objects=False)
+    cleanup(machine.sysroot, OS, prune_objects=False)
     assert kept(machine, a) and names(machine) == [b.deployment.name]
     assert aside(machine) == [f"cfsdeploy-{OS}-1.conf.{aside(machine)[0].rsplit('.', 1)[1]}"]
 

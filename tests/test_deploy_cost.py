@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deploy import deploy
 from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
@@ -31,7 +31,7 @@ def created_by_deploy(tmp_path: Path, entries: int) -> int:
     s = Sysroot.init(str(tmp_path / "sysroot"), OS, karg_list=ROOT_KARGS)
     commit_tree(s, tree)
     before = all_paths(tmp_path / "sysroot")
-    admin.deploy(s, BRANCH, os_name=OS)
+    deploy(s, BRANCH, os_name=OS)
     return len(all_paths(tmp_path / "sysroot") - before)
 
 

@@ -172,7 +172,7 @@ def every_kill(template: Template, tmp_path: Path, command: Callable[[Path], lis
 def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_path) -> None:
     _, old, new = template
     outcomes: Counter[str] = Counter()
-    for work, point, status, now in every_kill(template, tmp_path, deploy_cmd, 50):
+    for work, point, _status, now in every_kill(template, tmp_path, deploy_cmd, 50):
         outcomes["old" if now == old else "new"] += 1
         # The next run (a deploy again, or a cleanup when the new set is in place)
         # finishes the job and leaves nothing of the killed run behind.
@@ -198,7 +198,7 @@ def staged_template(tmp_path_factory) -> Template:
 def test_finalize_killed_at_every_step_leaves_old_or_new_entries(staged_template, tmp_path) -> None:
     _, old, new = staged_template
     outcomes: Counter[str] = Counter()
-    for work, point, status, now in every_kill(staged_template, tmp_path, finalize_cmd, 30):
+    for work, point, _status, _now in every_kill(staged_template, tmp_path, finalize_cmd, 30):
         still_staged = (work / "cfsdeploy/staged.json").exists()
         # A rerun finishes the job; only a kill between dropping the record and the
         # switch loses the staged deployment, which the cleanup then removes.

@@ -22,7 +22,15 @@ from cfsdeploy.composefs.objects import ObjectStore
 from cfsdeploy.composefs.scan import scan
 from cfsdeploy.composefs.tree import Inode, lookup
 from cfsdeploy.repo.checkout import CheckoutUsageError, checkout
-from cfsdeploy.sysroot.etcmerge import EtcMergeError, MergeReport, merge_etc, merge_local, read_local
+from cfsdeploy.sysroot.etcmerge import (
+    Conflict,
+    ConflictKind,
+    EtcMergeError,
+    MergeReport,
+    merge_etc,
+    merge_local,
+    read_local,
+)
 from cfsdeploy.util.errors import CfsError
 from cfsdeploy.util.run import run
 
@@ -358,7 +366,7 @@ def test_local_deletion_below_a_directory_upstream_made_a_symlink_touches_nothin
     assert read(outside, b"x") == b"must survive\n"
     assert os.listdir(outside) == [b"x"]
     assert os.readlink(etc.dest + b"/d") == outside
-    assert report.conflicts == [(b"/etc/d/y", "parent /etc/d is a symlink upstream, not a directory")]
+    assert report.conflicts == [Conflict(b"/etc/d/y", ConflictKind.PARENT_NOT_DIRECTORY, "symlink", parent=b"/etc/d")]
 
 
 # A local user racing the merge: /etc/app is theirs, /etc/app/app.conf their edit
@@ -460,7 +468,7 @@ def test_locally_edited_file_that_upstream_turned_into_a_directory_is_a_conflict
     write(etc.local, b"limits.conf", b"edited\n")
     report = etc.merge()
     assert report.conflicts == [
-        (b"/etc/limits.conf", "upstream turned the file into a directory; the local file was not applied")]
+        Conflict(b"/etc/limits.conf", ConflictKind.UPSTREAM_RETYPED, "directory", local="file", original="file")]
     assert report.modified == []
     assert os.listdir(etc.dest + b"/limits.conf") == [b"00-default"]
 
@@ -470,7 +478,7 @@ def test_local_addition_of_another_type_than_upstream_added_is_a_conflict(etc: E
     mkdir(etc.new, b"foo")
     write(etc.local, b"foo", b"mine\n")
     report = etc.merge()
-    assert report.conflicts == [(b"/etc/foo", "added locally as a file, but upstream added a directory")]
+    assert report.conflicts == [Conflict(b"/etc/foo", ConflictKind.BOTH_ADDED, "directory", local="file")]
     assert report.added == []
     assert stat.S_ISDIR(os.lstat(etc.dest + b"/foo").st_mode)
 
@@ -482,7 +490,7 @@ def test_local_addition_under_a_directory_upstream_turned_into_a_file_is_a_confl
     write(etc.new, b"d", b"now a file\n")
     write(etc.local, b"d/mine", b"mine\n")
     report = etc.merge()
-    assert report.conflicts == [(b"/etc/d/mine", "parent /etc/d is a file upstream, not a directory")]
+    assert report.conflicts == [Conflict(b"/etc/d/mine", ConflictKind.PARENT_NOT_DIRECTORY, "file", parent=b"/etc/d")]
     assert read(etc.dest, b"d") == b"now a file\n"
 
 
@@ -576,7 +584,7 @@ def test_everything_a_tree_can_hold_is_copied_exactly_when_added_locally(etc: Et
 
 # The report
 
-def test_report_lists_sorted_paths_and_a_summary(etc: Etcs) -> None:
+def test_report_lists_sorted_paths_and_typed_conflicts(etc: Etcs) -> None:
     for name in (b"b.conf", b"a.conf", b"gone", b"retyped"):
         write(etc.orig, name, b"default\n")
     etc.fork()
@@ -590,18 +598,14 @@ def test_report_lists_sorted_paths_and_a_summary(etc: Etcs) -> None:
     assert report.modified == [b"/etc/a.conf", b"/etc/b.conf"]
     assert report.added == [b"/etc/new"]
     assert report.removed == [b"/etc/gone"]
-    assert [p for p, _ in report.conflicts] == [b"/etc/retyped"]
-    assert report.summary() == "/etc: 2 modified, 1 added, 1 removed, 1 conflict"
+    assert [c.path for c in report.conflicts] == [b"/etc/retyped"]
     assert report.to_json() == {
         "modified": ["/etc/a.conf", "/etc/b.conf"],
         "added": ["/etc/new"],
         "removed": ["/etc/gone"],
-        "conflicts": [{"path": "/etc/retyped", "reason": report.conflicts[0][1]}],
+        "conflicts": [{"path": "/etc/retyped", "kind": "upstream_retyped", "upstream": "directory", "local": "file",
+                       "original": "file", "parent": None}],
     }
-
-
-def test_summary_of_no_changes() -> None:
-    assert MergeReport().summary() == "/etc: 0 modified, 0 added, 0 removed, 0 conflicts"
 
 
 # Errors

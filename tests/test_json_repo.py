@@ -23,7 +23,7 @@ SIGNATURE_KEYS = {"key_id", "fingerprint", "verified", "signer", "problem"}
 FSCK_KEYS = {"schema", "ok", "commits", "history_only", "objects_checked", "problems"}
 PROBLEM_KEYS = {"kind", "commit", "object_digest", "image", "detail"}
 HEX64 = re.compile(r"[0-9a-f]{64}")
-ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
 
 
 @pytest.fixture

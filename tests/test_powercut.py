@@ -70,7 +70,7 @@ def result(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
             if i not in samples:
                 i.cut.path.unlink()
         boots = powercut.boot_samples([i.cut for i in samples], m.disk, work)
-        for i, b in zip(samples, boots):
+        for i, b in zip(samples, boots, strict=False):
             log(f"cut {i.cut.number} booted: {b.booted and b.booted['name']} "
                 f"(multi-user.target {b.results.get('systemd.multi_user')})")
         yield Result(r, inspections, samples, boots)
@@ -112,7 +112,7 @@ def test_no_cut_loses_a_command_that_returned(result: Result) -> None:
 
 def test_a_machine_cut_off_boots_its_default_to_multi_user(result: Result) -> None:
     assert result.samples
-    for i, b in zip(result.samples, result.boots):
+    for i, b in zip(result.samples, result.boots, strict=False):
         assert b.results.get("systemd.multi_user") == "active", b.tail()
         assert b.booted is not None and f"/cfsdeploy/deploy/{vm.OS_NAME}/{b.booted['name']}" == \
             i.entries[0].deployment

@@ -356,7 +356,7 @@ def test_works_with_busybox_sh_and_mount(sysroot: Sysroot, tmp_path: Path) -> No
 
 
 def test_the_namespace_leaves_no_loop_device_behind(sysroot: Sysroot, tmp_path: Path) -> None:
-    with boot(sysroot, tmp_path, cmdline(sysroot.good)) as b:
+    with boot(sysroot, tmp_path, cmdline(sysroot.good)):
         assert loops_backed_by(sysroot.good.digest[2:])
     deadline = time.monotonic() + 10
     while loops_backed_by(sysroot.good.digest[2:]) and time.monotonic() < deadline:

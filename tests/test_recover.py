@@ -14,7 +14,8 @@ import pytest
 
 from cfsdeploy.boot import bootloader
 from cfsdeploy.boot.bootloader import Plan, RepairKind
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deploy import deploy
+from cfsdeploy.sysroot.entries import recover
 from cfsdeploy.sysroot.layout import Sysroot
 
 from .sysroots import BRANCH, OS, ROOT_KARGS, boot_mount, commit_tree, make_os_tree
@@ -26,7 +27,7 @@ def machine(tmp_path):
     with boot_mount(root / "boot"):
         s = Sysroot.init(str(root), OS, karg_list=ROOT_KARGS)
         commit_tree(s, make_os_tree(tmp_path / "tree"))
-        admin.deploy(s, BRANCH, os_name=OS)
+        deploy(s, BRANCH, os_name=OS)
         yield SimpleNamespace(sysroot=s, root=root, boot=root / "boot")
 
 
@@ -58,7 +59,7 @@ def test_status_finishes_an_interrupted_switch_and_says_so(machine) -> None:
 def test_status_json_lists_the_repairs(machine) -> None:
     interrupt_a_switch(machine)
     doc = json.loads(status(machine, "--json").stdout)
-    assert [r["kind"] for r in doc["repairs"]] == ["finished-switch"]
+    assert [r["kind"] for r in doc["repairs"]] == ["finished_switch"]
 
 
 def test_status_with_nothing_to_repair_takes_no_lock(machine) -> None:
@@ -85,7 +86,7 @@ def test_a_torn_kernel_an_entry_names_is_put_back(machine) -> None:
     good = (kdir / "initramfs.img").read_bytes()
     os.unlink(kdir / "complete")
     (kdir / "initramfs.img").write_bytes(good[:100])
-    repairs = admin.recover(machine.sysroot)
+    repairs = recover(machine.sysroot)
     assert [r.kind for r in repairs] == [RepairKind.REINSTALLED_KERNEL]
     assert (kdir / "initramfs.img").read_bytes() == good
 

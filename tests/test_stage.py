@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from cfsdeploy.sysroot import admin, staged
+from cfsdeploy.sysroot import staged
+from cfsdeploy.sysroot.cleanup import cleanup
+from cfsdeploy.sysroot.cmdline import set_kargs
+from cfsdeploy.sysroot.deploy import DeployResult, FinalizeUnit
 from cfsdeploy.sysroot.deployment import Origin
-from cfsdeploy.sysroot.layout import staged_status
+from cfsdeploy.sysroot.finalize import DiscardReason, finalize_staged
+from cfsdeploy.sysroot.layout import StagedState, staged_status
+from cfsdeploy.sysroot.rollback import rollback, undeploy
+from cfsdeploy.sysroot.upgrade import UpgradeOutcome, upgrade
 from cfsdeploy.util.errors import CommandError
 
 from .sysroots import BRANCH, OS, commit_tree, make_os_tree
@@ -26,7 +32,7 @@ def os_dir(m) -> Path:
     return m.root / "cfsdeploy/deploy" / OS
 
 
-def installed_and_booted(m) -> admin.DeployResult:
+def installed_and_booted(m) -> DeployResult:
     """A machine running its first deployment, with version 2 committed."""
     commit_tree(m.sysroot, m.tree)
     r = deploy(m)
@@ -35,7 +41,7 @@ def installed_and_booted(m) -> admin.DeployResult:
     return r
 
 
-def stage(m, **kw) -> admin.DeployResult:
+def stage(m, **kw) -> DeployResult:
     return deploy(m, stage=True, **kw)
 
 
@@ -44,6 +50,8 @@ def test_staging_leaves_the_entries_unchanged(machine) -> None:
     before = entries_files(machine)
     r = stage(machine)
     assert r.staged and r.index == 0
+    # Only the machine's own sysroot is finalized by the unit, at shutdown.
+    assert r.finalize_unit == FinalizeUnit.NOT_DEFAULT_SYSROOT
     assert entries_files(machine) == before
     assert (os_dir(machine) / r.deployment.name / "etc/hostname").is_file()
 
@@ -52,13 +60,13 @@ def test_status_shows_the_staged_deployment(machine) -> None:
     installed_and_booted(machine)
     d = stage(machine).deployment
     s = staged_status(machine.sysroot, OS)
-    assert s.deployment == d and s.when == "becomes the default at shutdown"
+    assert s.deployment == d and s.state == StagedState.PENDING and s.record.default
 
 
 def test_finalize_makes_it_the_default_and_keeps_the_rollback(machine) -> None:
     a = installed_and_booted(machine).deployment
     d = stage(machine, tries=2).deployment
-    r = admin.finalize_staged(machine.sysroot)
+    r = finalize_staged(machine.sysroot)
     assert r.deployment == d and r.index == 0 and r.merged_from == a
     assert names(machine) == [d.name, a.name]
     assert machine.sysroot.state(OS).entries[0].tries_left == 2
@@ -68,7 +76,7 @@ def test_finalize_makes_it_the_default_and_keeps_the_rollback(machine) -> None:
 def test_finalized_entry_is_what_a_plain_deploy_writes(machine) -> None:
     installed_and_booted(machine)
     stage(machine)
-    admin.finalize_staged(machine.sysroot)
+    finalize_staged(machine.sysroot)
     finalized = machine.sysroot.state(OS).entries[0]
     deploy(machine)
     plain = machine.sysroot.state(OS).entries[0]
@@ -82,7 +90,7 @@ def test_etc_edit_made_after_staging_reaches_the_finalized_deployment(machine) -
     stage(machine)
     (os_dir(machine) / a.name / "etc/hostname").write_text("edited after staging\n")
     (os_dir(machine) / a.name / "etc/added-later").write_text("new\n")
-    r = admin.finalize_staged(machine.sysroot)
+    r = finalize_staged(machine.sysroot)
     etc = os_dir(machine) / r.deployment.name / "etc"
     assert (etc / "hostname").read_text() == "edited after staging\n"
     assert (etc / "added-later").read_text() == "new\n"
@@ -94,7 +102,7 @@ def test_etc_edit_made_after_staging_reaches_the_finalized_deployment(machine) -
 def test_finalize_with_nothing_staged_does_nothing(machine) -> None:
     installed_and_booted(machine)
     before = entries_files(machine)
-    assert admin.finalize_staged(machine.sysroot) is None
+    assert finalize_staged(machine.sysroot) is None
     assert entries_files(machine) == before
 
 
@@ -108,7 +116,7 @@ def test_staging_twice_keeps_only_the_last(machine) -> None:
     assert first.name not in os.listdir(os_dir(machine))
     assert f"refs/deployments/{OS}/{first.name}" not in machine.sysroot.repo.git.references
     assert len(os.listdir(machine.boot / "cfsdeploy" / OS)) == 2  # the booted one's and the last's
-    assert admin.finalize_staged(machine.sysroot).deployment == second.deployment
+    assert finalize_staged(machine.sysroot).deployment == second.deployment
 
 
 def test_plain_deploy_discards_the_staged_one(machine) -> None:
@@ -118,13 +126,13 @@ def test_plain_deploy_discards_the_staged_one(machine) -> None:
     assert r.discarded == s.name and staged_status(machine.sysroot, OS) is None
     assert s.name not in os.listdir(os_dir(machine))
     assert names(machine)[0] == r.deployment.name
-    assert admin.finalize_staged(machine.sysroot) is None
+    assert finalize_staged(machine.sysroot) is None
 
 
 @pytest.mark.parametrize("change", [
-    lambda s, log: admin.rollback(s, OS, log=log),
-    lambda s, log: admin.undeploy(s, OS, 1, log=log),
-    lambda s, log: admin.set_kargs(s, OS, append=("quiet",), log=log),
+    lambda s: rollback(s, OS),
+    lambda s: undeploy(s, OS, 1),
+    lambda s: set_kargs(s, OS, append=("quiet",)),
 ], ids=["rollback", "undeploy", "kargs"])
 def test_a_change_of_the_entries_discards_the_staged_one(machine, change) -> None:
     commit_tree(machine.sysroot, machine.tree)
@@ -133,28 +141,27 @@ def test_a_change_of_the_entries_discards_the_staged_one(machine, change) -> Non
     deploy(machine)
     new_version(machine, "3")
     s = stage(machine).deployment
-    said: list[str] = []
-    change(machine.sysroot, said.append)
-    assert said == [f"discarded the staged deployment {s.name}"]
+    assert change(machine.sysroot).discarded == s.name
     assert s.name not in os.listdir(os_dir(machine)) and staged_status(machine.sysroot, OS) is None
 
 
 def test_cleanup_keeps_the_staged_deployment(machine) -> None:
     installed_and_booted(machine)
     d = stage(machine)
-    admin.cleanup(machine.sysroot, OS)
+    cleanup(machine.sysroot, OS)
     assert (os_dir(machine) / d.deployment.name / "deployment.json").is_file()
     assert (machine.boot / d.kernel.relpath / "vmlinuz").is_file()
     assert f"refs/deployments/{OS}/{d.deployment.name}" in machine.sysroot.repo.git.references
     assert machine.sysroot.repo.objects.has(bytes.fromhex(d.deployment.image_digest))
-    assert admin.finalize_staged(machine.sysroot).deployment == d.deployment
+    assert finalize_staged(machine.sysroot).deployment == d.deployment
 
 
 def test_no_default_staged_goes_after_the_default(machine) -> None:
     a = installed_and_booted(machine).deployment
     d = stage(machine, make_default=False).deployment
-    assert staged_status(machine.sysroot, OS).when == "is added after the default at shutdown"
-    assert admin.finalize_staged(machine.sysroot).index == 1
+    st = staged_status(machine.sysroot, OS)
+    assert st.state == StagedState.PENDING and not st.record.default
+    assert finalize_staged(machine.sysroot).index == 1
     assert names(machine) == [a.name, d.name]
 
 
@@ -163,8 +170,8 @@ def test_record_naming_a_vanished_deployment_is_discarded_with_a_message(machine
     d = stage(machine).deployment
     before = entries_files(machine)
     shutil.rmtree(os_dir(machine) / d.name)
-    r = admin.finalize_staged(machine.sysroot)
-    assert r.deployment is None and r.discarded == f"its deployment {d.name} is gone"
+    r = finalize_staged(machine.sysroot)
+    assert r.deployment is None and r.discarded == DiscardReason.DEPLOYMENT_GONE
     assert entries_files(machine) == before and staged_status(machine.sysroot, OS) is None
 
 
@@ -173,17 +180,18 @@ def test_record_of_an_earlier_boot_is_discarded(machine) -> None:
     d = stage(machine)
     record = machine.root / "cfsdeploy" / staged.RECORD
     record.write_text(json.dumps(json.loads(record.read_text()) | {"boot_id": "an-earlier-boot"}))
-    assert "earlier boot" in staged_status(machine.sysroot, OS).when
-    admin.cleanup(machine.sysroot, OS, prune_objects=False)
+    assert staged_status(machine.sysroot, OS).state == StagedState.STALE
+    cleanup(machine.sysroot, OS, prune_objects=False)
     assert not record.exists() and d.deployment.name not in os.listdir(os_dir(machine))
 
 
 def test_upgrade_stage_stages_the_head_once(machine) -> None:
     installed_and_booted(machine)
-    r = admin.upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
-    assert r.deployed.staged and r.deployed.deployment.commit == r.commit
-    again = admin.upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
-    assert again.deployed is None and staged_status(machine.sysroot, OS).deployment == r.deployed.deployment
+    r = upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
+    assert r.outcome == UpgradeOutcome.STAGED and r.deployed.deployment.commit == r.commit
+    again = upgrade(machine.sysroot, OS, origin=Origin(BRANCH), stage=True)
+    assert again.outcome == UpgradeOutcome.PENDING_REBOOT and again.deployed is None
+    assert staged_status(machine.sysroot, OS).deployment == r.deployed.deployment
 
 
 def test_finalize_unit_is_not_started_without_systemd(tmp_path) -> None:
@@ -221,7 +229,8 @@ def test_cli_stage_status_finalize(machine) -> None:
     assert p.returncode == 0, p.stderr
     assert "run `cfsdeploy finalize-staged` before rebooting" in p.stdout
     st = json.loads(cli(machine, "status", "--json").stdout)
-    assert st["staged"]["version"] == "2" and st["staged"]["becomes_default"] and len(st["deployments"]) == 1
+    assert st["staged"]["deployment"]["version"] == "2" and st["staged"]["becomes_default"]
+    assert len(st["deployments"]) == 1
     assert ": becomes the default at shutdown" in cli(machine, "status").stdout
     p = cli(machine, "finalize-staged")
     assert p.returncode == 0 and "it is now the default" in p.stdout, p.stderr
@@ -257,7 +266,7 @@ def test_staged_record_naming_an_empty_os_makes_nothing_deleted(machine) -> None
     a = installed_and_booted(machine)
     d = stage(machine, make_default=False)
     record = rewrite_record(machine, os="", boot_id=staged.current_boot_id())
-    admin.set_kargs(machine.sysroot, OS, append=("quiet",))
+    set_kargs(machine.sysroot, OS, append=("quiet",))
     assert os.listdir(machine.root / "cfsdeploy/deploy") == [OS]
     assert {a.deployment.name, d.deployment.name} <= set(os.listdir(os_dir(machine)))
     assert {a.kernel.dirname, d.kernel.dirname} <= set(os.listdir(machine.boot / "cfsdeploy" / OS))

@@ -18,7 +18,12 @@ from types import SimpleNamespace
 import pytest
 
 from cfsdeploy.repo.repository import prune
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.cleanup import cleanup as sysroot_cleanup
+from cfsdeploy.sysroot.cmdline import set_kargs
+from cfsdeploy.sysroot.finalize import finalize_staged
+from cfsdeploy.sysroot.rollback import rollback as sysroot_rollback
+from cfsdeploy.sysroot.rollback import undeploy as sysroot_undeploy
+from cfsdeploy.sysroot.upgrade import upgrade as sysroot_upgrade
 
 from .sysroots import OS, commit_tree
 from .test_deploy import booted_into, deploy, machine, new_version  # noqa: F401
@@ -103,28 +108,28 @@ def deploy_again(m: SimpleNamespace) -> Action:
 def upgrade(m: SimpleNamespace) -> Action:
     two_deployments(m)
     new_version(m, "3")
-    return lambda: admin.upgrade(m.sysroot, OS)
+    return lambda: sysroot_upgrade(m.sysroot, OS)
 
 
 def rollback(m: SimpleNamespace) -> Action:
     two_deployments(m)
-    return lambda: admin.rollback(m.sysroot, OS)
+    return lambda: sysroot_rollback(m.sysroot, OS)
 
 
 def undeploy(m: SimpleNamespace) -> Action:
     two_deployments(m)
-    return lambda: admin.undeploy(m.sysroot, OS, 1)
+    return lambda: sysroot_undeploy(m.sysroot, OS, 1)
 
 
 def cleanup(m: SimpleNamespace) -> Action:
     two_deployments(m)
     m.sysroot.config.keep_rollback = False  # so the rollback goes too
-    return lambda: admin.cleanup(m.sysroot, OS)
+    return lambda: sysroot_cleanup(m.sysroot, OS)
 
 
 def kargs(m: SimpleNamespace) -> Action:
     two_deployments(m)
-    return lambda: admin.set_kargs(m.sysroot, OS, append=("quiet",))
+    return lambda: set_kargs(m.sysroot, OS, append=("quiet",))
 
 
 def stage_and_finalize(m: SimpleNamespace) -> Action:
@@ -133,7 +138,7 @@ def stage_and_finalize(m: SimpleNamespace) -> Action:
     m.sysroot = booted_into(m)
     new_version(m, "2")
     deploy(m, stage=True)
-    return lambda: admin.finalize_staged(m.sysroot)
+    return lambda: finalize_staged(m.sysroot)
 
 
 def prune_objects(m: SimpleNamespace) -> Action:

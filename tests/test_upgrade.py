@@ -12,9 +12,11 @@ import pytest
 
 from cfsdeploy.remote import remotes
 from cfsdeploy.remote.pull import BindingError, DowngradeError
-from cfsdeploy.sysroot import admin
+from cfsdeploy.sysroot.deploy import deploy
 from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.layout import Sysroot, SysrootUsageError
+from cfsdeploy.sysroot.rollback import rollback
+from cfsdeploy.sysroot.upgrade import UpgradeOutcome, upgrade
 
 from .pullkit import builder_key, nginx, publish, serve_branch_as  # noqa: F401  (fixtures)
 from .sysroots import OS, ROOT_KARGS, boot_mount, entries_read_as_meant, make_os_tree
@@ -43,7 +45,7 @@ def release(f, version: str, branch: str = BRANCH) -> str:
 
 def install(f) -> None:
     """The first deployment, following origin:BRANCH."""
-    admin.upgrade(f.sysroot, OS, origin=Origin(BRANCH, "origin"))
+    upgrade(f.sysroot, OS, origin=Origin(BRANCH, "origin"))
     f.sysroot = booted(f)
 
 
@@ -53,7 +55,7 @@ def booted(f, index: int = 0) -> Sysroot:
 
 
 def test_switch_installs_the_origins_head(fleet) -> None:
-    r = admin.upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "origin"))
+    r = upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "origin"))
     d = r.deployed.deployment
     assert d.origin == Origin(BRANCH, "origin") and d.commit == r.commit
     assert r.pulled.signer is not None
@@ -63,8 +65,8 @@ def test_upgrade_deploys_the_new_head_and_keeps_the_rollback(fleet) -> None:
     install(fleet)
     old = fleet.sysroot.state(OS).default
     new = release(fleet, "2")
-    r = admin.upgrade(fleet.sysroot, OS)
-    assert r.deployed.deployment.commit == new
+    r = upgrade(fleet.sysroot, OS)
+    assert r.outcome == UpgradeOutcome.DEPLOYED and r.deployed.deployment.commit == new
     state = fleet.sysroot.state(OS)
     assert state.default.commit == new and state.rollback == old
     assert {os.fsdecode(p) for p in r.changes.modified} >= {"/etc/default/app", "/usr/lib/os-release"}
@@ -73,7 +75,7 @@ def test_upgrade_deploys_the_new_head_and_keeps_the_rollback(fleet) -> None:
 def test_upgrade_with_tries_puts_the_new_entry_on_trial(fleet) -> None:
     install(fleet)
     release(fleet, "2")
-    admin.upgrade(fleet.sysroot, OS, tries=3)
+    upgrade(fleet.sysroot, OS, tries=3)
     default, rollback = fleet.sysroot.state(OS).entries[:2]
     assert (default.tries_left, default.tries_done) == (3, None)
     assert rollback.tries_left is None
@@ -82,24 +84,26 @@ def test_upgrade_with_tries_puts_the_new_entry_on_trial(fleet) -> None:
 def test_upgrade_with_nothing_new_changes_nothing(fleet) -> None:
     install(fleet)
     before = fleet.sysroot.state(OS).deployments
-    r = admin.upgrade(fleet.sysroot, OS)
-    assert not r.available and r.deployed is None
+    r = upgrade(fleet.sysroot, OS)
+    assert r.outcome == UpgradeOutcome.UP_TO_DATE and not r.available and r.deployed is None
     assert fleet.sysroot.state(OS).deployments == before
 
 
 def test_upgrade_already_deployed_is_not_deployed_twice(fleet) -> None:
     install(fleet)
     release(fleet, "2")
-    admin.upgrade(fleet.sysroot, OS)
-    r = admin.upgrade(fleet.sysroot, OS)
-    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 2
+    upgrade(fleet.sysroot, OS)
+    r = upgrade(fleet.sysroot, OS)
+    assert r.outcome == UpgradeOutcome.PENDING_REBOOT and r.deployed is None
+    assert len(fleet.sysroot.state(OS).deployments) == 2
 
 
 def test_check_only_reports(fleet) -> None:
     install(fleet)
     release(fleet, "2")
-    r = admin.upgrade(fleet.sysroot, OS, check=True)
-    assert r.available and r.deployed is None and len(fleet.sysroot.state(OS).deployments) == 1
+    r = upgrade(fleet.sysroot, OS, check=True)
+    assert r.outcome == UpgradeOutcome.UPDATE_AVAILABLE and r.deployed is None
+    assert len(fleet.sysroot.state(OS).deployments) == 1
 
 
 def test_local_etc_edit_survives_the_upgrade(fleet) -> None:
@@ -107,7 +111,7 @@ def test_local_etc_edit_survives_the_upgrade(fleet) -> None:
     dep = fleet.sysroot.state(OS).default
     (fleet.root / "cfsdeploy/deploy" / OS / dep.name / "etc/hostname").write_text("edited\n")
     release(fleet, "2")
-    d = admin.upgrade(fleet.sysroot, OS).deployed.deployment
+    d = upgrade(fleet.sysroot, OS).deployed.deployment
     etc = fleet.root / "cfsdeploy/deploy" / OS / d.name / "etc"
     assert (etc / "hostname").read_text() == "edited\n" and (etc / "default/app").read_text() == "SETTING=2\n"
 
@@ -116,33 +120,32 @@ def test_rollback_after_upgrade_goes_back(fleet) -> None:
     install(fleet)
     first = fleet.sysroot.state(OS).default
     release(fleet, "2")
-    admin.upgrade(fleet.sysroot, OS)
-    new_default, _ = admin.rollback(fleet.sysroot, OS)
-    assert new_default == first
+    upgrade(fleet.sysroot, OS)
+    assert rollback(fleet.sysroot, OS).default == first
 
 
 def test_server_going_back_in_time_is_refused(fleet) -> None:
     install(fleet)
     release(fleet, "2")
-    admin.upgrade(fleet.sysroot, OS)
+    upgrade(fleet.sysroot, OS)
     server = fleet.server / "git"
     subprocess.run(["git", "--git-dir", str(server), "update-ref", f"refs/heads/{BRANCH}", f"{BRANCH}~1"], check=True)
     subprocess.run(["git", "--git-dir", str(server), "update-server-info"], check=True)
     with pytest.raises(DowngradeError):
-        admin.upgrade(fleet.sysroot, OS)
+        upgrade(fleet.sysroot, OS)
 
 
 def test_upgrade_refuses_a_head_made_for_another_branch(fleet, nginx) -> None:  # noqa: F811
     os.symlink(fleet.server, nginx.root / "bound")
     remotes.add(fleet.sysroot.repo, "web", nginx.url("bound"), key_files=[fleet.key.public])
-    admin.upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "web"))
+    upgrade(fleet.sysroot, OS, origin=Origin(BRANCH, "web"))
     fleet.sysroot = booted(fleet)
     before = fleet.sysroot.state(OS).deployments
     ref = fleet.sysroot.repo.git.references[f"refs/remotes/web/{BRANCH}"].target
     debug = release(fleet, "2-debug", branch="testos/debug")
     serve_branch_as(fleet.server, BRANCH, debug)
     with pytest.raises(BindingError, match=f"made for testos/debug, not {BRANCH}"):
-        admin.upgrade(fleet.sysroot, OS)
+        upgrade(fleet.sysroot, OS)
     assert fleet.sysroot.state(OS).deployments == before
     assert fleet.sysroot.repo.git.references[f"refs/remotes/web/{BRANCH}"].target == ref
 
@@ -151,7 +154,7 @@ def test_switch_refuses_a_head_made_for_another_branch(fleet) -> None:
     install(fleet)
     serve_branch_as(fleet.server, "testos/testing", release(fleet, "2-debug", branch="testos/debug"))
     with pytest.raises(BindingError, match="made for testos/debug, not testos/testing"):
-        admin.upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
+        upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
     assert [d.origin for d in fleet.sysroot.state(OS).deployments] == [Origin(BRANCH, "origin")]
 
 
@@ -159,16 +162,16 @@ def test_origin_needed(fleet) -> None:
     install(fleet)
     dep = fleet.sysroot.state(OS).default
     local = Sysroot(str(fleet.root), cmdline="")
-    admin.deploy(local, dep.commit, os_name=OS)
+    deploy(local, dep.commit, os_name=OS)
     with pytest.raises(SysrootUsageError, match="no branch"):
         # A machine never told what to follow: the commit id was deployed on a fresh os.
-        admin.upgrade(Sysroot.init(str(fleet.root), "other"), "other")
+        upgrade(Sysroot.init(str(fleet.root), "other"), "other")
 
 
 def test_switch_to_another_branch(fleet) -> None:
     install(fleet)
     testing = release(fleet, "3-beta", branch="testos/testing")
-    r = admin.upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
+    r = upgrade(fleet.sysroot, OS, origin=Origin("testos/testing", "origin"))
     assert r.deployed.deployment.commit == testing
     assert fleet.sysroot.state(OS).default.origin == Origin("testos/testing", "origin")
 

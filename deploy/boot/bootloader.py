@@ -39,7 +39,7 @@ import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import BinaryIO
 
 from ..util.errors import CfsError, HostError, IntegrityError
@@ -95,7 +95,7 @@ def clean_title(text: str) -> str:
     return " ".join(text.split())[:MAX_TITLE]
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     ENTRY = "entry"          # a boot entry of the os
     STAGED = "staged"        # the staged record
     ASIDE = "aside"          # a damaged record set aside
@@ -327,19 +327,30 @@ class Plan:
 
 
 class RepairKind(Enum):
-    FINISHED_SWITCH = "finished-switch"      # an interrupted switch of entries, completed
-    REMOVED_LEFTOVER = "removed-leftover"    # what an interrupted older switch left
-    DAMAGED_RECORD = "damaged-record"        # a switch record that does not parse, set aside
-    SUSPECT_LEFTOVER = "suspect-leftover"    # a leftover that may share clusters: left for fsck
-    REINSTALLED_KERNEL = "reinstalled-kernel"  # an entry's kernel or initramfs was missing or torn
-    BROKEN_KERNEL = "broken-kernel"          # ... and could not be put back
+    FINISHED_SWITCH = "finished_switch"      # an interrupted switch of entries, completed
+    REMOVED_LEFTOVER = "removed_leftover"    # what an interrupted older switch left
+    DAMAGED_RECORD = "damaged_record"        # a switch record that does not parse, set aside
+    SUSPECT_LEFTOVER = "suspect_leftover"    # a leftover that may share clusters: left for fsck
+    REINSTALLED_KERNEL = "reinstalled_kernel"  # an entry's kernel or initramfs was missing or torn
+    BROKEN_KERNEL = "broken_kernel"          # ... and could not be put back
 
 
 @dataclass(frozen=True)
 class Repair:
     kind: RepairKind
     path: str
-    detail: str = ""
+    message: str | None = None     # the error: DAMAGED_RECORD, BROKEN_KERNEL
+    os: str | None = None          # whose entries: FINISHED_SWITCH
+    written: int = 0               # entries written and removed: FINISHED_SWITCH
+    removed: int = 0
+    deployment: str | None = None  # whose kernel: REINSTALLED_KERNEL, BROKEN_KERNEL
+    same_as: str | None = None     # the directory with the same files: SUSPECT_LEFTOVER
+    kernel: str | None = None      # the kernel directory installed, when not path's: REINSTALLED_KERNEL
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind.value, "path": self.path, "message": self.message, "os": self.os,
+                "written": self.written, "removed": self.removed, "deployment": self.deployment,
+                "same_as": self.same_as, "kernel": self.kernel}
 
 
 def entry_files(boot: str, os_name: str) -> dict[str, str]:
@@ -447,8 +458,7 @@ def recover(boot: str, record: str) -> list[Repair]:
         if _listing(leftover) == _listing(ours):
             # Both names may hold the same clusters after a torn exchange on vfat:
             # removing one would free the other's files.  fsck.vfat sorts it out.
-            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover,
-                                  f"same files as {ours}: check the boot filesystem with fsck.vfat"))
+            repairs.append(Repair(RepairKind.SUSPECT_LEFTOVER, leftover, same_as=ours))
         else:
             remove_durably(boot, _tree(leftover))
             repairs.append(Repair(RepairKind.REMOVED_LEFTOVER, leftover))
@@ -463,10 +473,10 @@ def recover(boot: str, record: str) -> list[Repair]:
         aside = record + ".damaged"
         os.replace(record, aside)
         fsync_dir(os.path.dirname(record))
-        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, str(e))]
+        return repairs + [Repair(RepairKind.DAMAGED_RECORD, aside, message=str(e))]
     _carry_out(boot, plan, record)
-    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES),
-                             f"os {plan.os}: {len(plan.write)} written, {len(plan.remove)} removed")]
+    return repairs + [Repair(RepairKind.FINISHED_SWITCH, os.path.join(boot, ENTRIES), os=plan.os,
+                             written=len(plan.write), removed=len(plan.remove))]
 
 
 def needs_recovery(boot: str, record: str) -> bool:

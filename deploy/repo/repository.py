@@ -443,8 +443,8 @@ class CommitInfo:
 
 
 def iso_time(timestamp: int) -> str:
-    """A Unix time in ISO 8601, UTC: 2026-11-30T05:12:43Z."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A Unix time in ISO 8601, UTC, as every JSON time: 2026-11-30T05:12:43+00:00."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def signature_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> SignatureInfo | None:

@@ -7,5 +7,9 @@
 
 layout (the Sysroot, its settings and state), deployment (the record), etcmerge
 (/etc 3-way merge), staged (deployments finalized at shutdown), booted (what the boot
-hook checked), admin (deploy, upgrade, rollback, undeploy, pin, kargs, cleanup,
-finalize, verity).  Imports boot, remote, repo, composefs, util."""
+hook checked), status (what `status` shows, and its JSON); one module per
+operation: deploy, upgrade (and switch), rollback (and undeploy, pin), cmdline
+(kargs), cleanup, finalize (the staged deployment), verity (enable), over what they
+share: commit (reading one for deploying), entries (writing, switching, settling and
+recovering the boot entries, retention), locking (the sysroot lock each operation
+takes, LockPolicy).  Imports boot, remote, repo, composefs, util."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 
 from ..boot import kargs
 
@@ -22,13 +23,25 @@ RECORD_ENV = "CFSDEPLOY_BOOTED"  # another record, for tests
 _KEYS = ("deployment", "digest", "verity", "fs-verity")
 
 
+class Reason(Enum):
+    """Why the files of the running deployment are checked when read, or not."""
+    MEASURED = "measured"              # the kernel measured the image; overlayfs checks every file read
+    UNMEASURED = "unmeasured"          # the image's digest was checked at boot; files are served as they are
+    NO_RECORD = "no_record"            # verity=try, and the boot hook left no record that fs-verity was used
+    RECORD_DAMAGED = "record_damaged"  # the boot hook's record is damaged: what this boot checked is unknown
+
+
 @dataclass(frozen=True)
 class BootVerity:
     verified: bool
-    why: str
+    reason: Reason
+    mode: str                     # the boot's cfsdeploy.verity= (require, try, off)
+    record: str                   # the boot hook's record
+    message: str | None = None    # what is wrong with the record, for RECORD_DAMAGED
 
     def to_json(self) -> dict[str, object]:
-        return {"verified": self.verified, "why": self.why}
+        return {"verified": self.verified, "reason": self.reason.value, "mode": self.mode, "record": self.record,
+                "message": self.message}
 
 
 def _read_record(path: str) -> dict[str, str] | None:
@@ -57,7 +70,7 @@ def boot_verity(cmdline: list[str]) -> BootVerity:
     try:
         record = _read_record(path)
     except ValueError as e:
-        return BootVerity(False, f"the boot hook's record {path} is damaged ({e}): what this boot checked is unknown")
+        return BootVerity(False, Reason.RECORD_DAMAGED, mode, path, str(e))
     if record is not None and own is not None and (record["deployment"], record["digest"]) == (
             own.deployment, own.digest):
         measured = record["fs-verity"] == "yes"
@@ -65,14 +78,5 @@ def boot_verity(cmdline: list[str]) -> BootVerity:
         # Without a record (an older hook): require boots only a measured image.
         measured = mode == "require"
     else:
-        return BootVerity(False, f"cfsdeploy.verity=try, and the boot hook left no record ({path}) "
-                                 "that fs-verity was used")
-    if measured:
-        return BootVerity(True, "the kernel measured the image and checks every file as it is read "
-                                f"(cfsdeploy.verity={mode})")
-    if mode == "try":
-        return BootVerity(False, "cfsdeploy.verity=try: the image's digest was checked at boot, but files are "
-                                 "served as the disk holds them, edited or not (`cfsdeploy verity enable` "
-                                 "gives every object fs-verity and moves to require)")
-    return BootVerity(False, f"cfsdeploy.verity={mode}: the image's digest was checked at boot, but files are "
-                             "served as the disk holds them, edited or not")
+        return BootVerity(False, Reason.NO_RECORD, mode, path)
+    return BootVerity(measured, Reason.MEASURED if measured else Reason.UNMEASURED, mode, path)

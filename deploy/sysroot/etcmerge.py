@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from enum import Enum
 
 from ..composefs.objects import ObjectStore
 from ..composefs.scan import read_xattrs, scan
@@ -53,19 +54,32 @@ class EtcMergeError(CfsError):
 
 
 @dataclass
+class ConflictKind(Enum):
+    PARENT_NOT_DIRECTORY = "parent_not_directory"  # a parent of the path is no directory upstream
+    BOTH_ADDED = "both_added"                      # added locally, and upstream added another type
+    UPSTREAM_RETYPED = "upstream_retyped"          # upstream changed the type of what was edited locally
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A local change not applied.  Types are words: file, directory, symlink, ..."""
+    path: bytes
+    kind: ConflictKind
+    upstream: str                # upstream's type at path (at parent, for PARENT_NOT_DIRECTORY)
+    local: str | None = None     # the local type (BOTH_ADDED, UPSTREAM_RETYPED)
+    original: str | None = None  # the type before upstream changed it (UPSTREAM_RETYPED)
+    parent: bytes | None = None  # the parent that is no directory (PARENT_NOT_DIRECTORY)
+
+
+@dataclass
 class MergeReport:
     """The local changes carried into the new /etc, paths like b"/etc/ssh/sshd_config"."""
 
     modified: list[bytes] = field(default_factory=list)
     added: list[bytes] = field(default_factory=list)
     removed: list[bytes] = field(default_factory=list)
-    # (path, one-line reason): local changes not applied; upstream's version was kept.
-    conflicts: list[tuple[bytes, str]] = field(default_factory=list)
-
-    def summary(self) -> str:
-        n = len(self.conflicts)
-        return (f"/etc: {len(self.modified)} modified, {len(self.added)} added, "
-                f"{len(self.removed)} removed, {n} conflict{'' if n == 1 else 's'}")
+    # Local changes not applied: upstream's version was kept.
+    conflicts: list[Conflict] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         name = os.fsdecode
@@ -73,7 +87,9 @@ class MergeReport:
             "modified": [name(p) for p in self.modified],
             "added": [name(p) for p in self.added],
             "removed": [name(p) for p in self.removed],
-            "conflicts": [{"path": name(p), "reason": r} for p, r in self.conflicts],
+            "conflicts": [{"path": name(c.path), "kind": c.kind.value, "upstream": c.upstream, "local": c.local,
+                           "original": c.original, "parent": None if c.parent is None else name(c.parent)}
+                          for c in self.conflicts],
         }
 
 
@@ -113,7 +129,8 @@ def read_local(path: bytes) -> LocalEtc:
             root, stats = scan(path, warn=lambda m: None, identities=identities)
         except TreeError as e:
             raise EtcMergeError(f"cannot read the local /etc: {e}") from None
-        etc = LocalEtc(path, fd, root, identities, {p[len(path):] for p in stats.skipped})
+        skipped: list[bytes] = stats.skipped
+        etc = LocalEtc(path, fd, root, identities, {p[len(path):] for p in skipped})
         st = os.fstat(fd)
         if identities[path] != (st.st_dev, st.st_ino):
             raise _changed(b"")
@@ -159,7 +176,7 @@ def merge_local(orig: Inode | None, local: LocalEtc, new: Inode | None,
     report = merge.report
     for paths in (report.modified, report.added, report.removed):
         paths.sort()
-    report.conflicts.sort()
+    report.conflicts.sort(key=lambda c: c.path)
     return report
 
 
@@ -282,17 +299,17 @@ class _Merge:
             self.report.removed.append(ETC + rel)
             return
         if problem is not None:
-            self._conflict(rel, problem)
+            parent, ftype = problem
+            self._conflict(Conflict(ETC + rel, ConflictKind.PARENT_NOT_DIRECTORY, _kind(ftype), parent=ETC + parent))
             return
         upstream = _lstat_type(self.dest + rel)
         t0 = before.type if before is not None else None
         if upstream is not None and upstream not in (t0, after.type):
             if before is None:
-                self._conflict(rel, f"added locally as a {_kind(after.type)}, "
-                                    f"but upstream added a {_kind(upstream)}")
+                self._conflict(Conflict(ETC + rel, ConflictKind.BOTH_ADDED, _kind(upstream), _kind(after.type)))
             else:
-                self._conflict(rel, f"upstream turned the {_kind(t0)} into a {_kind(upstream)}; "
-                                    f"the local {_kind(after.type)} was not applied")
+                self._conflict(Conflict(ETC + rel, ConflictKind.UPSTREAM_RETYPED, _kind(upstream),
+                                        _kind(after.type), _kind(t0)))
             return
         if before is not None and before.is_dir() and after.is_dir():
             self._set_dir_metadata(rel, after, upstream is not None)
@@ -307,12 +324,13 @@ class _Merge:
             os.utime(self.dest + rel, ns=(node.mtime_sec * 10**9 + node.mtime_nsec,) * 2,
                      follow_symlinks=False)
 
-    def _conflict(self, rel: bytes, reason: str) -> None:
-        self.report.conflicts.append((ETC + rel, reason))
+    def _conflict(self, conflict: Conflict) -> None:
+        self.report.conflicts.append(conflict)
 
-    def _prepare_parents(self, rel: bytes, create: bool) -> str | None:
+    def _prepare_parents(self, rel: bytes, create: bool) -> tuple[bytes, int | None] | None:
         """Check that every parent of rel is a directory in dest, creating missing
-        ones (if create) from the local directories as templates; else say why not."""
+        ones (if create) from the local directories as templates; else the first that
+        is not, and its type upstream."""
         parent = b""
         for part in rel.split(b"/")[1:-1]:
             parent += b"/" + part
@@ -324,7 +342,7 @@ class _Merge:
                 _set_metadata(self.dest + parent, template)
                 self.touched.add(_parent(parent))
             elif ftype != stat.S_IFDIR:
-                return f"parent {os.fsdecode(ETC + parent)} is a {_kind(ftype)} upstream, not a directory"
+                return parent, ftype
         return None
 
     def _set_dir_metadata(self, rel: bytes, node: Inode, exists: bool) -> None:
@@ -353,8 +371,8 @@ class _Merge:
                 child_rel = rel + b"/" + name
                 there = _lstat_type(self.dest + child_rel)
                 if there is not None and there != child.type:
-                    self._conflict(child_rel, f"added locally as a {_kind(child.type)}, "
-                                              f"but upstream added a {_kind(there)}")
+                    self._conflict(Conflict(ETC + child_rel, ConflictKind.BOTH_ADDED, _kind(there),
+                                            _kind(child.type)))
                 else:
                     self._place(child_rel, child)
             return

@@ -19,8 +19,10 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from ..boot import bootloader, kargs
@@ -34,15 +36,16 @@ from . import deployment, staged
 from .deployment import Deployment
 from .staged import Staged
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
-
 TOP = "cfsdeploy"
 # Damaged records set aside (see Sysroot.set_aside).
 ASIDE = "aside"
 CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
+
+
+def default_path() -> str:
+    """The sysroot of the running machine: in a booted deployment / is the composed
+    image and the physical root is at /sysroot."""
+    return "/sysroot" if os.path.isdir("/sysroot/cfsdeploy") else "/"
 
 
 class SysrootError(CfsError):
@@ -209,10 +212,6 @@ class Sysroot:
         self.boot = os.path.join(self.path, boot_dir or self.config.boot_dir)
         self._cmdline = cmdline
         self._repo: Repository | None = None
-        # How long changes wait for another process's lock, and whom to tell.
-        self.lock_wait = 0.0
-        self.on_lock_wait: Callable[[], None] | None = None
-        self.locked = False
         # What commands found broken and repaired (bootloader.recover), for the CLI to tell.
         self.repairs: list[bootloader.Repair] = []
 
@@ -362,8 +361,8 @@ class Sysroot:
         with contextlib.suppress(FileNotFoundError):
             for name in sorted(os.listdir(aside)):
                 p = os.path.join(aside, name)
-                out.append(Damaged(Kind.ASIDE, p, "a damaged record set aside: what it names is kept until it is deleted",
-                                   _read_or_nothing(p)))
+                out.append(Damaged(Kind.ASIDE, p, "a damaged record set aside: what it names is kept until it "
+                                   "is deleted", _read_or_nothing(p)))
         return out
 
     def state(self, os_name: str) -> State:
@@ -404,6 +403,20 @@ class Sysroot:
         return removed
 
 
+class BootCounting(Enum):
+    """What systemd-boot's counter in an entry's name says."""
+    TRIAL = "trial"          # tries left: blessed when a boot completes
+    LAST_TRY = "last_try"    # booted on its last try: blessed if this boot completes
+    FAILED = "failed"        # every try used without a boot completing: the loader boots the next entry
+
+
+def deployment_json(dep: Deployment) -> dict[str, object]:
+    """A deployment as the JSON of status lists it (docs/json.md)."""
+    return {"os": dep.os, "name": dep.name, "commit": dep.commit, "image_digest": dep.image_digest,
+            "kernel_version": dep.kernel_version, "kargs": list(dep.kargs),
+            "origin": {"branch": dep.origin.branch, "remote": dep.origin.remote} if dep.origin else None,
+            "version": dep.version, "pinned": dep.pinned, "created": dep.created or None}
+
 
 @dataclass(frozen=True)
 class DeploymentStatus:
@@ -426,30 +439,30 @@ class DeploymentStatus:
         return self.entry.failed and not self.booted
 
     @property
-    def boot_counting(self) -> str | None:
-        """What systemd-boot's counter in the entry's name says, in words."""
-        left, done = self.entry.tries_left, self.entry.tries_done or 0
-        if left is None:
+    def boot_counting(self) -> BootCounting | None:
+        if self.entry.tries_left is None:
             return None
-        if left == 0 and self.booted:
-            return (f"on its last try ({done} used): blessed if this boot reaches boot-complete, "
-                    "else the boot loader boots the next entry from now on")
-        if left == 0:
-            return (f"FAILED TO BOOT: all {done} tries used without reaching boot-complete; "
-                    "the boot loader now boots the next entry")
-        return (f"on trial: {left} {'try' if left == 1 else 'tries'} left, {done} used "
-                "(blessed when a boot completes)")
+        if self.entry.tries_left > 0:
+            return BootCounting.TRIAL
+        return BootCounting.LAST_TRY if self.booted else BootCounting.FAILED
 
     def to_json(self) -> dict[str, object]:
-        return {"index": self.index, **self.deployment.to_json(), "booted": self.booted,
+        counting = self.boot_counting
+        return {"index": self.index, **deployment_json(self.deployment), "booted": self.booted,
                 "default": self.default, "rollback": self.rollback, "entry": self.entry.filename,
                 "tries_left": self.entry.tries_left, "tries_done": self.entry.tries_done,
-                "boot_failed": self.boot_failed, "boot_counting": self.boot_counting}
+                "boot_failed": self.boot_failed, "boot_counting": counting.value if counting else None}
 
 
-def status(state: State) -> list[DeploymentStatus]:
+def status_rows(state: State) -> list[DeploymentStatus]:
     return [DeploymentStatus(i, d, e, d == state.booted)
-            for i, (d, e) in enumerate(zip(state.deployments, state.entries))]
+            for i, (d, e) in enumerate(zip(state.deployments, state.entries, strict=True))]
+
+
+class StagedState(Enum):
+    PENDING = "pending"      # finalized at shutdown
+    STALE = "stale"          # staged during an earlier boot that ended without finalizing it: discarded next
+    GONE = "gone"            # its deployment directory is gone: finalizing discards the record
 
 
 @dataclass(frozen=True)
@@ -459,19 +472,16 @@ class StagedStatus:
     deployment: Deployment | None
 
     @property
-    def when(self) -> str:
+    def state(self) -> StagedState:
         if self.record.stale:
-            return "staged during an earlier boot that ended without finalizing it: the next change discards it"
-        if self.deployment is None:
-            return "its deployment is gone: finalizing discards the record"
-        return ("becomes the default at shutdown" if self.record.default
-                else "is added after the default at shutdown")
+            return StagedState.STALE
+        return StagedState.GONE if self.deployment is None else StagedState.PENDING
 
     def to_json(self) -> dict[str, object]:
-        return {**(self.deployment.to_json() if self.deployment else {"os": self.record.os, "name": self.record.name}),
+        return {"os": self.record.os, "name": self.record.name, "state": self.state.value,
                 "becomes_default": self.record.default, "merge_from": self.record.merge_from,
-                "tries": self.record.tries, "verity": self.record.verity, "stale": self.record.stale,
-                "when": self.when}
+                "tries": self.record.tries, "verity": self.record.verity,
+                "deployment": deployment_json(self.deployment) if self.deployment else None}
 
 
 def staged_status(sysroot: Sysroot, os_name: str) -> StagedStatus | None:

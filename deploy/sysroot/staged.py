@@ -89,12 +89,15 @@ def _invalid(d: object) -> str | None:
         "os": isinstance(d["os"], str) and bool(bootloader.OS_NAME.fullmatch(d["os"])),
         "name": isinstance(d["name"], str) and deployment.is_name(d["name"]),
         "kernel": isinstance(d["kernel"], str) and bool(bootloader.KERNEL_DIR.fullmatch(d["kernel"])),
-        "title": deployment.is_text(d["title"], bootloader.MAX_TITLE) and d["title"] == bootloader.clean_title(d["title"]),
+        "title": (deployment.is_text(d["title"], bootloader.MAX_TITLE)
+                  and d["title"] == bootloader.clean_title(d["title"])),
         "verity": d["verity"] in kargs.VERITY_MODES,
         "tries": tries is None or (type(tries) is int and 1 <= tries <= bootloader.MAX_TRIES),
         "default": isinstance(d["default"], bool),
-        "merge_from": d["merge_from"] is None or (isinstance(d["merge_from"], str) and deployment.is_name(d["merge_from"])),
-        "boot_id": d["boot_id"] is None or (isinstance(d["boot_id"], str) and bool(_BOOT_ID_TEXT.fullmatch(d["boot_id"]))),
+        "merge_from": d["merge_from"] is None or (isinstance(d["merge_from"], str)
+                                                  and deployment.is_name(d["merge_from"])),
+        "boot_id": d["boot_id"] is None or (isinstance(d["boot_id"], str)
+                                            and bool(_BOOT_ID_TEXT.fullmatch(d["boot_id"]))),
     }
     bad = [k for k, ok in checks.items() if not ok]
     return f"bad {', '.join(bad)}" if bad else None
