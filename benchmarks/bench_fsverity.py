@@ -54,7 +54,7 @@ def measure(label: str, path: str, tool: str) -> list[tuple[str, str, float]]:
     rows = [(label, "fsverity digest", reference_time)]
     for method, threads in (("cfsdeploy (default)", None), ("cfsdeploy threads=1", 1)):
         seconds, digest = best_of(
-            lambda: fsverity.format_digest(fsverity.digest_file(path, threads=threads)))
+            lambda threads=threads: fsverity.format_digest(fsverity.digest_file(path, threads=threads)))
         if digest != reference:
             sys.exit(f"{method} disagrees on {label}: {digest} != {reference}")
         rows.append((label, method, seconds))

@@ -93,7 +93,8 @@ def main() -> None:
             ref = reference(path, Path(tmp, "ref.img"))
             same = ""
             if ref is not None:
-                same = " (same bytes)" if Path(tmp, "ours.img").read_bytes() == Path(tmp, "ref.img").read_bytes() else " (DIFFERENT)"
+                equal = Path(tmp, "ours.img").read_bytes() == Path(tmp, "ref.img").read_bytes()
+                same = " (same bytes)" if equal else " (DIFFERENT)"
             refcols = (f"{ref[0]:>7.3f} {ref[1]:>8.1f} {total / ref[0]:>7.2f} {rss / ref[1]:>6.2f}"
                        if ref else f"{'n/a':>7} {'n/a':>8} {'n/a':>7} {'n/a':>6}")
             print(f"{label:<22} {entries:>8} {parse:>8.3f} {build:>8.3f} {total:>8.3f} "

@@ -30,11 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cfsdeploy.remote import (
-    dumbhttp,  # noqa: E402
-    remotes,
-)
+from cfsdeploy.remote import remotes  # noqa: E402
 from cfsdeploy.remote.pull import PullOptions, pull  # noqa: E402
+from cfsdeploy.repo import dumbhttp  # noqa: E402
 from cfsdeploy.repo.repository import Repository  # noqa: E402
 from tests.nginx import Nginx  # noqa: E402
 

@@ -21,7 +21,7 @@ def synthetic_dump(entries: int, seed: int = 1) -> bytes:
             parent = dirs[rng.randrange(len(dirs))]
             if parent.count(b"/") >= 8:
                 parent = b""
-        for i in range(25):
+        for _ in range(25):
             if n >= entries:
                 break
             name = b"%s/e%06d" % (parent, n)

@@ -167,7 +167,8 @@ class Machine:
 
     def check(self, args: list[str]) -> None:
         r = self.run(args)
-        shown = f"{[a if len(a) < 100 else f'{a[:40]}...({len(a)})' for a in args]!r} -> {r.exit_code}\n{r.stderr[:500]}"
+        short = [a if len(a) < 100 else f"{a[:40]}...({len(a)})" for a in args]
+        shown = f"{short!r} -> {r.exit_code}\n{r.stderr[:500]}"
         assert r.exception is None or isinstance(r.exception, SystemExit), shown + "".join(
             traceback.format_exception(*r.exc_info))
         if r.exit_code == 0:
@@ -191,8 +192,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Machine:
 # Characters an attacker reaches argv with: controls, quotes, shell and TOML
 # specials, and the lone surrogates Python makes of bytes that are not UTF-8.
 # No "/" and no NUL: a path to somewhere real is not hostile, and argv cannot hold NUL.
-SPECIAL = [chr(c) for c in range(1, 32)] + ["\x7f", "'", '"', "\\", "`", "$", "=", ":", " ", "#", "[", "]",
-                                            "{", "%", "*", "\u2028", "\u00e9"] + [chr(c) for c in range(0xdc80, 0xdd00, 7)]
+SPECIAL = ([chr(c) for c in range(1, 32)]
+           + ["\x7f", "'", '"', "\\", "`", "$", "=", ":", " ", "#", "[", "]", "{", "%", "*", "\u2028", "\u00e9"]
+           + [chr(c) for c in range(0xdc80, 0xdd00, 7)])
 chars = st.one_of(st.sampled_from(SPECIAL), st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/"))
 hostile = st.one_of(
     st.sampled_from(["", "-", "-1", "1e999", "nan", "-inf", "0x10", "..", "\udcff", "a\nb", "origin:", ":x"]),

@@ -432,7 +432,8 @@ def test_image_without_sysroot_directory_stops_after_undoing_its_mounts(sysroot:
 
 
 HOOKS = SCRIPT.parent
-POSIX_SCRIPTS = [SCRIPT, HOOKS / "initramfs-tools/hooks/cfsdeploy", HOOKS / "initramfs-tools/scripts/local-bottom/cfsdeploy",
+POSIX_SCRIPTS = [SCRIPT, HOOKS / "initramfs-tools/hooks/cfsdeploy",
+                 HOOKS / "initramfs-tools/scripts/local-bottom/cfsdeploy",
                  HOOKS / "dracut/90cfsdeploy/cfsdeploy-pre-pivot.sh"]
 
 

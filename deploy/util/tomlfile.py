@@ -74,7 +74,7 @@ def dumps(doc: Mapping[str, object], *, header: str | None = None,
             note = comments.get(".".join([*path, k]))
             out.append(f"{line}  # {note}" if note else line)
         for k, v in subtables:
-            table([*path, k], v)  # type: ignore[arg-type]
+            table([*path, k], v)
 
     table([], doc)
     return "\n".join(out) + "\n"
