@@ -593,6 +593,8 @@ tries_option = click.option("--tries", type=click.IntRange(0, 99), metavar="N",
 stage_option = click.option("--stage", is_flag=True,
                             help="Stage it: /etc is merged again and the entries switched at shutdown "
                                  "(`cfsdeploy finalize-staged`), so /etc edits until then are kept.")
+kver_option = click.option("--kver", metavar="KVER",
+                           help="Boot the commit's kernel KVER (default: its newest; see docs/architecture.md).")
 
 
 def _say_staged_next(r: DeployResult) -> None:
@@ -619,16 +621,17 @@ def _say_staged_next(r: DeployResult) -> None:
 @click.option("--verity", type=click.Choice(["require", "try", "off"]),
               help="cfsdeploy.verity= of the new entry (default from config).")
 @stage_option
+@kver_option
 def deploy_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
                rev: str, append: tuple[str, ...], delete: tuple[str, ...], no_default: bool,
-               tries: int | None, verity: str | None, stage: bool) -> None:
+               tries: int | None, verity: str | None, stage: bool, kver: str | None) -> None:
     """Make commit REV (a branch, tag or commit of the sysroot's repository) bootable."""
     from .sysroot.deploy import deploy
 
     s = _open_sysroot(sysroot_path, boot_dir)
     name = s.pick_os(os_name)
     r = deploy(s, rev, os_name=name, append=append, delete=delete, make_default=not no_default,
-               tries=tries, verity=verity, stage=stage, lock=_lock(wait_lock))
+               tries=tries, verity=verity, stage=stage, kver=kver, lock=_lock(wait_lock))
     d = r.deployment
     click.echo(f"{'staged' if r.staged else 'deployed'} {d.commit[:12]} as {d.path}"
                + (f" (version {d.version})" if d.version else ""))
@@ -921,14 +924,15 @@ def _pull_progress() -> tuple[Progress, Callable[[PullProgress], None]]:
 
 
 def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-             origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
+             origin: Origin | None, check: bool, allow_downgrade: bool, tries: int | None, stage: bool,
+             kver: str | None) -> None:
     from .sysroot.upgrade import UpgradeOutcome, upgrade
     from .util.progress import human_bytes
 
     s = _open_sysroot(sysroot_path, boot_dir)
     bar, show = _pull_progress()
     r = upgrade(s, s.pick_os(os_name), origin=origin, check=check, allow_downgrade=allow_downgrade,
-                tries=tries, stage=stage, progress=show, lock=_lock(wait_lock))
+                tries=tries, stage=stage, kver=kver, progress=show, lock=_lock(wait_lock))
     if r.pulled is not None:
         p = r.pulled
         bar.done(f"{p.objects_fetched} objects, {human_bytes(p.bytes_fetched)} "
@@ -972,10 +976,11 @@ def _upgrade(sysroot_path: str | None, os_name: str | None, boot_dir: str | None
 @click.option("--allow-downgrade", is_flag=True, help="Deploy the origin's head even if it is older.")
 @tries_option
 @stage_option
+@kver_option
 def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-                check: bool, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
+                check: bool, allow_downgrade: bool, tries: int | None, stage: bool, kver: str | None) -> None:
     """Pull the newest commit of the deployment's origin and deploy it."""
-    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade, tries, stage)
+    _upgrade(sysroot_path, os_name, boot_dir, wait_lock, None, check, allow_downgrade, tries, stage, kver)
 
 
 @main.command("switch")
@@ -984,13 +989,14 @@ def upgrade_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | N
 @click.option("--allow-downgrade", is_flag=True, help="Accept a head older than the pulled ref.")
 @tries_option
 @stage_option
+@kver_option
 def switch_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | None, wait_lock: float,
-               refspec: str, allow_downgrade: bool, tries: int | None, stage: bool) -> None:
+               refspec: str, allow_downgrade: bool, tries: int | None, stage: bool, kver: str | None) -> None:
     """Follow another branch (REMOTE:BRANCH, or a local BRANCH) from now on, and deploy it."""
     from .sysroot.upgrade import parse_refspec
 
     _upgrade(sysroot_path, os_name, boot_dir, wait_lock, parse_refspec(refspec), False, allow_downgrade, tries,
-             stage)
+             stage, kver)
 
 
 @main.group()

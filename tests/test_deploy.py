@@ -19,10 +19,17 @@ from cfsdeploy.repo.fsck import fsck
 from cfsdeploy.repo.repository import RepositoryNotFoundError
 from cfsdeploy.sysroot.cleanup import cleanup
 from cfsdeploy.sysroot.cmdline import set_kargs
-from cfsdeploy.sysroot.commit import DeployError, DeployHostError, DeployIntegrityError
+from cfsdeploy.sysroot.commit import (
+    DeployError,
+    DeployHostError,
+    DeployIntegrityError,
+    DeployUsageError,
+    version_key,
+)
 from cfsdeploy.sysroot.deploy import DeployResult
 from cfsdeploy.sysroot.deploy import deploy as sysroot_deploy
 from cfsdeploy.sysroot.deployment import Origin
+from cfsdeploy.sysroot.entries import recover
 from cfsdeploy.sysroot.layout import BootCounting, Sysroot, SysrootError, status_rows
 from cfsdeploy.sysroot.rollback import pin, rollback, undeploy
 
@@ -712,3 +719,158 @@ def test_deployment_record_is_checked_field_by_field(machine, change) -> None:
     with pytest.raises(deployment.DeploymentError, match="malformed"):
         deployment.load(str(directory))
     record.write_text(json.dumps(good))
+
+
+# Kernels where distributions put them (docs/architecture.md, "Kernels").
+LAYOUTS = {
+    "modules": ("usr/lib/modules/{k}/vmlinuz", "usr/lib/modules/{k}/initramfs.img"),
+    "debian": ("boot/vmlinuz-{k}", "boot/initrd.img-{k}"),
+    "dracut": ("boot/vmlinuz-{k}", "boot/initramfs-{k}.img"),
+}
+
+
+def put_kernel(tree: Path, layout: str, kver: str, *, initramfs: bool = True) -> tuple[bytes, bytes]:
+    """A kernel `kver` (and its initramfs) in one layout; returns their contents."""
+    contents = (f"kernel {kver} {layout}".encode() * 500, f"initramfs {kver} {layout}".encode() * 500)
+    for template, data in zip(LAYOUTS[layout][:2 if initramfs else 1], contents, strict=False):
+        path = tree / template.format(k=kver)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return contents
+
+
+def only_kernels(tree: Path) -> Path:
+    """The tree without make_os_tree's kernel, for tests that put their own."""
+    shutil.rmtree(tree / f"usr/lib/modules/{KVER}")
+    return tree
+
+
+def installed(m, r: DeployResult) -> tuple[bytes, bytes]:
+    d = m.boot / r.kernel.relpath
+    return (d / "vmlinuz").read_bytes(), (d / "initramfs.img").read_bytes()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_of_each_layout_deploys(machine, layout) -> None:
+    contents = put_kernel(only_kernels(machine.tree), layout, "6.1.0-18-amd64")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine)
+    assert r.deployment.kernel_version == "6.1.0-18-amd64"
+    assert installed(machine, r) == contents
+
+
+def test_newest_kernel_by_version_is_deployed(machine) -> None:
+    only_kernels(machine.tree)
+    for kver in ("6.12.9", "6.12.10", "6.9.1"):
+        put_kernel(machine.tree, "modules", kver)
+    commit_tree(machine.sysroot, machine.tree)
+    assert deploy(machine).deployment.kernel_version == "6.12.10"
+
+
+def test_newest_kernel_is_chosen_across_layouts(machine) -> None:
+    only_kernels(machine.tree)
+    put_kernel(machine.tree, "modules", "6.1.0")
+    newest = put_kernel(machine.tree, "debian", "6.1.1")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine)
+    assert (r.deployment.kernel_version, installed(machine, r)) == ("6.1.1", newest)
+
+
+def test_kver_picks_that_kernel(machine) -> None:
+    only_kernels(machine.tree)
+    older = put_kernel(machine.tree, "dracut", "6.12.9")
+    put_kernel(machine.tree, "dracut", "6.12.10")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine, kver="6.12.9")
+    assert (r.deployment.kernel_version, installed(machine, r)) == ("6.12.9", older)
+
+
+def test_same_version_in_two_layouts_is_taken_from_the_first_in_search_order(machine) -> None:
+    only_kernels(machine.tree)
+    first = put_kernel(machine.tree, "modules", "6.12.1")
+    put_kernel(machine.tree, "debian", "6.12.1")
+    commit_tree(machine.sysroot, machine.tree)
+    assert installed(machine, deploy(machine)) == first
+
+
+def test_debian_initrd_is_preferred_to_dracut_name(machine) -> None:
+    only_kernels(machine.tree)
+    put_kernel(machine.tree, "dracut", "6.12.1")
+    debian = put_kernel(machine.tree, "debian", "6.12.1")
+    commit_tree(machine.sysroot, machine.tree)
+    assert installed(machine, deploy(machine)) == debian
+
+
+def test_initramfs_of_another_layout_is_not_paired(machine) -> None:
+    only_kernels(machine.tree)
+    put_kernel(machine.tree, "modules", "6.12.1", initramfs=False)
+    (machine.tree / "boot").mkdir()
+    (machine.tree / "boot/initrd.img-6.12.1").write_bytes(b"i" * 5000)
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(DeployError, match="without an initramfs: 6.12.1"):
+        deploy(machine)
+
+
+def test_missing_kernel_names_every_path_searched(machine) -> None:
+    only_kernels(machine.tree)
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(DeployError) as e:
+        deploy(machine)
+    for path in ("/usr/lib/modules/<kver>/vmlinuz", "/usr/lib/modules/<kver>/initramfs.img", "/boot/vmlinuz-<kver>",
+                 "/boot/initrd.img-<kver>", "/boot/initramfs-<kver>.img"):
+        assert path in str(e.value)
+
+
+def test_missing_kver_names_the_paths_searched_and_the_kernels_there(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(DeployError, match=r"no kernel 6\.99 .*/boot/vmlinuz-6\.99 .*; it has 6\.12\.0-test"):
+        deploy(machine, kver="6.99")
+
+
+def test_kernel_without_initramfs_is_no_candidate(machine) -> None:
+    only_kernels(machine.tree)
+    put_kernel(machine.tree, "debian", "6.12.10", initramfs=False)
+    put_kernel(machine.tree, "debian", "6.12.9")
+    commit_tree(machine.sysroot, machine.tree)
+    assert deploy(machine).deployment.kernel_version == "6.12.9"
+
+
+@pytest.mark.parametrize("kver", ["../6.1", "6.1 x", ".6"])
+def test_kver_that_is_no_plain_version_is_refused(machine, kver) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(DeployUsageError, match="--kver: invalid kernel version"):
+        deploy(machine, kver=kver)
+
+
+def test_boot_kernel_that_is_no_plain_version_is_refused(machine) -> None:
+    put_kernel(machine.tree, "debian", ".6.12")
+    commit_tree(machine.sysroot, machine.tree)
+    with pytest.raises(DeployUsageError, match="/boot/vmlinuz-.6.12: invalid kernel version"):
+        deploy(machine)
+
+
+@pytest.mark.parametrize(("older", "newer"), [("6.12.9", "6.12.10"), ("6.9", "6.12"), ("6.12", "6.12.1"),
+                                              ("6.12.0", "6.12.0-rt"), ("5.10.0-9-amd64", "5.10.0-10-amd64")])
+def test_kernel_versions_compare_as_versions(older, newer) -> None:
+    assert version_key(older) < version_key(newer)
+
+
+def test_kver_given_to_deploy_is_used_when_its_kernel_is_put_back(machine) -> None:
+    only_kernels(machine.tree)
+    older = put_kernel(machine.tree, "modules", "6.12.9")
+    put_kernel(machine.tree, "modules", "6.12.10")
+    commit_tree(machine.sysroot, machine.tree)
+    r = deploy(machine, kver="6.12.9")
+    shutil.rmtree(machine.boot / r.kernel.relpath)
+    recover(Sysroot(str(machine.root)))
+    assert installed(machine, r) == older
+
+
+def test_cli_deploy_kver(machine) -> None:
+    only_kernels(machine.tree)
+    put_kernel(machine.tree, "modules", "6.12.9")
+    put_kernel(machine.tree, "modules", "6.12.10")
+    commit_tree(machine.sysroot, machine.tree)
+    p = cli(machine, "deploy", BRANCH, "--kver", "6.12.9")
+    assert p.returncode == 0, p.stderr
+    assert "kernel 6.12.9 in" in p.stdout

@@ -55,7 +55,7 @@ MAX_TRIES = 99
 # Names that become paths and entry text.  '-' is kept out of os names: GRUB reads entry
 # file names as name-version-release.
 OS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
-# A kernel version: a /usr/lib/modules/<kver> directory of a commit, then part of the
+# A kernel version: a <kver> of a commit's kernel (sysroot.commit.KERNEL_SOURCES), then part of the
 # kernel directory's name and of the entry's linux and initrd lines.
 KVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 KERNEL_DIR = re.compile(r"(?P<kver>[A-Za-z0-9][A-Za-z0-9._+~-]{0,127})-[0-9a-f]{12}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import pygit2
@@ -41,7 +42,8 @@ class DeployHostError(DeployError, HostError):
 
 # What deploying reads of a manifest; the rest is never parsed (see load_commit).
 DEPLOY_PATHS = (rb"/(?:etc|var)(?:/[^ \n]*)?|/sysroot|/usr/lib/os-release"
-                rb"|/usr/lib/modules/[^/ \n]+/(?:vmlinuz|initramfs\.img)")
+                rb"|/usr/lib/modules/[^/ \n]+/(?:vmlinuz|initramfs\.img)"
+                rb"|/boot/(?:vmlinuz-|initrd\.img-|initramfs-)[^/ \n]+")
 ETC_PATHS = rb"/etc(?:/[^ \n]*)?"
 
 
@@ -60,9 +62,10 @@ class Commit:
     initramfs: Inode
 
 
-def load_commit(repo: Repository, rev: str) -> Commit:
-    """Read a commit for deploying.  Only the paths deploying uses are parsed, so
-    the time taken hardly grows with the size of the tree."""
+def load_commit(repo: Repository, rev: str, kver: str | None = None) -> Commit:
+    """Read a commit for deploying, with its newest kernel or kernel `kver` (see
+    find_kernel).  Only the paths deploying uses are parsed, so the time taken hardly
+    grows with the size of the tree."""
     c = repo.resolve(rev)
     cid = str(c.id)
     data = manifest_of_commit(c)
@@ -71,7 +74,7 @@ def load_commit(repo: Repository, rev: str) -> Commit:
         e = lookup(root, d)
         if not isinstance(e, Inode) or not e.is_dir():
             raise DeployUsageError(f"commit {cid[:12]} has no {d.decode()} directory (a root filesystem needs it)")
-    kver, kernel, initramfs = find_kernel(root, cid)
+    kver, kernel, initramfs = find_kernel(root, cid, kver)
     t = trailers(c.message)
     fmt = t.get(TRAILER_FORMAT, "0")
     # The version is text of the commit that goes into records and titles: one plain line.
@@ -105,28 +108,91 @@ def origin_of(repo: Repository, rev: str) -> Origin | None:
     return None
 
 
-def find_kernel(root: Inode, cid: str) -> tuple[str, Inode, Inode]:
-    """The first /usr/lib/modules/<kver>/ with a vmlinuz, and its initramfs.img."""
-    modules = lookup(root, b"/usr/lib/modules")
-    if isinstance(modules, Inode) and modules.children:
-        for kver in sorted(modules.children):
-            d = modules.children[kver]
-            if not isinstance(d, Inode) or d.children is None or b"vmlinuz" not in d.children:
-                continue
-            kernel = resolve(d.children[b"vmlinuz"])
-            initrd = d.children.get(b"initramfs.img")
-            if not kernel.is_reg():
-                continue
+@dataclass(frozen=True)
+class KernelSource:
+    """Where one layout puts a kernel of version {kver} and its initramfs; the first
+    initramfs name that exists is the kernel's."""
+    directory: bytes
+    kernel: bytes
+    initramfs: tuple[bytes, ...]
+
+
+# The search order (docs/architecture.md, "Kernels"): a kernel version found in
+# several layouts is taken from the first that has both files.
+KERNEL_SOURCES = (
+    KernelSource(b"/usr/lib/modules", b"/usr/lib/modules/{kver}/vmlinuz",  # Fedora, Arch, bootc images
+                 (b"/usr/lib/modules/{kver}/initramfs.img",)),
+    KernelSource(b"/boot", b"/boot/vmlinuz-{kver}",
+                 (b"/boot/initrd.img-{kver}",                               # Debian, Ubuntu
+                  b"/boot/initramfs-{kver}.img")),                          # dracut's default name
+)
+
+
+def version_key(kver: str) -> tuple[tuple[tuple[int, int, str], ...], str]:
+    """Kernel versions in natural order, as `sort -V` mostly does: runs of digits compare as
+    numbers, other runs character by character, a version before its own extensions
+    (6.12.9 < 6.12.10 < 6.12.10-rt); the whole string breaks the ties (01 and 1)."""
+    runs = tuple((0, int(r), "") if r.isdigit() else (1, 0, r) for r in re.findall(r"\d+|\D+", kver))
+    return runs, kver
+
+
+def _file(root: Inode, path: bytes) -> Inode | None:
+    e = lookup(root, path)
+    node = resolve(e) if e is not None else None
+    return node if node is not None and node.is_reg() else None
+
+
+def _kernel_versions(root: Inode, src: KernelSource) -> list[bytes]:
+    """The versions whose kernel file this layout's directory names."""
+    d = lookup(root, src.directory)
+    if not isinstance(d, Inode) or not d.children:
+        return []
+    prefix, _, suffix = src.kernel.rpartition(b"/")[2].partition(b"{kver}")
+    if src.kernel.endswith(b"/vmlinuz"):  # one directory per version
+        return [name for name in d.children if _file(root, src.kernel.replace(b"{kver}", name))]
+    return [name[len(prefix):len(name) - len(suffix)] for name in d.children
+            if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)
+            and _file(root, src.directory + b"/" + name)]
+
+
+def find_kernel(root: Inode, cid: str, kver: str | None = None) -> tuple[str, Inode, Inode]:
+    """The kernel to boot and its initramfs: the newest version (version_key) that has
+    both in one layout of KERNEL_SOURCES, or version `kver`."""
+    if kver is not None:
+        try:
+            bootloader.check_kver(kver)
+        except bootloader.BootError as e:
+            raise DeployUsageError(f"--kver: {e}") from None
+    found: dict[str, tuple[Inode, Inode]] = {}
+    lonely: set[str] = set()  # kernels with no initramfs in their layout
+    for src in KERNEL_SOURCES:
+        for raw in _kernel_versions(root, src):
+            name = raw.decode("ascii", errors="replace")
             # The name becomes a directory of the boot directory and a line of the entry.
             try:
-                name = bootloader.check_kver(kver.decode("ascii", errors="replace"))
+                bootloader.check_kver(name)
             except bootloader.BootError as e:
-                raise DeployUsageError(f"commit {cid[:12]}, /usr/lib/modules: {e}") from None
-            if initrd is None or not resolve(initrd).is_reg():
-                raise DeployUsageError(f"commit {cid[:12]} has a kernel {name} but no "
-                                       f"/usr/lib/modules/{name}/initramfs.img")
-            return name, kernel, resolve(initrd)
-    raise DeployUsageError(f"commit {cid[:12]} has no kernel (/usr/lib/modules/<version>/vmlinuz)")
+                where = src.kernel.replace(b"{kver}", raw).decode(errors="replace")
+                raise DeployUsageError(f"commit {cid[:12]}, {where}: {e}") from None
+            if name in found:
+                continue
+            initrd = next((n for p in src.initramfs if (n := _file(root, p.replace(b"{kver}", raw)))), None)
+            kernel = _file(root, src.kernel.replace(b"{kver}", raw))
+            if initrd is None or kernel is None:  # (the kernel is a file: _kernel_versions)
+                lonely.add(name)
+                continue
+            found[name] = (kernel, initrd)
+    lonely -= set(found)
+    chosen = kver if kver is not None else max(found, key=version_key, default=None)
+    if chosen is None or chosen not in found:
+        which = f"kernel {kver}" if kver is not None else "kernel"
+        searched = ", ".join(b" + ".join((s.kernel,) + s.initramfs).decode() for s in KERNEL_SOURCES)
+        searched = searched.replace("{kver}", kver or "<kver>")
+        without = f"; without an initramfs: {', '.join(sorted(lonely, key=version_key))}" if lonely else ""
+        others = f"; it has {', '.join(sorted(found, key=version_key))}" if found else ""
+        raise DeployUsageError(f"commit {cid[:12]} has no {which} with an initramfs "
+                               f"(searched {searched}){without}{others}")
+    return chosen, *found[chosen]
 
 
 def check_objects(repo: Repository, c: Commit) -> None:

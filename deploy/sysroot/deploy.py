@@ -75,10 +75,11 @@ class DeployResult:
 def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] = (),
            delete: tuple[str, ...] = (), make_default: bool = True, tries: int | None = None,
            verity: str | None = None, origin: Origin | None = None, stage: bool = False,
-           lock: LockPolicy = NO_WAIT) -> DeployResult:
-    """Make a commit bootable: the default (or after it), or staged for finalize_staged."""
+           kver: str | None = None, lock: LockPolicy = NO_WAIT) -> DeployResult:
+    """Make a commit bootable with its newest kernel, or kernel `kver`: the default (or
+    after it), or staged for finalize_staged."""
     repo = sysroot.repo
-    c = load_commit(repo, rev)
+    c = load_commit(repo, rev, kver)
     check_objects(repo, c)
     tries = sysroot.config.tries if tries is None else tries
     verity = verity or sysroot.config.verity

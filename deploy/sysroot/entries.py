@@ -160,7 +160,8 @@ def recover(sysroot: Sysroot, *, lock: LockPolicy = NO_WAIT) -> list[Repair]:
                 continue
             where = os.path.join(sysroot.boot, k.relpath)
             try:
-                installed = install_kernel(sysroot, os_name, load_commit(sysroot.repo, dep.commit))
+                installed = install_kernel(sysroot, os_name, load_commit(sysroot.repo, dep.commit,
+                                                                             dep.kernel_version))
             except CfsError as err:
                 repairs.append(Repair(RepairKind.BROKEN_KERNEL, where, message=str(err), deployment=dep.name))
                 continue

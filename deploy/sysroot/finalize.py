@@ -68,7 +68,8 @@ def finalize_staged(sysroot: Sysroot, *, lock: LockPolicy = NO_WAIT) -> Finalize
     merge_dep = next((d for d in state.deployments if d.name == rec.merge_from), None)
     report = None
     if merge_dep is not None:
-        report = _remake_etc(sysroot, load_commit(sysroot.repo, dep.commit), merge_dep, dep)
+        c = load_commit(sysroot.repo, dep.commit, dep.kernel_version)
+        report = _remake_etc(sysroot, c, merge_dep, dep)
     staged.remove(sysroot.top)
     entry = new_entry(dep, Kernel(rec.os, rec.kernel), rec.title, rec.verity, rec.tries)
     index, removed = switch_in(sysroot, state, dep, entry, rec.default)

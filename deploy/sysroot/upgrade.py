@@ -59,10 +59,11 @@ def _check_not_older(repo: Repository, current: str, new: str) -> None:
 @locked
 def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, check: bool = False,
             allow_downgrade: bool = False, tries: int | None = None, stage: bool = False,
-            progress: Callable[[PullProgress], None] | None = None, lock: LockPolicy = NO_WAIT) -> UpgradeResult:
+            kver: str | None = None, progress: Callable[[PullProgress], None] | None = None,
+            lock: LockPolicy = NO_WAIT) -> UpgradeResult:
     """Pull the newest commit of the booted (or default) deployment's origin, or of a
     new origin (switch), and deploy it as the default, keeping the rollback (or stage
-    it, to become the default at shutdown)."""
+    it, to become the default at shutdown), with its newest kernel or kernel `kver`."""
     state = prepare(sysroot, os_name)
     current = state.booted or state.default
     origin = origin or (current.origin if current else None)
@@ -94,7 +95,8 @@ def upgrade(sysroot: Sysroot, os_name: str, *, origin: Origin | None = None, che
         result.changes = diff(_full_manifest(repo, current.commit), _full_manifest(repo, head))
     if check:
         return result
-    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, tries=tries, stage=stage)
+    result.deployed = deploy(sysroot, head, os_name=os_name, origin=origin, tries=tries, stage=stage,
+                             kver=kver)
     result.outcome = UpgradeOutcome.STAGED if stage else UpgradeOutcome.DEPLOYED
     return result
 
