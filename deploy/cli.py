@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .sysroot.deployment import Origin
     from .sysroot.etcmerge import Conflict, MergeReport
     from .sysroot.layout import DeploymentStatus, StagedStatus, Sysroot
+    from .sysroot.lint import Finding
     from .sysroot.locking import LockPolicy
     from .util.progress import Progress
 
@@ -243,12 +244,25 @@ def init(repo_path: str) -> None:
               help="How long to wait for another writer.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
               help="Files read at once, by as many processes (default: one per CPU).")
+@click.option("--lint", "lint_first", is_flag=True,
+              help="Lint the tree first (`cfsdeploy lint`) and commit only if it has no errors.")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, bind: tuple[str, ...], parent: str | None, orphan: bool, sign_key: str | None,
-           gpg_homedir: str | None, wait_lock: float, threads: int | None) -> None:
+           gpg_homedir: str | None, wait_lock: float, threads: int | None, lint_first: bool) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
+    if lint_first:
+        from .sysroot.lint import has_errors, lint_dir
+
+        if tree.startswith("tar:"):
+            raise click.UsageError("--lint needs a directory tree, not tar:FILE")
+        findings = lint_dir(tree)
+        for f in findings:
+            click.echo(_lint_line(f), err=True)
+        if has_errors(findings):
+            click.echo("cfsdeploy: the tree has lint errors: not committed", err=True)
+            sys.exit(1)
     repo = _open_repo(repo_path)
     from .util.progress import Progress, human_bytes
 
@@ -265,6 +279,50 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     st = result.stats
     bar.done(f"{st.entries} entries, {human_bytes(st.file_bytes)}, {st.objects_written} new objects")
     click.echo(result.commit)
+
+
+_LINT_TEXT = {
+    "no_sysroot": "no /sysroot directory: the boot hook mounts the physical root there",
+    "no_kernel": "no kernel with an initramfs (searched {searched})",
+    "invalid_kernel_version": "kernel version {kver!r} is no plain version (letters, digits and ._+~-)",
+    "several_kernels": "several kernels ({kvers}): {chosen} boots unless --kver names another",
+    "kernel_without_initramfs": "kernel {kver} has no initramfs in its layout: it is never booted",
+    "initramfs_unreadable": "the initramfs of kernel {kver} cannot be read: {reason}",
+    "initramfs_no_hook": "the initramfs of kernel {kver} lacks the cfsdeploy hook (hooks/README.md)",
+    "initramfs_no_module": "the initramfs of kernel {kver} lacks the {module} module, and the kernel has it "
+                           "not built in",
+    "no_cli": "no cfsdeploy command (searched {searched}): the machine cannot upgrade itself",
+    "no_gpgv": "no gpgv (searched {searched}): the machine cannot verify signed pulls",
+    "fstab_root_rw": "line {line} mounts / read-write, but / is a read-only image",
+    "fstab_no_esp": "no entry mounts the boot directory ({searched}): upgrades cannot write boot entries",
+    "machine_id": "not empty: every machine deployed would share this id",
+    "var_content": "{entries} entries the first deploy puts in /var once, and no upgrade ever updates",
+    "symlink_escapes": "symlink to {target} climbs above the tree's root",
+}
+
+
+def _lint_line(f: Finding) -> str:
+    facts = {k: ", ".join(v) if isinstance(v, list) else v for k, v in f.facts.items()}
+    return f"{f.severity.value}: " + (f"{f.path}: " if f.path else "") + _LINT_TEXT[f.rule.value].format(**facts)
+
+
+@main.command("lint")
+@click.argument("target", metavar="TREE|REV")
+@click.option("--repo", "repo_path", metavar="PATH", type=click.Path(),
+              help="Lint commit REV of this repository (without: TREE, a directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def lint_cmd(target: str, repo_path: str | None, as_json: bool) -> None:
+    """What stops a tree or a commit from deploying or booting; exit 1 on errors."""
+    from .sysroot.lint import has_errors, lint_commit, lint_dir
+
+    findings = lint_commit(_open_repo(repo_path), target) if repo_path else lint_dir(target)
+    if as_json:
+        _print_json({"findings": [f.to_json() for f in findings]})
+    else:
+        for f in findings:
+            click.echo(_lint_line(f))
+    if has_errors(findings):
+        sys.exit(1)
 
 
 def _open_repo(path: str) -> Repository:

@@ -155,6 +155,53 @@ def _kernel_versions(root: Inode, src: KernelSource) -> list[bytes]:
             and _file(root, src.directory + b"/" + name)]
 
 
+@dataclass(frozen=True)
+class KernelPair:
+    kernel: Inode
+    initramfs: Inode
+    initramfs_path: bytes
+
+
+@dataclass
+class Kernels:
+    """The kernels a tree holds, by version (see find_kernel)."""
+    found: dict[str, KernelPair]
+    lonely: set[str]                       # kernels with no initramfs in their layout
+    invalid: list[tuple[str, str]]         # path and version of kernels whose version is no plain version
+
+
+def kernels_of(root: Inode) -> Kernels:
+    """Every kernel of KERNEL_SOURCES in a tree, paired with its initramfs."""
+    out = Kernels({}, set(), [])
+    for src in KERNEL_SOURCES:
+        for raw in _kernel_versions(root, src):
+            name = raw.decode("ascii", errors="replace")
+            # The name becomes a directory of the boot directory and a line of the entry.
+            if not bootloader.KVER.fullmatch(name) or ".." in name:
+                out.invalid.append((src.kernel.replace(b"{kver}", raw).decode(errors="replace"), name))
+                continue
+            if name in out.found:
+                continue
+            initrd = next(((path, n) for p in src.initramfs
+                           if (n := _file(root, path := p.replace(b"{kver}", raw)))), None)
+            kernel = _file(root, src.kernel.replace(b"{kver}", raw))
+            if initrd is None or kernel is None:  # (the kernel is a file: _kernel_versions)
+                out.lonely.add(name)
+                continue
+            out.found[name] = KernelPair(kernel, initrd[1], initrd[0])
+    out.lonely -= set(out.found)
+    return out
+
+
+def searched(kver: str = "<kver>") -> list[str]:
+    """The paths find_kernel looks at, in its order."""
+    return [p.decode().replace("{kver}", kver) for s in KERNEL_SOURCES for p in (s.kernel, *s.initramfs)]
+
+
+def newest(k: Kernels) -> str | None:
+    return max(k.found, key=version_key, default=None)
+
+
 def find_kernel(root: Inode, cid: str, kver: str | None = None) -> tuple[str, Inode, Inode]:
     """The kernel to boot and its initramfs: the newest version (version_key) that has
     both in one layout of KERNEL_SOURCES, or version `kver`."""
@@ -163,36 +210,20 @@ def find_kernel(root: Inode, cid: str, kver: str | None = None) -> tuple[str, In
             bootloader.check_kver(kver)
         except bootloader.BootError as e:
             raise DeployUsageError(f"--kver: {e}") from None
-    found: dict[str, tuple[Inode, Inode]] = {}
-    lonely: set[str] = set()  # kernels with no initramfs in their layout
-    for src in KERNEL_SOURCES:
-        for raw in _kernel_versions(root, src):
-            name = raw.decode("ascii", errors="replace")
-            # The name becomes a directory of the boot directory and a line of the entry.
-            try:
-                bootloader.check_kver(name)
-            except bootloader.BootError as e:
-                where = src.kernel.replace(b"{kver}", raw).decode(errors="replace")
-                raise DeployUsageError(f"commit {cid[:12]}, {where}: {e}") from None
-            if name in found:
-                continue
-            initrd = next((n for p in src.initramfs if (n := _file(root, p.replace(b"{kver}", raw)))), None)
-            kernel = _file(root, src.kernel.replace(b"{kver}", raw))
-            if initrd is None or kernel is None:  # (the kernel is a file: _kernel_versions)
-                lonely.add(name)
-                continue
-            found[name] = (kernel, initrd)
-    lonely -= set(found)
-    chosen = kver if kver is not None else max(found, key=version_key, default=None)
-    if chosen is None or chosen not in found:
+    k = kernels_of(root)
+    for path, name in k.invalid:
+        try:
+            bootloader.check_kver(name)
+        except bootloader.BootError as e:
+            raise DeployUsageError(f"commit {cid[:12]}, {path}: {e}") from None
+    chosen = kver if kver is not None else newest(k)
+    if chosen is None or chosen not in k.found:
         which = f"kernel {kver}" if kver is not None else "kernel"
-        searched = ", ".join(b" + ".join((s.kernel,) + s.initramfs).decode() for s in KERNEL_SOURCES)
-        searched = searched.replace("{kver}", kver or "<kver>")
-        without = f"; without an initramfs: {', '.join(sorted(lonely, key=version_key))}" if lonely else ""
-        others = f"; it has {', '.join(sorted(found, key=version_key))}" if found else ""
+        without = f"; without an initramfs: {', '.join(sorted(k.lonely, key=version_key))}" if k.lonely else ""
+        others = f"; it has {', '.join(sorted(k.found, key=version_key))}" if k.found else ""
         raise DeployUsageError(f"commit {cid[:12]} has no {which} with an initramfs "
-                               f"(searched {searched}){without}{others}")
-    return chosen, *found[chosen]
+                               f"(searched {', '.join(searched(kver or '<kver>'))}){without}{others}")
+    return chosen, k.found[chosen].kernel, k.found[chosen].initramfs
 
 
 def check_objects(repo: Repository, c: Commit) -> None:
