@@ -18,7 +18,7 @@ from ..composefs.tree import Hardlink, Inode, lookup, resolve, walk
 from ..repo.repository import Repository, read_content
 from ..util.errors import CfsError, UsageError
 from ..util.fsutil import open_beneath
-from .commit import kernels_of, manifest_data, newest, searched
+from .commit import kernels_of, manifest_data, newest, searched, version_key
 
 
 class LintError(CfsError):
@@ -156,7 +156,7 @@ def _kernels(root: Inode, read: Reader) -> list[Finding]:
     if chosen is None:
         return [*out, Finding(Rule.NO_KERNEL, None, {"searched": searched()})]
     if len(k.found) > 1:
-        out.append(Finding(Rule.SEVERAL_KERNELS, None, {"kvers": sorted(k.found), "chosen": chosen}))
+        out.append(Finding(Rule.SEVERAL_KERNELS, None, {"kvers": sorted(k.found, key=version_key), "chosen": chosen}))
     pair = k.found[chosen]
     where = os.fsdecode(pair.initramfs_path)
     data = read(pair.initramfs_path, pair.initramfs, MAX_INITRAMFS)
