@@ -35,13 +35,16 @@ if TYPE_CHECKING:
     from .util.progress import Progress
 
 
+def one_line(text: str) -> str:
+    """A hostile name's newline or escape sequence shown escaped: one line stays one."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int = 1, hint: str | None = None) -> NoReturn:
     """One line on stderr, "cfsdeploy: MESSAGE (HINT)", and exit with code."""
     if hint:
         message = f"{message} ({hint})"
-    # A hostile name's newline or escape sequence is shown escaped: one line stays one.
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-    click.echo(f"cfsdeploy: {shown}", err=True)
+    click.echo(f"cfsdeploy: {one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -303,7 +306,8 @@ _LINT_TEXT = {
 
 def _lint_line(f: Finding) -> str:
     facts = {k: ", ".join(v) if isinstance(v, list) else v for k, v in f.facts.items()}
-    return f"{f.severity.value}: " + (f"{f.path}: " if f.path else "") + _LINT_TEXT[f.rule.value].format(**facts)
+    return one_line(f"{f.severity.value}: " + (f"{f.path}: " if f.path else "")
+                    + _LINT_TEXT[f.rule.value].format(**facts))
 
 
 @main.command("lint")

@@ -238,3 +238,10 @@ def test_commit_lint_commits_a_clean_tree(tree, tmp_path) -> None:
     p = cli("commit", "--repo", str(tmp_path / "repo"), "--tree", str(tree), "-b", "os/stable", "-m", "x", "--lint")
     assert p.returncode == 0, p.stderr
     assert str(Repository(str(tmp_path / "repo")).resolve("os/stable").id) == p.stdout.strip()
+
+
+def test_cli_line_of_a_hostile_name_stays_one_line(tree) -> None:
+    (tree / "usr/lib/evil\nerror: fake").symlink_to("../../../../x\x1b[2J")
+    p = cli("lint", str(tree))
+    assert p.stdout.splitlines() == ["warning: /usr/lib/evil\\nerror: fake: symlink to ../../../../x\\x1b[2J "
+                                     "climbs above the tree's root"]
