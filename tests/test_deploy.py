@@ -32,6 +32,7 @@ from cfsdeploy.sysroot.deployment import Origin
 from cfsdeploy.sysroot.entries import recover
 from cfsdeploy.sysroot.layout import BootCounting, Sysroot, SysrootError, status_rows
 from cfsdeploy.sysroot.rollback import pin, rollback, undeploy
+from cfsdeploy.sysroot.upgrade import upgrade
 
 from .sysroots import (
     BRANCH,
@@ -874,3 +875,14 @@ def test_cli_deploy_kver(machine) -> None:
     p = cli(machine, "deploy", BRANCH, "--kver", "6.12.9")
     assert p.returncode == 0, p.stderr
     assert "kernel 6.12.9 in" in p.stdout
+
+
+def test_upgrade_deploys_the_kver_given(machine) -> None:
+    commit_tree(machine.sysroot, machine.tree)
+    deploy(machine)
+    put_kernel(machine.tree, "modules", "6.13.0")
+    older = put_kernel(machine.tree, "modules", "6.12.9")
+    commit_tree(machine.sysroot, machine.tree, version="2")
+    r = upgrade(machine.sysroot, OS, kver="6.12.9").deployed
+    assert r is not None
+    assert (r.deployment.kernel_version, installed(machine, r)) == ("6.12.9", older)
