@@ -13,7 +13,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 # What packaging/debian/control's Build-Depends names, and dpkg-buildpackage's own.
-build_deps=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot)
+build_deps=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev)
 missing=()
 for p in "${build_deps[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -30,7 +30,7 @@ mkdir "$scratch/cfsdeploy"
 cp -r "$src/deploy" "$src/hooks" "$src/pyproject.toml" "$src/README.md" "$scratch/cfsdeploy/"
 cp -r "$src/packaging/debian" "$scratch/cfsdeploy/debian"
 find "$scratch/cfsdeploy" -name __pycache__ -prune -exec rm -rf {} +
-(cd "$scratch/cfsdeploy" && dpkg-buildpackage -b -us -uc -rfakeroot) >"$scratch/build.log" 2>&1 || {
+(cd "$scratch/cfsdeploy" && dpkg-buildpackage -b -us -uc) >"$scratch/build.log" 2>&1 || {
     tail -n 40 "$scratch/build.log" >&2
     echo "build-deb.sh: dpkg-buildpackage failed (log above)" >&2
     exit 1
