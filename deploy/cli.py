@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .sysroot.deploy import DeployResult
     from .sysroot.deployment import Origin
     from .sysroot.etcmerge import Conflict, MergeReport
+    from .sysroot.install import Source
     from .sysroot.layout import DeploymentStatus, StagedStatus, Sysroot
     from .sysroot.lint import Finding
     from .sysroot.locking import LockPolicy
@@ -1187,6 +1188,114 @@ def pull_cmd(repo_path: str, name: str, branch: str | None, depth: int | None, a
         click.echo(f"{r.remote}/{r.branch}: new {r.commit[:12]} ({was}); {fetched}")
     else:
         click.echo(f"{r.remote}/{r.branch}: up to date at {r.commit[:12]}; {fetched}")
+
+
+# --- install -----------------------------------------------------------------------
+
+
+@main.group()
+def install() -> None:
+    """Install a machine: a sysroot with one deployment on a new disk or filesystems."""
+
+
+def install_options(fn: Any) -> Any:
+    """Where the commit comes from and how the machine boots it."""
+    for option in reversed([
+        click.option("--repo", "repo_rev", nargs=2, metavar="PATH REV",
+                     help="Install branch REV of the local repository PATH."),
+        click.option("--from", "from_url", metavar="URL", help="Install from this remote (with --branch)."),
+        click.option("--branch", metavar="B", help="The branch of --from to install."),
+        click.option("--gpg-import", "key_files", multiple=True, metavar="KEYFILE",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Trust these OpenPGP keys (repeatable; without: unsigned commits accepted)."),
+        click.option("--update-url", metavar="URL",
+                     help="Where the installed machine pulls upgrades (default: the source's URL)."),
+        click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot)."),
+        click.option("--karg", "karg_list", multiple=True, metavar="ARG", help="Kernel argument (repeatable)."),
+        click.option("--console", metavar="TTY", help="console= of the kernel command line, e.g. ttyS0."),
+        click.option("--tries", type=click.IntRange(0, 99), default=0, metavar="N",
+                     help="Boot counting: every new deployment gets N tries (0: off)."),
+        click.option("--verity", type=click.Choice(["require", "try", "off"]),
+                     help="cfsdeploy.verity= of the first entry (default from config)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _install_source(repo_rev: tuple[str, str] | None, from_url: str | None, branch: str | None,
+                    key_files: tuple[str, ...]) -> Source:
+    from .sysroot.install import Source
+
+    if (repo_rev is None) == (from_url is None):
+        raise click.UsageError("give one of --repo PATH REV and --from URL")
+    if repo_rev is not None:
+        if branch is not None:
+            raise click.UsageError("--branch is for --from; --repo names its REV")
+        path = os.path.abspath(repo_rev[0])
+        return Source(f"file://{path}", repo_rev[1], key_files, local_repo=path)
+    if branch is None:
+        raise click.UsageError("--from needs --branch")
+    assert from_url is not None
+    return Source(from_url, branch, key_files)
+
+
+def _say_installed(kargs: tuple[str, ...], r: DeployResult) -> None:
+    d = r.deployment
+    click.echo(f"deployed {d.commit[:12]} as {d.path}" + (f" (version {d.version})" if d.version else ""))
+    click.echo(f"kernel command line: {' '.join(kargs)}")
+
+
+def _mib(text: str) -> int:
+    """A size: N, NM or NG (MiB by default)."""
+    units = {"M": 1 << 20, "G": 1 << 30}
+    unit = units.get(text[-1:].upper(), 0)
+    number = text[:-1] if unit else text
+    if not number.isdigit() or int(number) == 0:
+        raise click.UsageError(f"{text}: not a size (e.g. 4G or 600M)")
+    return int(number) * (unit or 1 << 20)
+
+
+@install.command("to-disk")
+@click.argument("target", type=click.Path())
+@install_options
+@click.option("--size", metavar="SIZE", help="Create TARGET as a sparse image file of SIZE (e.g. 4G).")
+@click.option("--wipe", is_flag=True, help="Overwrite a disk that holds partitions or a filesystem.")
+@click.option("--esp-size", default="512M", show_default=True, metavar="SIZE", help="The ESP's size.")
+@click.option("--filesystem", "fs", type=click.Choice(["ext4", "xfs"]), default="ext4", show_default=True,
+              help="The root filesystem.")
+@click.option("--root-by-label", is_flag=True, help="root=LABEL=root instead of root=PARTUUID=...")
+def install_to_disk(target: str, repo_rev: tuple[str, str] | None, from_url: str | None, branch: str | None,
+                    key_files: tuple[str, ...], update_url: str | None, os_name: str, karg_list: tuple[str, ...],
+                    console: str | None, tries: int, verity: str | None, size: str | None, wipe: bool,
+                    esp_size: str, fs: str, root_by_label: bool) -> None:
+    """Partition TARGET (a block device or image file), write the ESP and root, install."""
+    from .sysroot.install import FsType, Options, to_disk
+
+    source = _install_source(repo_rev, from_url, branch, key_files)
+    opts = Options(os_name, update_url, _mib(esp_size), FsType(fs), karg_list, console, root_by_label, tries,
+                   verity)
+    r = to_disk(target, source, opts, size=_mib(size) if size else None, wipe=wipe,
+                say=lambda m: click.echo(m, err=True))
+    click.echo(f"{r.target}: ESP {r.esp_uuid}, root {r.root_uuid}")
+    _say_installed(r.kargs, r.deployed)
+
+
+@install.command("to-filesystem")
+@click.argument("root", type=click.Path())
+@click.option("--boot-dir", required=True, metavar="DIR", type=click.Path(), help="The mounted ESP.")
+@install_options
+@click.option("--root-karg", metavar="ARG", help="root= of the command line (default: from findmnt ROOT).")
+def install_to_filesystem(root: str, boot_dir: str, repo_rev: tuple[str, str] | None, from_url: str | None,
+                          branch: str | None, key_files: tuple[str, ...], update_url: str | None, os_name: str,
+                          karg_list: tuple[str, ...], console: str | None, tries: int, verity: str | None,
+                          root_karg: str | None) -> None:
+    """Install into a mounted root filesystem ROOT and ESP (LVM, LUKS, RAID layouts)."""
+    from .sysroot.install import Options, to_filesystem
+
+    source = _install_source(repo_rev, from_url, branch, key_files)
+    opts = Options(os_name, update_url, kargs=karg_list, console=console, tries=tries, verity=verity)
+    r = to_filesystem(root, boot_dir, source, opts, root_karg=root_karg, say=lambda m: click.echo(m, err=True))
+    _say_installed(r.kargs, r.deployed)
 
 
 if __name__ == "__main__":

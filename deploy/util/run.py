@@ -26,6 +26,18 @@ _PACKAGES = {
     "modprobe": "kmod",
     "gpg": "gnupg",
     "gpgv": "gpgv",
+    "sfdisk": "fdisk",
+    "wipefs": "util-linux",
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "findmnt": "util-linux",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.xfs": "xfsprogs",
+    "dd": "coreutils",
 }
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -82,7 +94,7 @@ def run(
     except FileNotFoundError as e:
         if cwd is not None and e.filename == os.fspath(cwd):
             raise CommandError(f"{name}: working directory {os.fsdecode(e.filename)} not found") from None
-        package = _PACKAGES.get(name)
+        package = package_of(name)
         raise CommandHostError(f"{name}: command not found",
                                hint=f"install package {package}?" if package else None) from None
     except subprocess.TimeoutExpired as e:
@@ -99,6 +111,11 @@ def run(
             message += f": {last}"
         raise CommandError(message)
     return proc
+
+
+def package_of(command: str) -> str | None:
+    """The Debian package providing command, when known."""
+    return _PACKAGES.get(command)
 
 
 def which(name: str) -> str | None:

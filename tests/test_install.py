@@ -1,0 +1,194 @@
+"""cfsdeploy install to-disk / to-filesystem: a machine's disk made from a commit,
+inspected from the host (sfdisk for the GPT, mtools for the ESP, a loop mount for
+the root), and each refusal one line with the target left as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cfsdeploy.repo.repository import Repository
+from cfsdeploy.sysroot.install import ARCHES, ESP_TYPE, MIB
+
+from .sysroots import BRANCH, KVER, OS, make_os_tree
+from .test_lint import clean_tree
+
+pytestmark = pytest.mark.usefixtures("requires_mount")
+
+BROKEN = "testos/broken"
+UPDATE_URL = "https://updates.example/repo"
+SIZE = "1G"
+
+
+def cfsdeploy(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cfsdeploy.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+def mtools(*args: str | Path) -> str:
+    return subprocess.run(list(map(str, args)), check=True, capture_output=True, text=True,
+                          env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the test OS on BRANCH, and a tree without a kernel (which
+    fails lint) on BROKEN."""
+    top = tmp_path_factory.mktemp("source")
+    repo = Repository.init(top / "repo")
+    repo.commit(clean_tree(top / "tree"), BRANCH, "build 1", version="1")
+    broken = make_os_tree(top / "broken")
+    shutil.rmtree(broken / "usr/lib/modules")
+    repo.commit(broken, BROKEN, "no kernel")
+    return top / "repo"
+
+
+def partitions(image: Path) -> list[dict[str, str]]:
+    out = subprocess.run(["sfdisk", "--json", image], check=True, capture_output=True, text=True).stdout
+    parts: list[dict[str, str]] = json.loads(out)["partitiontable"]["partitions"]
+    return parts
+
+
+@contextlib.contextmanager
+def mounted_partition(image: Path, part: dict[str, str], where: Path) -> Iterator[Path]:
+    offset, size = int(part["start"]) * 512, int(part["size"]) * 512
+    where.mkdir()
+    subprocess.run(["mount", "-o", f"loop,ro,offset={offset},sizelimit={size}", image, where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
+
+
+def extract_esp(image: Path, part: dict[str, str], out: Path) -> Path:
+    subprocess.run(["dd", f"if={image}", f"of={out}", "bs=512", f"skip={part['start']}", f"count={part['size']}",
+                    "status=none"], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def installed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    image = tmp_path_factory.mktemp("disk") / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+                  "--update-url", UPDATE_URL, "--console", "ttyS0", "--karg", "quiet", "--tries", "2")
+    assert r.returncode == 0, r.stderr
+    return image, r
+
+
+def test_to_disk_writes_a_gpt_with_the_dps_types(installed) -> None:
+    image, _ = installed
+    esp, root = partitions(image)
+    assert (esp["type"].lower(), esp["name"]) == (ESP_TYPE, "esp")
+    assert (root["type"].lower(), root["name"]) == (ARCHES[platform.machine()].root_type, "root")
+    assert int(esp["size"]) * 512 == 512 * MIB
+    assert os.path.getsize(image) == 1024 * MIB
+
+
+def test_to_disk_esp_boots_systemd_boot_into_the_root_partition(installed, source, tmp_path) -> None:
+    image, _ = installed
+    esp, root = partitions(image)
+    fat = extract_esp(image, esp, tmp_path / "esp.img")
+    efi = ARCHES[platform.machine()].efi
+    assert f"BOOT{efi.upper()}.EFI" in mtools("mdir", "-b", "-i", fat, "::/EFI/BOOT")
+    assert mtools("mtype", "-i", fat, "::/loader/loader.conf") == "timeout 3\neditor no\n"
+    entries = [e for e in mtools("mdir", "-b", "-i", fat, "::/loader/entries").split() if e.endswith(".conf")]
+    assert len(entries) == 1
+    entry = mtools("mtype", "-i", fat, entries[0])
+    options = next(line for line in entry.splitlines() if line.startswith("options "))
+    assert f"root=PARTUUID={root['uuid'].lower()}" in options.split()
+    assert {"console=ttyS0", "quiet", "rw"} <= set(options.split())
+    linux = next(line.split()[1] for line in entry.splitlines() if line.startswith("linux "))
+    mtools("mcopy", "-i", fat, "::" + linux, tmp_path / "vmlinuz")
+    assert (tmp_path / "vmlinuz").read_bytes() == (source.parent / f"tree/usr/lib/modules/{KVER}/vmlinuz").read_bytes()
+
+
+def test_to_disk_root_holds_the_deployment_following_the_update_url(installed, tmp_path) -> None:
+    image, r = installed
+    commit = r.stdout.split("\n")[1].split()[1]
+    _, root = partitions(image)
+    with mounted_partition(image, root, tmp_path / "root") as mnt:
+        assert [d.name for d in (mnt / "cfsdeploy/deploy" / OS).iterdir() if d.name != "var"] == [f"{commit}.0"]
+        assert (mnt / "cfsdeploy/config.toml").exists()
+        remotes = cfsdeploy("remote", "list", "--repo", mnt / "cfsdeploy/repo")
+        assert remotes.stdout.startswith(f"origin\t{UPDATE_URL}\t{BRANCH}\t"), remotes.stderr
+
+
+def test_to_disk_refuses_a_disk_with_partitions_without_wipe(installed, source, tmp_path) -> None:
+    image = tmp_path / "copy.img"
+    subprocess.run(["cp", "--sparse=always", installed[0], image], check=True)
+    before = partitions(image)
+    r = cfsdeploy("install", "to-disk", image, "--repo", source, BRANCH, "--os", OS)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--wipe" in r.stderr
+    assert partitions(image) == before
+
+
+def test_to_disk_refuses_a_too_small_target_and_creates_nothing(source, tmp_path) -> None:
+    image = tmp_path / "small.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", "600M", "--repo", source, BRANCH, "--os", OS)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "too small" in r.stderr
+    assert not image.exists()
+
+
+def test_to_disk_refuses_a_mounted_image(source, tmp_path) -> None:
+    image = tmp_path / "busy.img"
+    with open(image, "wb") as f:
+        f.truncate(1024 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", image], check=True)
+    (tmp_path / "mnt").mkdir()
+    subprocess.run(["mount", "-o", "loop", image, tmp_path / "mnt"], check=True)
+    try:
+        r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, "--os", OS)
+    finally:
+        subprocess.run(["umount", tmp_path / "mnt"], check=True)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "in use" in r.stderr
+    assert subprocess.run(["blkid", "-o", "value", "-s", "TYPE", image], capture_output=True,
+                          text=True).stdout == "ext4\n"
+
+
+def test_to_disk_refuses_a_mounted_block_device(source, tmp_path) -> None:
+    image = tmp_path / "busy.img"
+    with open(image, "wb") as f:
+        f.truncate(1024 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", image], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    (tmp_path / "mnt").mkdir()
+    try:
+        subprocess.run(["mount", dev, tmp_path / "mnt"], check=True)
+        try:
+            r = cfsdeploy("install", "to-disk", dev, "--wipe", "--repo", source, BRANCH, "--os", OS)
+        finally:
+            subprocess.run(["umount", tmp_path / "mnt"], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+    assert r.returncode != 0
+    assert r.stderr == f"cfsdeploy: {dev}: is mounted or in use\n"
+
+
+def test_to_disk_refuses_a_commit_that_fails_lint(source, tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BROKEN, "--os", OS)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[0].startswith(f"cfsdeploy: {BROKEN}: fails lint")
+    assert not image.exists()
+
+
+def test_to_disk_names_a_missing_tool_with_its_package(source, tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+                  env=dict(os.environ, PATH=str(tmp_path)))
+    assert r.returncode != 0
+    assert "sfdisk: command not found" in r.stderr and "fdisk" in r.stderr
+    assert not image.exists()
