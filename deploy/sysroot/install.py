@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import stat
 import tempfile
 import uuid
@@ -209,11 +210,12 @@ def _mtools(*argv: str) -> None:
     run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True)
 
 
-def _populate(sysroot_path: str, staging: str, source: Source, opts: Options,
+def _populate(sysroot_path: str, boot_dir: str, staging: str, source: Source, opts: Options,
               kargs: list[str], say: Callable[[str], None]) -> DeployResult:
-    """sysroot init, the remote the machine follows, the commit brought in, deployed
-    with its entry and kernel written to staging."""
-    Sysroot.init(sysroot_path, opts.os_name, boot_dir=BOOT_DIR, karg_list=kargs, tries=opts.tries)
+    """sysroot init (boot_dir: where the machine mounts its ESP), the remote the
+    machine follows, the commit brought in, deployed with its entry and kernel
+    written to staging (the ESP as the host has it)."""
+    Sysroot.init(sysroot_path, opts.os_name, boot_dir=boot_dir, karg_list=kargs, tries=opts.tries)
     s = Sysroot(sysroot_path, boot_dir=staging)
     repo = s.repo
     remotes.add(repo, REMOTE, opts.update_url or source.url, key_files=source.key_files,
@@ -246,9 +248,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mmd", "mcopy", "dd", "mount", "umount",
              _mkfs(opts.fs)[0]]
     _need(tools)
-    systemd_boot = os.path.join(SYSTEMD_BOOT_DIR, f"systemd-boot{arch.efi}.efi")
-    if not os.path.isfile(systemd_boot):
-        raise CommandHostError(f"{systemd_boot}: not found", hint="install package systemd-boot-efi?")
+    systemd_boot = _systemd_boot(arch)
     if source.local_repo is not None:
         _lint(Repository(source.local_repo), source.branch)
 
@@ -307,10 +307,10 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
                 say(f"making the {opts.fs.value} root filesystem")
                 run([*_mkfs(opts.fs), dev], capture=True)
                 with _mounted(dev, opts.fs) as mnt:
-                    deployed = _populate(mnt, staging, source, opts, kargs, say)
+                    deployed = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say)
             say("writing the ESP")
-            _write_esp(target, esp_start, opts.esp_size, staging, os.path.join(work, "esp.img"),
-                       systemd_boot, arch)
+            _boot_files(staging, systemd_boot, arch)
+            _write_esp(target, esp_start, opts.esp_size, staging, os.path.join(work, "esp.img"))
         run(["sync"])
         return DiskResult(target, esp_uuid, root_uuid, tuple(kargs), deployed)
     except BaseException:
@@ -322,20 +322,39 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         raise
 
 
-def _write_esp(target: str, start: int, size: int, staging: str, image: str, systemd_boot: str,
-               arch: Arch) -> None:
-    os.makedirs(os.path.join(staging, "loader"), exist_ok=True)
-    with open(os.path.join(staging, "loader", "loader.conf"), "wb") as f:
-        f.write(LOADER_CONF)
+def _boot_files(boot: str, systemd_boot: str, arch: Arch) -> None:
+    """systemd-boot (where firmware looks by itself, and as bootctl puts it) and
+    loader.conf, where the boot directory does not have them yet."""
+    files = {os.path.join("EFI", "BOOT", f"BOOT{arch.efi.upper()}.EFI"): systemd_boot,
+             os.path.join("EFI", "systemd", f"systemd-boot{arch.efi}.efi"): systemd_boot}
+    for rel, src in files.items():
+        dest = os.path.join(boot, rel)
+        if not os.path.exists(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(src, dest)
+    loader = os.path.join(boot, "loader", "loader.conf")
+    if not os.path.exists(loader):
+        os.makedirs(os.path.dirname(loader), exist_ok=True)
+        with open(loader, "wb") as f:
+            f.write(LOADER_CONF)
+
+
+def _systemd_boot(arch: Arch) -> str:
+    path = os.path.join(SYSTEMD_BOOT_DIR, f"systemd-boot{arch.efi}.efi")
+    if not os.path.isfile(path):
+        raise CommandHostError(f"{path}: not found", hint="install package systemd-boot-efi?")
+    return path
+
+
+def _write_esp(target: str, start: int, size: int, staging: str, image: str) -> None:
+    """A FAT32 ESP holding staging's files, made in a file with mtools (no vfat
+    mount needed) and copied into its partition."""
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
     run(["mkfs.vfat", "-F", "32", "-n", "ESP", image], capture=True)
-    _mtools("mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/systemd")
-    _mtools("mcopy", "-i", image, systemd_boot, f"::/EFI/BOOT/BOOT{arch.efi.upper()}.EFI")
-    _mtools("mcopy", "-i", image, systemd_boot, f"::/EFI/systemd/systemd-boot{arch.efi}.efi")
     _mtools("mcopy", "-s", "-i", image, *sorted(os.path.join(staging, n) for n in os.listdir(staging)), "::/")
     run(["dd", f"if={image}", f"of={target}", "bs=1M", f"seek={start // MIB}", "conv=notrunc,sparse",
          "status=none"])
@@ -345,6 +364,8 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
                   say: Callable[[str], None] = lambda _: None) -> FilesystemResult:
     """Install into an already mounted root with the ESP mounted at boot_dir (layouts
     the builder made: LVM, LUKS, RAID); root= from findmnt unless root_karg is given."""
+    arch = host_arch()
+    systemd_boot = _systemd_boot(arch)
     for path in (root, boot_dir):
         if not os.path.isdir(path):
             raise InstallUsageError(f"{path}: not a directory")
@@ -360,11 +381,10 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
             raise InstallUsageError(f"{root}: not a mount point: --root-karg names the root then")
         root_karg = f"root={out[0]}"
     kargs = _cmdline(root_karg, opts)
-    deployed = _populate(root, boot_dir, source, opts, kargs, say)
-    loader = os.path.join(boot_dir, "loader", "loader.conf")
-    if not os.path.exists(loader):
-        os.makedirs(os.path.dirname(loader), exist_ok=True)
-        with open(loader, "wb") as f:
-            f.write(LOADER_CONF)
+    # the machine mounts the ESP where it is below root now, else on /boot
+    rel = os.path.relpath(os.path.abspath(boot_dir), os.path.abspath(root))
+    machine_boot = BOOT_DIR if rel.startswith("..") else "/" + rel
+    deployed = _populate(root, machine_boot, boot_dir, source, opts, kargs, say)
+    _boot_files(boot_dir, systemd_boot, arch)
     return FilesystemResult(root, tuple(kargs), deployed)
 
