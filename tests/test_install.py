@@ -19,12 +19,14 @@ import pytest
 from cfsdeploy.repo.repository import Repository
 from cfsdeploy.sysroot.install import ARCHES, ESP_TYPE, MIB
 
+from .pullkit import builder_key  # noqa: F401
 from .sysroots import BRANCH, KVER, OS, make_os_tree
 from .test_lint import clean_tree
 
 pytestmark = pytest.mark.usefixtures("requires_mount")
 
 BROKEN = "testos/broken"
+SIGNED = "testos/signed"
 UPDATE_URL = "https://updates.example/repo"
 SIZE = "1G"
 
@@ -40,12 +42,14 @@ def mtools(*args: str | Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with the test OS on BRANCH, and a tree without a kernel (which
-    fails lint) on BROKEN."""
+def source(tmp_path_factory: pytest.TempPathFactory, builder_key) -> Path:  # noqa: F811
+    """A repository with the test OS on BRANCH, and signed by the builder on SIGNED,
+    and a tree without a kernel (which fails lint) on BROKEN."""
     top = tmp_path_factory.mktemp("source")
     repo = Repository.init(top / "repo")
     repo.commit(clean_tree(top / "tree"), BRANCH, "build 1", version="1")
+    repo.commit(top / "tree", SIGNED, "build 1", version="1", sign_key=builder_key.email,
+                gpg_homedir=builder_key.home)
     broken = make_os_tree(top / "broken")
     shutil.rmtree(broken / "usr/lib/modules")
     repo.commit(broken, BROKEN, "no kernel")
@@ -99,6 +103,7 @@ def test_to_disk_esp_boots_systemd_boot_into_the_root_partition(installed, sourc
     fat = extract_esp(image, esp, tmp_path / "esp.img")
     efi = ARCHES[platform.machine()].efi
     assert f"BOOT{efi.upper()}.EFI" in mtools("mdir", "-b", "-i", fat, "::/EFI/BOOT")
+    assert f"systemd-boot{efi}.efi" in mtools("mdir", "-b", "-i", fat, "::/EFI/systemd")
     assert mtools("mtype", "-i", fat, "::/loader/loader.conf") == "timeout 3\neditor no\n"
     entries = [e for e in mtools("mdir", "-b", "-i", fat, "::/loader/entries").split() if e.endswith(".conf")]
     assert len(entries) == 1
@@ -192,3 +197,63 @@ def test_to_disk_names_a_missing_tool_with_its_package(source, tmp_path) -> None
     assert r.returncode != 0
     assert "sfdisk: command not found" in r.stderr and "fdisk" in r.stderr
     assert not image.exists()
+
+
+def test_to_disk_from_a_remote_checks_and_keeps_its_key(source, builder_key, tmp_path) -> None:  # noqa: F811
+    image = tmp_path / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--from", f"file://{source}", "--branch", SIGNED,
+                  "--gpg-import", builder_key.public, "--os", OS, "--filesystem", "xfs", "--root-by-label")
+    assert r.returncode == 0, r.stderr
+    assert "root=LABEL=root" in r.stdout
+    _, root = partitions(image)
+    with mounted_partition(image, root, tmp_path / "root") as mnt:
+        remotes = cfsdeploy("remote", "list", "--repo", mnt / "cfsdeploy/repo").stdout
+    assert remotes.startswith(f"origin\tfile://{source}\t{SIGNED}\tgpg-verify, trusted keys: 1")
+
+
+def test_to_disk_failing_after_partitioning_leaves_no_partition_table(source, tmp_path) -> None:
+    image = tmp_path / "blank.img"
+    with open(image, "wb") as f:
+        f.truncate(1024 * MIB)
+    # from a remote, lint can only look at the commit once it is pulled onto the new root
+    r = cfsdeploy("install", "to-disk", image, "--from", f"file://{source}", "--branch", BROKEN,
+                  "--os", OS)
+    assert r.returncode == 1
+    assert f"{BROKEN}: fails lint" in r.stderr
+    assert subprocess.run(["wipefs", "--noheadings", image], capture_output=True, text=True).stdout == ""
+
+
+@pytest.fixture
+def target_root(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 filesystem mounted as a builder's layout would have it, its ESP a
+    directory below it."""
+    image = tmp_path / "root.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", image], check=True)
+    mnt = tmp_path / "target"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", image, mnt], check=True)
+    (mnt / "efi").mkdir()
+    yield mnt
+    subprocess.run(["umount", mnt], check=True)
+
+
+def test_to_filesystem_finds_the_root_device_with_findmnt(source, target_root) -> None:
+    r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
+                  "--repo", source, BRANCH, "--os", OS)
+    assert r.returncode == 0, r.stderr
+    device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", target_root], capture_output=True,
+                            text=True).stdout.strip()
+    assert f"kernel command line: root={device} rw" in r.stdout
+    entries = list((target_root / "efi/loader/entries").iterdir())
+    assert len(entries) == 1 and f"root={device}" in entries[0].read_text()
+    assert (target_root / "efi/loader/loader.conf").read_bytes() == b"timeout 3\neditor no\n"
+    assert 'boot-dir = "/efi"' in (target_root / "cfsdeploy/config.toml").read_text()
+
+
+def test_to_filesystem_takes_root_karg_as_given(source, target_root) -> None:
+    r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
+                  "--repo", source, BRANCH, "--os", OS, "--root-karg", "root=/dev/mapper/vg-root")
+    assert r.returncode == 0, r.stderr
+    assert "kernel command line: root=/dev/mapper/vg-root rw" in r.stdout

@@ -289,7 +289,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     partitioned = False
     try:
         if wipe:
-            run(["wipefs", "--all", "--quiet", target])
+            run(["wipefs", "--all", "--force", "--quiet", target])
         esp_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
         s = 512
         run(["sfdisk", "--quiet", "--wipe", "always", target], input=(
@@ -318,7 +318,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         if created:
             os.unlink(target)
         elif partitioned:
-            run(["wipefs", "--all", "--quiet", target], check=False)
+            run(["wipefs", "--all", "--force", "--quiet", target], check=False)
         raise
 
 
