@@ -257,17 +257,18 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         st = os.stat(target)
     except FileNotFoundError:
         if size is None:
-            raise InstallUsageError(f"{target}: no such file (--size creates an image file)") from None
+            raise InstallUsageError(f"{target}: no such file",
+                                    hint="give a size (--size) to create an image file") from None
         st = None
     if st is not None:
         if size is not None:
-            raise InstallUsageError(f"{target}: exists: --size is only for a new image file")
+            raise InstallUsageError(f"{target}: exists, and a size is only for a new image file")
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise InstallUsageError(f"{target}: neither a block device nor an image file")
         if why := _in_use(target, st):
             raise InstallBusyError(f"{target}: {why}")
         if (found := _signatures(target)) and not wipe:
-            raise InstallUsageError(f"{target}: holds {', '.join(found)}: --wipe to overwrite it")
+            raise InstallUsageError(f"{target}: holds {', '.join(found)}", hint="--wipe to overwrite it")
         total = _size(target, st)
     else:
         assert size is not None
@@ -378,7 +379,7 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
         out = run(["findmnt", "--noheadings", "--output", "SOURCE", "--mountpoint", os.path.abspath(root)],
                   capture=True, check=False).stdout.decode(errors="replace").split()
         if not out:
-            raise InstallUsageError(f"{root}: not a mount point: --root-karg names the root then")
+            raise InstallUsageError(f"{root}: not a mount point", hint="name the root with --root-karg")
         root_karg = f"root={out[0]}"
     kargs = _cmdline(root_karg, opts)
     # the machine mounts the ESP where it is below root now, else on /boot
