@@ -257,3 +257,30 @@ def test_to_filesystem_takes_root_karg_as_given(source, target_root) -> None:
                   "--repo", source, BRANCH, "--os", OS, "--root-karg", "root=/dev/mapper/vg-root")
     assert r.returncode == 0, r.stderr
     assert "kernel command line: root=/dev/mapper/vg-root rw" in r.stdout
+
+
+def test_to_disk_with_wipe_reinstalls_a_disk_with_partitions(installed, source, tmp_path) -> None:
+    image = tmp_path / "copy.img"
+    subprocess.run(["cp", "--sparse=always", installed[0], image], check=True)
+    before = {p["uuid"] for p in partitions(image)}
+    r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, "--os", OS)
+    assert r.returncode == 0, r.stderr
+    assert {p["uuid"] for p in partitions(image)}.isdisjoint(before)
+
+
+def test_to_disk_refuses_a_bad_kernel_argument_before_writing(source, tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+                  "--karg", "a'b")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1
+    assert not image.exists()
+
+
+def test_to_filesystem_failing_leaves_no_sysroot(source, target_root) -> None:
+    r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
+                  "--from", f"file://{source}", "--branch", BROKEN, "--os", OS)
+    assert r.returncode == 1
+    assert f"{BROKEN}: fails lint" in r.stderr
+    assert sorted(p.name for p in target_root.iterdir()) == ["efi", "lost+found"]
+    assert list((target_root / "efi").iterdir()) == []

@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from ..boot import kargs as kargs_
 from ..remote import remotes
 from ..remote.pull import PullOptions, pull
 from ..repo.repository import Repository
 from ..util.errors import BusyError, CfsError, CommandHostError, HostError, UsageError
 from ..util.run import package_of, run, which
 from .deploy import DeployResult, deploy
-from .layout import Sysroot
+from .layout import Sysroot, check_os_name
 from .lint import Finding, has_errors, lint_commit
 
 MIB = 1024 * 1024
@@ -36,6 +37,8 @@ MIB = 1024 * 1024
 ALIGN = MIB
 DEFAULT_ESP_SIZE = 512 * MIB
 MIN_ROOT_SIZE = 256 * MIB
+# FAT32 needs 65525 clusters; with 512-byte ones (mkfs.vfat's choice here) 33 MiB
+MIN_ESP_SIZE = 64 * MIB
 ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 
 
@@ -67,6 +70,10 @@ class InstallUsageError(InstallError, UsageError):
 
 
 class InstallBusyError(InstallError, BusyError):
+    pass
+
+
+class InstallHostError(InstallError, HostError):
     pass
 
 
@@ -131,7 +138,7 @@ ROOT_LABEL = "root"
 def host_arch() -> Arch:
     machine = platform.machine()
     if machine not in ARCHES:
-        raise InstallError(f"no Discoverable Partitions root type known for {machine}")
+        raise InstallHostError(f"no Discoverable Partitions root type known for {machine}")
     return ARCHES[machine]
 
 
@@ -237,15 +244,21 @@ def _lint(repo: Repository, rev: str) -> None:
 
 
 def _cmdline(root: str, opts: Options) -> list[str]:
-    return [root, "rw", *([f"console={opts.console}"] if opts.console else []), *opts.kargs]
+    """The first entry's kernel arguments, checked (with the os name) before
+    anything is written."""
+    check_os_name(opts.os_name)
+    args = [root, "rw", *([f"console={opts.console}"] if opts.console else []), *opts.kargs]
+    return kargs_.check_line([kargs_.check(a) for a in args])
 
 
 def to_disk(target: str, source: Source, opts: Options, *, size: int | None = None, wipe: bool = False,
             say: Callable[[str], None] = lambda _: None) -> DiskResult:
     """Partition, format and install target (a block device, or an image file,
     created sparse of `size` bytes when it does not exist)."""
+    # absolute: never read as an option by the commands it is given to
+    target = os.path.abspath(target)
     arch = host_arch()
-    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mmd", "mcopy", "dd", "mount", "umount",
+    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "mount", "umount",
              _mkfs(opts.fs)[0]]
     _need(tools)
     systemd_boot = _systemd_boot(arch)
@@ -273,12 +286,18 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     else:
         assert size is not None
         total = size
+    if opts.esp_size < MIN_ESP_SIZE or opts.esp_size % ALIGN:
+        raise InstallUsageError(f"ESP size {opts.esp_size // MIB} MiB: must be whole MiB, at least "
+                                f"{MIN_ESP_SIZE // MIB} MiB (FAT32)")
     esp_start = ALIGN
     root_start = esp_start + opts.esp_size
     root_size = (total - ALIGN - root_start) // ALIGN * ALIGN
     if root_size < MIN_ROOT_SIZE:
         need = (root_start + MIN_ROOT_SIZE + ALIGN) // MIB
         raise InstallUsageError(f"{target}: too small: {total // MIB} MiB, needs at least {need} MiB")
+
+    esp_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    kargs = _cmdline(f"root=LABEL={ROOT_LABEL}" if opts.by_label else f"root=PARTUUID={root_uuid}", opts)
 
     if st is None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -291,16 +310,14 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     try:
         if wipe:
             run(["wipefs", "--all", "--force", "--quiet", target])
-        esp_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+        # from here the partition table on target may be this one
+        partitioned = True
         s = 512
         run(["sfdisk", "--quiet", "--wipe", "always", target], input=(
             "label: gpt\n"
             f"start={esp_start // s}, size={opts.esp_size // s}, type={ESP_TYPE}, uuid={esp_uuid}, name=esp\n"
             f"start={root_start // s}, size={root_size // s}, type={arch.root_type}, uuid={root_uuid}, "
             f"name={ROOT_LABEL}\n").encode(), capture=True)
-        partitioned = True
-        root_karg = f"root=LABEL={ROOT_LABEL}" if opts.by_label else f"root=PARTUUID={root_uuid}"
-        kargs = _cmdline(root_karg, opts)
         with tempfile.TemporaryDirectory(prefix="cfsdeploy-install.") as work:
             staging = os.path.join(work, "boot")
             os.mkdir(staging)
@@ -385,7 +402,12 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
     # the machine mounts the ESP where it is below root now, else on /boot
     rel = os.path.relpath(os.path.abspath(boot_dir), os.path.abspath(root))
     machine_boot = BOOT_DIR if rel.startswith("..") else "/" + rel
-    deployed = _populate(root, machine_boot, boot_dir, source, opts, kargs, say)
+    try:
+        deployed = _populate(root, machine_boot, boot_dir, source, opts, kargs, say)
+    except BaseException:
+        # nothing half-written: the sysroot was not there before (checked above)
+        shutil.rmtree(os.path.join(root, "cfsdeploy"), ignore_errors=True)
+        raise
     _boot_files(boot_dir, systemd_boot, arch)
     return FilesystemResult(root, tuple(kargs), deployed)
 

@@ -33,7 +33,6 @@ _PACKAGES = {
     "umount": "mount",
     "findmnt": "util-linux",
     "mkfs.vfat": "dosfstools",
-    "mmd": "mtools",
     "mcopy": "mtools",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
