@@ -1201,13 +1201,15 @@ def install() -> None:
 def install_options(fn: Any) -> Any:
     """Where the commit comes from and how the machine boots it."""
     for option in reversed([
-        click.option("--repo", "repo_rev", nargs=2, metavar="PATH REV",
-                     help="Install branch REV of the local repository PATH."),
+        click.option("--repo", "repo_rev", nargs=2, metavar="PATH BRANCH",
+                     help="Install BRANCH of the local repository PATH."),
         click.option("--from", "from_url", metavar="URL", help="Install from this remote (with --branch)."),
         click.option("--branch", metavar="B", help="The branch of --from to install."),
         click.option("--gpg-import", "key_files", multiple=True, metavar="KEYFILE",
                      type=click.Path(exists=True, dir_okay=False),
-                     help="Trust these OpenPGP keys (repeatable; without: unsigned commits accepted)."),
+                     help="Trust these OpenPGP keys, for this install and the machine's upgrades (repeatable)."),
+        click.option("--no-gpg-verify", is_flag=True,
+                     help="Without --gpg-import: install, and follow, unsigned commits."),
         click.option("--update-url", metavar="URL",
                      help="Where the installed machine pulls upgrades (default: the source's URL)."),
         click.option("--os", "os_name", required=True, metavar="NAME", help="The os (stateroot)."),
@@ -1223,14 +1225,17 @@ def install_options(fn: Any) -> Any:
 
 
 def _install_source(repo_rev: tuple[str, str] | None, from_url: str | None, branch: str | None,
-                    key_files: tuple[str, ...]) -> Source:
+                    key_files: tuple[str, ...], no_gpg_verify: bool) -> Source:
     from .sysroot.install import Source
 
+    # the machine follows this remote for good: unsigned only when asked for
+    if bool(key_files) == no_gpg_verify:
+        raise click.UsageError("give --gpg-import KEYFILE, or --no-gpg-verify for unsigned commits")
     if (repo_rev is None) == (from_url is None):
-        raise click.UsageError("give one of --repo PATH REV and --from URL")
+        raise click.UsageError("give one of --repo PATH BRANCH and --from URL")
     if repo_rev is not None:
         if branch is not None:
-            raise click.UsageError("--branch is for --from; --repo names its REV")
+            raise click.UsageError("--branch is for --from; --repo names its BRANCH")
         path = os.path.abspath(repo_rev[0])
         return Source(f"file://{path}", repo_rev[1], key_files, local_repo=path)
     if branch is None:
@@ -1265,13 +1270,14 @@ def _mib(text: str) -> int:
               help="The root filesystem.")
 @click.option("--root-by-label", is_flag=True, help="root=LABEL=root instead of root=PARTUUID=...")
 def install_to_disk(target: str, repo_rev: tuple[str, str] | None, from_url: str | None, branch: str | None,
-                    key_files: tuple[str, ...], update_url: str | None, os_name: str, karg_list: tuple[str, ...],
+                    key_files: tuple[str, ...], no_gpg_verify: bool, update_url: str | None, os_name: str,
+                    karg_list: tuple[str, ...],
                     console: str | None, tries: int, verity: str | None, size: str | None, wipe: bool,
                     esp_size: str, fs: str, root_by_label: bool) -> None:
     """Partition TARGET (a block device or image file), write the ESP and root, install."""
     from .sysroot.install import FsType, Options, to_disk
 
-    source = _install_source(repo_rev, from_url, branch, key_files)
+    source = _install_source(repo_rev, from_url, branch, key_files, no_gpg_verify)
     opts = Options(os_name, update_url, _mib(esp_size), FsType(fs), karg_list, console, root_by_label, tries,
                    verity)
     r = to_disk(target, source, opts, size=_mib(size) if size else None, wipe=wipe,
@@ -1286,13 +1292,14 @@ def install_to_disk(target: str, repo_rev: tuple[str, str] | None, from_url: str
 @install_options
 @click.option("--root-karg", metavar="ARG", help="root= of the command line (default: from findmnt ROOT).")
 def install_to_filesystem(root: str, boot_dir: str, repo_rev: tuple[str, str] | None, from_url: str | None,
-                          branch: str | None, key_files: tuple[str, ...], update_url: str | None, os_name: str,
+                          branch: str | None, key_files: tuple[str, ...], no_gpg_verify: bool,
+                          update_url: str | None, os_name: str,
                           karg_list: tuple[str, ...], console: str | None, tries: int, verity: str | None,
                           root_karg: str | None) -> None:
     """Install into a mounted root filesystem ROOT and ESP (LVM, LUKS, RAID layouts)."""
     from .sysroot.install import Options, to_filesystem
 
-    source = _install_source(repo_rev, from_url, branch, key_files)
+    source = _install_source(repo_rev, from_url, branch, key_files, no_gpg_verify)
     opts = Options(os_name, update_url, kargs=karg_list, console=console, tries=tries, verity=verity)
     r = to_filesystem(root, boot_dir, source, opts, root_karg=root_karg, say=lambda m: click.echo(m, err=True))
     _say_installed(r.kargs, r.deployed)

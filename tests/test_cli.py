@@ -23,7 +23,7 @@ def invoke(*args: str, input: bytes | None = None):
 
 @pytest.mark.parametrize("command", REMOTE_COMMANDS + SYSROOT_COMMANDS + [
     "digest", "init", "commit", "log", "show", "ls", "cat", "refs", "tag", "checkout", "fsck", "verify", "diff",
-    "prune", "image build", "image dump", "image digest", "image mount"])
+    "prune", "image build", "image dump", "image digest", "image mount", "install to-disk", "install to-filesystem"])
 def test_every_command_has_help(command: str) -> None:
     result = invoke(*command.split(), "--help")
     assert result.exit_code == 0 and "Usage:" in result.output

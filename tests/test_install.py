@@ -29,6 +29,8 @@ BROKEN = "testos/broken"
 SIGNED = "testos/signed"
 UPDATE_URL = "https://updates.example/repo"
 SIZE = "1G"
+# the os, and its commits unsigned: --gpg-import or this is required
+UNSIGNED = ("--os", OS, "--no-gpg-verify")
 
 
 def cfsdeploy(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,7 +84,7 @@ def extract_esp(image: Path, part: dict[str, str], out: Path) -> Path:
 @pytest.fixture(scope="module")
 def installed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     image = tmp_path_factory.mktemp("disk") / "disk.img"
-    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, *UNSIGNED,
                   "--update-url", UPDATE_URL, "--console", "ttyS0", "--karg", "quiet", "--tries", "2")
     assert r.returncode == 0, r.stderr
     return image, r
@@ -131,7 +133,7 @@ def test_to_disk_refuses_a_disk_with_partitions_without_wipe(installed, source, 
     image = tmp_path / "copy.img"
     subprocess.run(["cp", "--sparse=always", installed[0], image], check=True)
     before = partitions(image)
-    r = cfsdeploy("install", "to-disk", image, "--repo", source, BRANCH, "--os", OS)
+    r = cfsdeploy("install", "to-disk", image, "--repo", source, BRANCH, *UNSIGNED)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--wipe" in r.stderr
     assert partitions(image) == before
@@ -139,7 +141,7 @@ def test_to_disk_refuses_a_disk_with_partitions_without_wipe(installed, source, 
 
 def test_to_disk_refuses_a_too_small_target_and_creates_nothing(source, tmp_path) -> None:
     image = tmp_path / "small.img"
-    r = cfsdeploy("install", "to-disk", image, "--size", "600M", "--repo", source, BRANCH, "--os", OS)
+    r = cfsdeploy("install", "to-disk", image, "--size", "600M", "--repo", source, BRANCH, *UNSIGNED)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "too small" in r.stderr
     assert not image.exists()
@@ -153,7 +155,7 @@ def test_to_disk_refuses_a_mounted_image(source, tmp_path) -> None:
     (tmp_path / "mnt").mkdir()
     subprocess.run(["mount", "-o", "loop", image, tmp_path / "mnt"], check=True)
     try:
-        r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, "--os", OS)
+        r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, *UNSIGNED)
     finally:
         subprocess.run(["umount", tmp_path / "mnt"], check=True)
     assert r.returncode != 0
@@ -173,7 +175,7 @@ def test_to_disk_refuses_a_mounted_block_device(source, tmp_path) -> None:
     try:
         subprocess.run(["mount", dev, tmp_path / "mnt"], check=True)
         try:
-            r = cfsdeploy("install", "to-disk", dev, "--wipe", "--repo", source, BRANCH, "--os", OS)
+            r = cfsdeploy("install", "to-disk", dev, "--wipe", "--repo", source, BRANCH, *UNSIGNED)
         finally:
             subprocess.run(["umount", tmp_path / "mnt"], check=True)
     finally:
@@ -184,7 +186,7 @@ def test_to_disk_refuses_a_mounted_block_device(source, tmp_path) -> None:
 
 def test_to_disk_refuses_a_commit_that_fails_lint(source, tmp_path) -> None:
     image = tmp_path / "disk.img"
-    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BROKEN, "--os", OS)
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BROKEN, *UNSIGNED)
     assert r.returncode == 1
     assert r.stderr.splitlines()[0].startswith(f"cfsdeploy: {BROKEN}: fails lint")
     assert not image.exists()
@@ -192,7 +194,7 @@ def test_to_disk_refuses_a_commit_that_fails_lint(source, tmp_path) -> None:
 
 def test_to_disk_names_a_missing_tool_with_its_package(source, tmp_path) -> None:
     image = tmp_path / "disk.img"
-    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, *UNSIGNED,
                   env=dict(os.environ, PATH=str(tmp_path)))
     assert r.returncode != 0
     assert "sfdisk: command not found" in r.stderr and "fdisk" in r.stderr
@@ -217,7 +219,7 @@ def test_to_disk_failing_after_partitioning_leaves_no_partition_table(source, tm
         f.truncate(1024 * MIB)
     # from a remote, lint can only look at the commit once it is pulled onto the new root
     r = cfsdeploy("install", "to-disk", image, "--from", f"file://{source}", "--branch", BROKEN,
-                  "--os", OS)
+                  *UNSIGNED)
     assert r.returncode == 1
     assert f"{BROKEN}: fails lint" in r.stderr
     assert subprocess.run(["wipefs", "--noheadings", image], capture_output=True, text=True).stdout == ""
@@ -241,7 +243,7 @@ def target_root(tmp_path: Path) -> Iterator[Path]:
 
 def test_to_filesystem_finds_the_root_device_with_findmnt(source, target_root) -> None:
     r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
-                  "--repo", source, BRANCH, "--os", OS)
+                  "--repo", source, BRANCH, *UNSIGNED)
     assert r.returncode == 0, r.stderr
     device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", target_root], capture_output=True,
                             text=True).stdout.strip()
@@ -254,7 +256,7 @@ def test_to_filesystem_finds_the_root_device_with_findmnt(source, target_root) -
 
 def test_to_filesystem_takes_root_karg_as_given(source, target_root) -> None:
     r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
-                  "--repo", source, BRANCH, "--os", OS, "--root-karg", "root=/dev/mapper/vg-root")
+                  "--repo", source, BRANCH, *UNSIGNED, "--root-karg", "root=/dev/mapper/vg-root")
     assert r.returncode == 0, r.stderr
     assert "kernel command line: root=/dev/mapper/vg-root rw" in r.stdout
 
@@ -263,14 +265,14 @@ def test_to_disk_with_wipe_reinstalls_a_disk_with_partitions(installed, source, 
     image = tmp_path / "copy.img"
     subprocess.run(["cp", "--sparse=always", installed[0], image], check=True)
     before = {p["uuid"] for p in partitions(image)}
-    r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, "--os", OS)
+    r = cfsdeploy("install", "to-disk", image, "--wipe", "--repo", source, BRANCH, *UNSIGNED)
     assert r.returncode == 0, r.stderr
     assert {p["uuid"] for p in partitions(image)}.isdisjoint(before)
 
 
 def test_to_disk_refuses_a_bad_kernel_argument_before_writing(source, tmp_path) -> None:
     image = tmp_path / "disk.img"
-    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, "--os", OS,
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, *UNSIGNED,
                   "--karg", "a'b")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1
@@ -279,8 +281,17 @@ def test_to_disk_refuses_a_bad_kernel_argument_before_writing(source, tmp_path) 
 
 def test_to_filesystem_failing_leaves_no_sysroot(source, target_root) -> None:
     r = cfsdeploy("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi",
-                  "--from", f"file://{source}", "--branch", BROKEN, "--os", OS)
+                  "--from", f"file://{source}", "--branch", BROKEN, *UNSIGNED)
     assert r.returncode == 1
     assert f"{BROKEN}: fails lint" in r.stderr
     assert sorted(p.name for p in target_root.iterdir()) == ["efi", "lost+found"]
     assert list((target_root / "efi").iterdir()) == []
+
+
+def test_install_asks_for_keys_or_an_explicit_no_gpg_verify(source, tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--from", f"file://{source}", "--branch", BRANCH,
+                  "--os", OS)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--no-gpg-verify" in r.stderr
+    assert not image.exists()
