@@ -108,7 +108,7 @@ def test_to_disk_esp_boots_systemd_boot_into_the_root_partition(installed, sourc
     assert f"systemd-boot{efi}.efi" in mtools("mdir", "-b", "-i", fat, "::/EFI/systemd")
     assert mtools("mtype", "-i", fat, "::/loader/loader.conf") == "timeout 3\neditor no\n"
     entries = [e for e in mtools("mdir", "-b", "-i", fat, "::/loader/entries").split() if e.endswith(".conf")]
-    assert len(entries) == 1
+    assert len(entries) == 1 and entries[0].endswith("+2.conf")  # --tries 2
     entry = mtools("mtype", "-i", fat, entries[0])
     options = next(line for line in entry.splitlines() if line.startswith("options "))
     assert f"root=PARTUUID={root['uuid'].lower()}" in options.split()
@@ -295,3 +295,12 @@ def test_install_asks_for_keys_or_an_explicit_no_gpg_verify(source, tmp_path) ->
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--no-gpg-verify" in r.stderr
     assert not image.exists()
+
+
+def test_to_filesystem_refuses_a_root_holding_a_sysroot(source, target_root) -> None:
+    args = ("install", "to-filesystem", target_root, "--boot-dir", target_root / "efi", "--repo", source, BRANCH,
+            *UNSIGNED, "--root-karg", "root=LABEL=root")
+    assert cfsdeploy(*args).returncode == 0
+    r = cfsdeploy(*args)
+    assert r.returncode == 2
+    assert r.stderr == f"cfsdeploy: {target_root}: holds a sysroot already\n"
