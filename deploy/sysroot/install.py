@@ -82,7 +82,8 @@ class LintFailedError(InstallError):
         errors = [f for f in findings if has_errors([f])]
         first = errors[0]
         where = f"{first.path}: " if first.path else ""
-        super().__init__(f"{rev}: fails lint with {len(errors)} errors (first: {where}{first.rule.value})",
+        count = f"{len(errors)} error{'s' if len(errors) > 1 else ''}"
+        super().__init__(f"{rev}: fails lint, {count}, first {where}{first.rule.value}",
                          hint="see `cfsdeploy lint`")
         self.findings = findings
 
