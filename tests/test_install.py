@@ -304,3 +304,19 @@ def test_to_filesystem_refuses_a_root_holding_a_sysroot(source, target_root) -> 
     r = cfsdeploy(*args)
     assert r.returncode == 2
     assert r.stderr == f"cfsdeploy: {target_root}: holds a sysroot already\n"
+
+
+def test_to_disk_installs_onto_a_block_device(source, tmp_path) -> None:
+    image = tmp_path / "backing.img"
+    with open(image, "wb") as f:
+        f.truncate(1024 * MIB)
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        r = cfsdeploy("install", "to-disk", dev, "--repo", source, BRANCH, *UNSIGNED)
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+    esp, root = partitions(image)
+    assert (esp["name"], root["name"]) == ("esp", "root")
+    assert f"root=PARTUUID={root['uuid'].lower()}" in r.stdout

@@ -313,11 +313,12 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
             run(["wipefs", "--all", "--force", "--quiet", target])
         # from here the partition table on target may be this one
         partitioned = True
-        s = 512
+        # in MiB, which sfdisk reads as bytes whatever the device's sector size
         run(["sfdisk", "--quiet", "--wipe", "always", target], input=(
             "label: gpt\n"
-            f"start={esp_start // s}, size={opts.esp_size // s}, type={ESP_TYPE}, uuid={esp_uuid}, name=esp\n"
-            f"start={root_start // s}, size={root_size // s}, type={arch.root_type}, uuid={root_uuid}, "
+            f"start={esp_start // MIB}MiB, size={opts.esp_size // MIB}MiB, type={ESP_TYPE}, uuid={esp_uuid}, "
+            "name=esp\n"
+            f"start={root_start // MIB}MiB, size={root_size // MIB}MiB, type={arch.root_type}, uuid={root_uuid}, "
             f"name={ROOT_LABEL}\n").encode(), capture=True)
         with tempfile.TemporaryDirectory(prefix="cfsdeploy-install.") as work:
             staging = os.path.join(work, "boot")
