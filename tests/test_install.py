@@ -320,3 +320,17 @@ def test_to_disk_installs_onto_a_block_device(source, tmp_path) -> None:
     esp, root = partitions(image)
     assert (esp["name"], root["name"]) == ("esp", "root")
     assert f"root=PARTUUID={root['uuid'].lower()}" in r.stdout
+
+
+def test_to_disk_esp_leaves_nothing_of_what_the_disk_held(source, tmp_path) -> None:
+    image = tmp_path / "used.img"
+    with open(image, "wb") as f:
+        f.truncate(3072 * MIB)
+        # junk where the ESP's FAT has only free (zero) entries, a whole MiB of them
+        f.seek(2 * MIB)
+        f.write(b"\xa5" * (3 * MIB))
+    r = cfsdeploy("install", "to-disk", image, "--esp-size", "2048M", "--repo", source, BRANCH, *UNSIGNED)
+    assert r.returncode == 0, r.stderr
+    fat = extract_esp(image, partitions(image)[0], tmp_path / "esp.img")
+    check = subprocess.run(["fsck.vfat", "-n", fat], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout

@@ -259,7 +259,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     # absolute: never read as an option by the commands it is given to
     target = os.path.abspath(target)
     arch = host_arch()
-    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "mount", "umount",
+    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "fallocate", "mount", "umount",
              _mkfs(opts.fs)[0]]
     _need(tools)
     systemd_boot = _systemd_boot(arch)
@@ -297,6 +297,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         need = (root_start + MIN_ROOT_SIZE + ALIGN) // MIB
         raise InstallUsageError(f"{target}: too small: {total // MIB} MiB, needs at least {need} MiB")
 
+    block = st is not None and stat.S_ISBLK(st.st_mode)
     esp_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     kargs = _cmdline(f"root=LABEL={ROOT_LABEL}" if opts.by_label else f"root=PARTUUID={root_uuid}", opts)
 
@@ -330,7 +331,11 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
                     deployed = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say)
             say("writing the ESP")
             _boot_files(staging, systemd_boot, arch)
-            _write_esp(target, esp_start, opts.esp_size, staging, os.path.join(work, "esp.img"))
+            if not created and not block:
+                # what was there before reads as zeros, as the sparse copy needs
+                run(["fallocate", "--punch-hole", "--offset", str(esp_start), "--length", str(opts.esp_size),
+                     target])
+            _write_esp(target, esp_start, opts.esp_size, staging, os.path.join(work, "esp.img"), sparse=not block)
         run(["sync"])
         return DiskResult(target, esp_uuid, root_uuid, tuple(kargs), deployed)
     except BaseException:
@@ -366,9 +371,10 @@ def _systemd_boot(arch: Arch) -> str:
     return path
 
 
-def _write_esp(target: str, start: int, size: int, staging: str, image: str) -> None:
+def _write_esp(target: str, start: int, size: int, staging: str, image: str, *, sparse: bool) -> None:
     """A FAT32 ESP holding staging's files, made in a file with mtools (no vfat
-    mount needed) and copied into its partition."""
+    mount needed) and copied into its partition; sparse (zeros skipped) only where
+    the partition reads as zeros already, else the old FAT's entries would stay."""
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
@@ -376,8 +382,8 @@ def _write_esp(target: str, start: int, size: int, staging: str, image: str) -> 
         os.close(fd)
     run(["mkfs.vfat", "-F", "32", "-n", "ESP", image], capture=True)
     _mtools("mcopy", "-s", "-i", image, *sorted(os.path.join(staging, n) for n in os.listdir(staging)), "::/")
-    run(["dd", f"if={image}", f"of={target}", "bs=1M", f"seek={start // MIB}", "conv=notrunc,sparse",
-         "status=none"])
+    run(["dd", f"if={image}", f"of={target}", "bs=1M", f"seek={start // MIB}",
+         "conv=notrunc,sparse" if sparse else "conv=notrunc", "status=none"])
 
 
 def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, root_karg: str | None = None,
