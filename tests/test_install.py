@@ -192,12 +192,21 @@ def test_to_disk_refuses_a_commit_that_fails_lint(source, tmp_path) -> None:
     assert not image.exists()
 
 
-def test_to_disk_names_a_missing_tool_with_its_package(source, tmp_path) -> None:
+@pytest.mark.parametrize(("tool", "package"), [("sfdisk", "fdisk"), ("mcopy", "mtools"),
+                                               ("mkfs.vfat", "dosfstools"), ("mkfs.ext4", "e2fsprogs")])
+def test_to_disk_names_a_missing_tool_with_its_package(source, tmp_path, tool: str, package: str) -> None:
+    # a PATH with every tool the install runs but one
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "fallocate", "mount", "umount",
+                 "mkfs.ext4", "sync"):
+        if name != tool:
+            (bin_dir / name).symlink_to(shutil.which(name) or "/missing")
     image = tmp_path / "disk.img"
     r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, *UNSIGNED,
-                  env=dict(os.environ, PATH=str(tmp_path)))
-    assert r.returncode != 0
-    assert "sfdisk: command not found" in r.stderr and "fdisk" in r.stderr
+                  env=dict(os.environ, PATH=str(bin_dir)))
+    assert r.returncode == 6
+    assert r.stderr == f"cfsdeploy: {tool}: command not found (install package {package}?)\n"
     assert not image.exists()
 
 

@@ -259,7 +259,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     # absolute: never read as an option by the commands it is given to
     target = os.path.abspath(target)
     arch = host_arch()
-    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "fallocate", "mount", "umount",
+    tools = ["sfdisk", "wipefs", "losetup", "mkfs.vfat", "mcopy", "dd", "fallocate", "sync", "mount", "umount",
              _mkfs(opts.fs)[0]]
     _need(tools)
     systemd_boot = _systemd_boot(arch)

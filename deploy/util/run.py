@@ -37,6 +37,7 @@ _PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "dd": "coreutils",
+    "sync": "coreutils",
     "fallocate": "util-linux",
 }
 
