@@ -405,7 +405,8 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
                   capture=True, check=False).stdout.decode(errors="replace").split()
         if not out:
             raise InstallUsageError(f"{root}: not a mount point", hint="name the root with --root-karg")
-        root_karg = f"root={out[0]}"
+        # a btrfs subvolume shows as DEVICE[/SUBVOL]; root= names the device
+        root_karg = f"root={out[0].split('[', 1)[0]}"
     kargs = _cmdline(root_karg, opts)
     # the machine mounts the ESP where it is below root now, else on /boot
     rel = os.path.relpath(os.path.abspath(boot_dir), os.path.abspath(root))
