@@ -361,3 +361,13 @@ def test_full_boot_directory_is_a_clear_error_and_leaves_nothing(tmp_path) -> No
         with pytest.raises(BootError, match="full"):
             bootloader.install_kernel(str(esp), "deb", "6.1", big, io.BytesIO(b"i"))
         assert os.listdir(esp / "cfsdeploy/deb") == []
+
+
+def test_recover_sets_aside_a_switch_record_that_is_a_symlink(tmp_path) -> None:
+    with boot_mount(tmp_path / "esp") as esp:
+        plan = interrupted(tmp_path, esp, 0)
+        os.rename(record(tmp_path), tmp_path / "elsewhere.json")
+        os.symlink(tmp_path / "elsewhere.json", record(tmp_path))
+        [r] = recover(str(esp), record(tmp_path))
+        assert r.kind == RepairKind.DAMAGED_RECORD
+        assert [e.title for e in read_entries(str(esp), "deb")] == ["a"] and plan.write

@@ -441,10 +441,10 @@ def _apply(boot: str, plan: Plan) -> None:
 
 
 def _read(path: str) -> bytes | None:
+    """An entry file's bytes (read_record's checks), or None for one that cannot serve."""
     try:
-        with open(path, "rb") as f:
-            return f.read(1 << 16)
-    except OSError:
+        return read_record(path)
+    except BootError:
         return None
 
 
@@ -462,13 +462,10 @@ def recover(boot: str, record: str) -> list[Repair]:
         else:
             remove_durably(boot, _tree(leftover))
             repairs.append(Repair(RepairKind.REMOVED_LEFTOVER, leftover))
-    try:
-        with open(record, "rb") as f:
-            data = f.read(1 << 20)
-    except FileNotFoundError:
+    if not os.path.lexists(record):
         return repairs
     try:
-        plan = Plan.parse(data)
+        plan = Plan.parse(read_record(record, 1 << 20))
     except BootError as e:
         aside = record + ".damaged"
         os.replace(record, aside)
