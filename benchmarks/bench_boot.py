@@ -5,9 +5,11 @@ from ext4, in one run, on the same QEMU machine (OVMF, systemd-boot, no network)
 
 The tree is tests/vm.py's (cached debootstrap, cfsdeploy and its initramfs hooks
 installed, one initramfs for both).  The composefs disk gets release 1 deployed as a
-machine gets it; one untimed boot runs `cfsdeploy verity enable`, so every timed
-composefs boot mounts with verity=require.  The plain disk holds the same tree on
-its ext4 root and boots it without cfsdeploy= (the hook stands aside).  Boots
+machine gets it (`cfsdeploy install to-disk`); one untimed boot runs `cfsdeploy
+verity enable`, so every timed composefs boot mounts with verity=require.  The
+plain disk is a copy of it with the same tree on a plain ext4 root, booted by an
+entry without cfsdeploy's arguments (the hook stands aside), with the same loader
+timeout.  Boots
 alternate, `--runs` of each; the figures are medians:
 
   - from QEMU's start to the kernel's first line, and to multi-user.target (the
@@ -24,12 +26,15 @@ which stretches every figure but alike for both roots.  Needs root.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cfsdeploy.util.run import run  # noqa: E402
 from tests import vm  # noqa: E402
 
 PHASES = ("kernel+initramfs", "userspace")
@@ -47,6 +52,41 @@ def figures(b: vm.Boot) -> dict[str, float]:
     return out
 
 
+def _mtools(*argv: str | Path) -> str:
+    return run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True).stdout.decode()
+
+
+def make_plain_disk(disk: vm.Disk, work: Path) -> vm.Disk:
+    """The installed disk with its root partition remade as plain ext4 holding the
+    tree, and an entry made the default that boots the same kernel and initramfs
+    with the same arguments, without cfsdeploy's (so the hook stands aside)."""
+    plain = work / "plain.img"
+    run(["cp", "--sparse=always", disk.path, plain])
+    parts = vm.partitions(plain)
+    root, esp_part = parts["root"], parts["esp"]
+    run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "root", "-E", f"offset={root.start}", "-d", disk.tree.path,
+         plain, f"{root.size // 1024}k"])
+    esp = work / "plain-esp.img"
+    run(["dd", f"if={plain}", f"of={esp}", "bs=1M", f"skip={esp_part.start // vm.MIB}",
+         f"count={esp_part.size // vm.MIB}", "status=none"])
+    (name,) = _mtools("mdir", "-b", "-i", esp, "::/loader/entries").split()
+    lines = dict(line.split(" ", 1) for line in _mtools("mtype", "-i", esp, name).splitlines() if " " in line)
+    options = " ".join(a for a in lines["options"].split() if not a.startswith("cfsdeploy"))
+    entry, conf = work / "plain.conf", work / "loader.conf"
+    entry.write_text(f"title Debian 13 on plain ext4\nlinux {lines['linux']}\ninitrd {lines['initrd']}\n"
+                     f"options {options}\n")
+    # the same menu timeout as the installed disk's
+    conf.write_text(_mtools("mtype", "-i", esp, "::/loader/loader.conf") + "default plain.conf\n")
+    _mtools("mcopy", "-i", esp, entry, "::/loader/entries/plain.conf")
+    _mtools("mcopy", "-o", "-i", esp, conf, "::/loader/loader.conf")
+    run(["dd", f"if={esp}", f"of={plain}", "bs=1M", f"seek={esp_part.start // vm.MIB}", "conv=notrunc",
+         "status=none"])
+    esp.unlink()
+    vars_ = plain.with_suffix(".vars")
+    shutil.copyfile(vm.OVMF_VARS, vars_)
+    return vm.Disk(plain, vars_, disk.tree, {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -58,7 +98,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"working in {work}; accelerator {vm.accel()}")
     with vm.machine(work) as m:
-        plain = vm.make_plain_disk(m.disk.tree, work)
+        plain = make_plain_disk(m.disk, work)
         setup = m.boot("setup", ["cfsdeploy verity enable"])
         if setup.steps[0]["rc"] != 0:
             sys.exit(f"verity enable failed in the guest:\n{setup.tail()}")

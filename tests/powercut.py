@@ -269,8 +269,9 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
 # --- inspection ------------------------------------------------------------------------------
 
 def extract_esp(disk: Path, dest: Path) -> Path:
-    run(["dd", f"if={disk}", f"of={dest}", "bs=1M", f"skip={vm.ESP_START // vm.MIB}",
-         f"count={vm.ESP_SIZE // vm.MIB}", "conv=sparse", "status=none"])
+    esp = vm.partitions(disk)["esp"]
+    run(["dd", f"if={disk}", f"of={dest}", "bs=1M", f"skip={esp.start // vm.MIB}",
+         f"count={esp.size // vm.MIB}", "conv=sparse", "status=none"])
     return dest
 
 
@@ -383,7 +384,8 @@ def inspect(cut: Cut, work: Path) -> Inspection:
         if h.hexdigest()[:12] != m[1]:
             problems.append(f"{e.file}: kernel and initramfs do not hash to {m[1]}")
     esp.unlink()
-    with loop(cut.path, vm.ROOT_START, vm.ROOT_SIZE) as dev:
+    root = vm.partitions(cut.path)["root"]
+    with loop(cut.path, root.start, root.size) as dev:
         r = subprocess.run(["e2fsck", "-fp", dev], capture_output=True, text=True)
         if r.returncode not in (0, 1):
             problems.append(f"e2fsck -fp: exit {r.returncode}: {(r.stdout + r.stderr).strip()}")

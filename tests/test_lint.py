@@ -189,6 +189,26 @@ def test_var_content_seeded_once(tree) -> None:
     assert only(tree, Rule.VAR_CONTENT).facts == {"entries": 2}
 
 
+def test_var_content_tmpfiles_makes_at_every_boot_is_fine(tree) -> None:
+    (tree / "usr/lib/tmpfiles.d").mkdir(parents=True)
+    (tree / "usr/lib/tmpfiles.d/app.conf").write_text(
+        "L+ /var/run - - - - ../run\nf /var/log/wtmp 0664 root utmp -\nC /var/lib/app - - - - /usr/share/app\n")
+    (tree / "var/run").symlink_to("../run")
+    (tree / "var/log").mkdir()
+    (tree / "var/log/wtmp").write_text("")
+    (tree / "var/lib/app").mkdir()
+    (tree / "var/lib/app/state").write_text("x")
+    assert lint_dir(str(tree)) == []
+
+
+def test_var_content_a_tmpfiles_glob_or_specifier_does_not_cover(tree) -> None:
+    (tree / "etc/tmpfiles.d").mkdir(parents=True)
+    (tree / "etc/tmpfiles.d/app.conf").write_text("f /var/lib/app/* - - - -\nf /var/lib/%u - - - -\n")
+    (tree / "var/lib/app").mkdir()
+    (tree / "var/lib/app/state").write_text("x")
+    assert only(tree, Rule.VAR_CONTENT).facts == {"entries": 1}
+
+
 @pytest.mark.parametrize("target", ["../../../../etc/passwd", "/../../etc/passwd"])
 def test_symlink_that_escapes(tree, target) -> None:
     (tree / "usr/lib/evil").symlink_to(target)

@@ -1,9 +1,10 @@
 """A machine's life in a real virtual machine: install, boot, upgrade && reboot,
 rollback && reboot, and an upgrade that never completes a boot falling back by itself.
 
-A Debian 13 tree with cfsdeploy and its initramfs hooks is built and committed,
-signed, by a vendor's repository on the host; a new machine's disk gets it the way
-machines do (pulled, signature checked, deployed).  QEMU boots that disk with OVMF
+A new user's path, examples/debian's: a Debian 13 tree from debootstrap gets
+cfsdeploy's Debian package with apt, lints without errors and is committed, signed
+and linted, to a vendor's repository on the host; `cfsdeploy install to-disk`
+makes a new machine's disk from it (pulled, signature checked, deployed).  QEMU boots that disk with OVMF
 and systemd-boot and no network; a unit in the guest reports what it sees from
 inside (tests/vm_check.py) and runs the commands each boot is given.  Later
 releases reach the machine on a second disk, its `file://` remote.
@@ -26,6 +27,7 @@ Slow (about 10 minutes under software emulation): select with `-m vm`.  See test
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -98,6 +100,16 @@ def step_ok(b: vm.Boot, i: int = 0) -> dict[str, object]:
 
 
 # --- the first boot: the deployment made on the host ----------------------------------
+
+
+def test_the_tree_with_the_package_installed_lints_without_errors(disk: vm.Disk) -> None:
+    findings = json.loads(vm.cfsdeploy("lint", "--json", disk.tree.path))["findings"]
+    assert [f for f in findings if f["severity"] == "error"] == []
+
+
+def test_install_to_disk_names_its_partitions_as_the_trees_fstab_mounts_them(disk: vm.Disk) -> None:
+    assert sorted(vm.partitions(disk.path)) == ["esp", "root"]
+    assert "PARTLABEL=esp /boot vfat" in (disk.tree.path / "etc/fstab").read_text()
 
 
 def test_boots_the_deployment_made_on_the_host(first: vm.Boot, disk: vm.Disk) -> None:

@@ -1,15 +1,15 @@
 """Virtual machines that boot cfsdeploy deployments, for tests/test_vm.py,
-examples/vm-demo.sh and benchmarks/bench_boot.py.
+examples/debian/run.sh and benchmarks/bench_boot.py.
 
     rootfs()        a Debian 13 root filesystem (debootstrap), built once and cached
-    make_tree()     a copy of it with cfsdeploy, the initramfs hooks and the check unit
-                    installed, the kernel and initramfs where deploying reads them
+    package()       cfsdeploy's Debian package, built from this checkout once
+    make_tree()     a copy of the rootfs with the package installed by apt (its
+                    initramfs hooks in a fresh initramfs) and the check unit
     builder()       the vendor: a signed repository the releases are committed to,
                     offered to the machine on a second disk (make_updates_disk)
-    make_disk()     a GPT disk: an ESP with systemd-boot and the boot entries, and an
-                    ext4 root (fs-verity capable) holding a sysroot with the vendor's
-                    release pulled and deployed; make_plain_disk() the same tree on
-                    plain ext4, for comparison
+    make_disk()     `cfsdeploy install to-disk`: a GPT disk with an ESP (systemd-boot,
+                    the boot entries) and an ext4 root (fs-verity capable) holding a
+                    sysroot with the vendor's release pulled and deployed
     boot()          QEMU with OVMF, no network, the serial console in a log; the check
                     unit in the guest prints `CFSDEPLOY-RESULT key=value` lines, runs
                     the boot's steps, and powers off or reboots
@@ -45,16 +45,8 @@ Log = Callable[[str], None]
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
 CACHE = Path(os.environ.get("CFSDEPLOY_VM_CACHE", "/var/tmp/cfsdeploy-vm"))
-SUITE = "trixie"
-PACKAGES = (
-    # python3-cffi-backend: provides what python3-pygit2 needs under a virtual name,
-    # which debootstrap does not resolve (nor systemd-boot's alternative of
-    # systemd-boot-efi); systemd-boot: systemd-bless-boot, which marks a boot good
-    # once boot-complete.target is reached (boot counting)
-    "linux-image-amd64", "systemd", "systemd-sysv", "systemd-boot", "systemd-boot-efi", "udev",
-    "initramfs-tools", "kmod", "util-linux", "mount", "e2fsprogs", "dosfstools", "fsverity", "zstd",
-    "python3", "python3-pygit2", "python3-cffi-backend", "python3-gnupg", "python3-click", "gnupg", "gpgv",
-)
+# The Debian example's steps, which the VM's tree is made with
+EXAMPLE = TOP / "examples/debian"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
@@ -103,34 +95,56 @@ def remove_tree(path: Path) -> None:
 
 
 def rootfs(log: Log = print) -> Path:
-    """Debian 13 minbase with a kernel, systemd and what cfsdeploy needs, built once
-    (about 2 minutes) into CACHE and reused while PACKAGES stay the same."""
+    """examples/debian/bootstrap.sh's Debian 13 root filesystem, built once (about 2
+    minutes) into CACHE and reused while the script stays the same."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    key = f"{SUITE}-{hashlib.sha256(' '.join(PACKAGES).encode()).hexdigest()[:12]}"
-    dest = CACHE / f"rootfs-{key}"
+    script = EXAMPLE / "bootstrap.sh"
+    dest = CACHE / f"rootfs-{hashlib.sha256(script.read_bytes()).hexdigest()[:12]}"
     with lockfile.hold(str(CACHE / "lock"), f"{CACHE} is locked", wait=1800):
         if dest.is_dir():
             return dest
         for stale in CACHE.glob(".rootfs-*.building"):  # what interrupted builds left
             remove_tree(stale)
-        building = CACHE / f".rootfs-{key}.building"
-        log(f"debootstrap {SUITE} from {mirror()} into {dest} (once; about 2 minutes)")
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
-             building, mirror()], capture=True)
-        # apt's lists and caches, and the packages debootstrap installed from, are not
-        # part of an OS image
-        for junk in ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb"):
-            for p in building.glob(junk):
-                if p.is_file():
-                    p.unlink()
+        building = CACHE / f".{dest.name}.building"
+        log(f"{script.relative_to(TOP)} from {mirror()} into {dest} (once; about 2 minutes)")
+        run(["bash", script, building, mirror()], capture=True)
         os.rename(building, dest)
         return dest
 
 
+# --- the Debian package ------------------------------------------------------------------
+
+# What packaging/build-deb.sh builds the package from
+PACKAGE_SOURCES = ("deploy", "hooks", "packaging", "pyproject.toml", "README.md")
+
+
+def package(log: Log = print) -> Path:
+    """cfsdeploy's Debian package built from this checkout by packaging/build-deb.sh,
+    once per state of the files it is built from (cached in CACHE)."""
+    h = hashlib.sha256()
+    for top in PACKAGE_SOURCES:
+        paths = [TOP / top] if (TOP / top).is_file() else sorted((TOP / top).rglob("*"))
+        for p in paths:
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(f"{p.relative_to(TOP)}\0{p.stat().st_mode & 0o111}\0".encode())
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+    CACHE.mkdir(parents=True, exist_ok=True)
+    dest = CACHE / f"deb-{h.hexdigest()[:12]}"
+    with lockfile.hold(str(CACHE / "lock"), f"{CACHE} is locked", wait=1800):
+        if not dest.is_dir():
+            for old in CACHE.glob("deb-*"):
+                shutil.rmtree(old)
+            log(f"building the Debian package into {dest}")
+            building = CACHE / ".deb.building"
+            shutil.rmtree(building, ignore_errors=True)
+            run(["bash", TOP / "packaging/build-deb.sh", building], capture=True)
+            os.rename(building, dest)
+    (deb,) = dest.glob("cfsdeploy_*_all.deb")
+    return deb
+
+
 # --- the image tree ----------------------------------------------------------------------
 
-ESP_UUID = "c12a7328-0000-4000-8000-00000000e5f1"
-ROOT_UUID = "0fc63daf-0000-4000-8000-000000000001"
 CHECK_UNIT = """\
 [Unit]
 Description=cfsdeploy VM test: check the composed root from inside, then power off or reboot
@@ -198,40 +212,19 @@ def put(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-@contextlib.contextmanager
-def chroot_mounts(root: Path) -> Iterator[None]:
-    """/proc, /sys and /dev inside root while a chroot command runs."""
-    done: list[Path] = []
-    try:
-        for what, argv in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),
-                           ("dev", ["--bind", "/dev"])):
-            run(["mount", *argv, root / what])
-            done.append(root / what)
-        yield
-    finally:
-        for p in reversed(done):
-            run(["umount", p])
-
-
 def make_tree(dest: Path, log: Log = print) -> Tree:
-    """The OS tree to commit: the cached rootfs with cfsdeploy, our initramfs hooks and
-    the check unit installed, a fresh initramfs, the kernel and initramfs at
-    /usr/lib/modules/<kver>/ (where deploying reads them) and an empty /boot, which
-    is the ESP's mount point in the running system."""
+    """The OS tree to commit, made as examples/debian makes one: the cached rootfs
+    with cfsdeploy's Debian package installed by apt (which rebuilds the initramfs
+    with its hooks; the kernel stays in /boot, where Debian puts it) and the rest of
+    add-cfsdeploy.sh; plus what the tests add: the check unit and canaries."""
     base = rootfs(log)
     # A full copy, not cp -l: links into the cache would give every file a link
     # count of 2, which the manifest records.
     run(["cp", "-a", base, dest])
     (kver,) = [p.name for p in (dest / "usr/lib/modules").iterdir()]
-    pkg = dest / "usr/lib/python3/dist-packages/cfsdeploy"
-    shutil.copytree(TOP / "deploy", pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    put(dest / "usr/bin/cfsdeploy", b"#!/usr/bin/python3\nfrom cfsdeploy.cli import main\nmain()\n", 0o755)
-    hooks = TOP / "hooks"
-    put(dest / "usr/lib/cfsdeploy/cfsdeploy-prepare-root", (hooks / "cfsdeploy-prepare-root").read_bytes(), 0o755)
-    for unit in (hooks / "systemd").iterdir():
-        put(dest / "usr/lib/systemd/system" / unit.name, unit.read_bytes())
-    for part in ("hooks/cfsdeploy", "scripts/local-bottom/cfsdeploy"):
-        put(dest / "usr/share/initramfs-tools" / part, (hooks / "initramfs-tools" / part).read_bytes(), 0o755)
+    deb = package(log)
+    log(f"add-cfsdeploy.sh: apt install {deb.name} into the tree (a new initramfs with cfsdeploy's hooks)")
+    run(["bash", EXAMPLE / "add-cfsdeploy.sh", dest, deb], capture=True)
     put(dest / "usr/libexec/cfsdeploy-vm/check", (HERE / "vm_check.py").read_bytes(), 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/finish", FINISH, 0o755)
     put(dest / "usr/libexec/cfsdeploy-vm/cut-runner", (HERE / "vm_cut.py").read_bytes(), 0o755)
@@ -240,33 +233,13 @@ def make_tree(dest: Path, log: Log = print) -> Tree:
     wants = dest / "etc/systemd/system/multi-user.target.wants/cfsdeploy-vm-check.service"
     wants.parent.mkdir(parents=True, exist_ok=True)
     wants.symlink_to("/usr/lib/systemd/system/cfsdeploy-vm-check.service")
-    put(dest / "etc/fstab", f"PARTUUID={ESP_UUID} /boot vfat umask=0077 0 0\n".encode())
     put(dest / "etc/hostname", b"cfsdeploy-vm\n")
-    # Each machine makes its own at first boot (empty: without first-boot prompts)
-    put(dest / "etc/machine-id", b"", 0o444)
     canaries, objects = {}, {}
     for name in CANARIES:
         data = os.urandom(65536)
         put(dest / "usr/share/cfsdeploy-vm" / name, data)
         canaries[name] = hashlib.sha256(data).hexdigest()
         objects[name] = fsverity.digest_bytes(data).hex()
-
-    log(f"update-initramfs for {kver} with the cfsdeploy hooks")
-    boot = dest / "boot"
-    for p in boot.glob("initrd.img-*"):
-        p.unlink()
-    with chroot_mounts(dest):
-        run(["chroot", dest, "update-initramfs", "-c", "-k", kver], capture=True)
-    modules = dest / "usr/lib/modules" / kver
-    put(modules / "vmlinuz", (boot / f"vmlinuz-{kver}").read_bytes())
-    put(modules / "initramfs.img", (boot / f"initrd.img-{kver}").read_bytes())
-    for p in boot.iterdir():
-        p.unlink()
-    for p in dest.glob("*"):
-        if p.is_symlink() and p.name.startswith(("vmlinuz", "initrd.img")):
-            p.unlink()
-    for d in ("sysroot", "efi"):
-        (dest / d).mkdir(exist_ok=True)
     tree = Tree(dest, kver, 0, canaries, objects)
     set_release(tree, 1)
     return tree
@@ -301,13 +274,9 @@ def set_release(tree: Tree, n: int, *, boot_completes: bool = True) -> None:
 # --- the disk ----------------------------------------------------------------------------
 
 MIB = 1 << 20
-ESP_START, ESP_SIZE = 1 * MIB, 256 * MIB
-ROOT_START, ROOT_SIZE = ESP_START + ESP_SIZE, 3072 * MIB
-DISK_SIZE = ROOT_START + ROOT_SIZE + MIB  # and the backup GPT
+DISK_SIZE = "4G"
 OS_NAME = "debian"
 BRANCH = "debian/13/x86_64/vmtest"
-KARGS = (f"root=PARTUUID={ROOT_UUID}", "rw", "console=ttyS0", "panic=10")
-LOADER_CONF = b"timeout 0\neditor no\n"
 
 
 @dataclass
@@ -325,7 +294,7 @@ class Builder:
         out = cfsdeploy("commit", "--repo", self.repo, "--tree", tree.path, "--branch", BRANCH,
                         "-m", f"Debian 13 for the cfsdeploy VM test, release {tree.release}",
                         "--version", f"13.vm{tree.release}", "--sign-key", self.key.email,
-                        "--gpg-homedir", self.key.home)
+                        "--gpg-homedir", self.key.home, "--lint")
         return out.split()[-1]
 
 
@@ -360,13 +329,27 @@ def make_updates_disk(b: Builder, work: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Part:
+    """A partition's place on its disk, in bytes."""
+    start: int
+    size: int
+
+
+def partitions(disk: Path) -> dict[str, Part]:
+    """The disk's GPT partitions by name (`install to-disk` names them esp and root)."""
+    table = json.loads(run(["sfdisk", "--json", disk], capture=True).stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    return {p["name"]: Part(p["start"] * sector, p["size"] * sector) for p in table["partitions"]}
+
+
 @dataclass
 class Disk:
     path: Path
     # OVMF's variables: this machine's NVRAM, kept from boot to boot
     vars: Path
     tree: Tree
-    # the deployment made on the host, as `cfsdeploy status --json` lists it
+    # the deployment made on the host: its deployment.json, with its os and name
     deployment: dict[str, object]
 
     @property
@@ -381,13 +364,11 @@ def cfsdeploy(*args: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def mounted_root(disk: Path) -> Iterator[Path]:
+def mounted_root(disk: Path, *, readonly: bool = False) -> Iterator[Path]:
     """The disk's root partition mounted on the host (the VM must be off)."""
+    root = partitions(disk)["root"]
     mnt = Path(tempfile.mkdtemp(prefix="cfsdeploy-vm-root."))
-    # nobarrier: cfsdeploy fsyncs every object it writes, and each flush through the
-    # loop device flushes the whole image file, five times slower; QEMU reads the
-    # image through the same page cache, so nothing is lost by skipping them.
-    run(["mount", "-o", f"loop,nobarrier,offset={ROOT_START},sizelimit={ROOT_SIZE}", disk, mnt])
+    run(["mount", "-o", f"loop,{'ro' if readonly else 'rw'},offset={root.start},sizelimit={root.size}", disk, mnt])
     try:
         yield mnt
     finally:
@@ -395,104 +376,29 @@ def mounted_root(disk: Path) -> Iterator[Path]:
         mnt.rmdir()
 
 
-def mtools(*argv: str | Path) -> None:
-    run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
-
-
-def partition(disk: Path) -> None:
-    """A sparse disk image with a GPT: the ESP and the root partition."""
-    with open(disk, "wb") as f:
-        f.truncate(DISK_SIZE)
-    s = 512
-    run(["sfdisk", "--quiet", disk], input=(
-        "label: gpt\n"
-        f"start={ESP_START // s}, size={ESP_SIZE // s}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, "
-        f"uuid={ESP_UUID}, name=esp\n"
-        f"start={ROOT_START // s}, size={ROOT_SIZE // s}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
-        f"uuid={ROOT_UUID}, name=root\n").encode(), capture=True)
-
-
-def make_root_fs(disk: Path, tree: Path | None = None) -> None:
-    """ext4 on the root partition, with fs-verity and 4096-byte blocks (fs-verity
-    needs the page size); filled from tree when given."""
-    run(["mkfs.ext4", "-q", "-b", "4096", "-O", "verity", "-L", "root", "-E", f"offset={ROOT_START}",
-         *(["-d", tree] if tree else []), disk, f"{ROOT_SIZE // MIB}M"])
-
-
-def write_esp(disk: Path, work: Path, content: Path) -> Path:
-    """The ESP: systemd-boot, loader.conf and content (the boot directory's files);
-    and a fresh OVMF variables file, the machine's NVRAM from now on."""
-    (content / "loader").mkdir(exist_ok=True)
-    (content / "loader/loader.conf").write_bytes(LOADER_CONF)
-    # Made apart (mkfs.vfat --offset into the disk image gave a FAT32 mtools could
-    # not make directories in), filled without mounting (this host has no vfat),
-    # then copied in.
-    esp = work / "esp.img"
-    with open(esp, "wb") as f:
-        f.truncate(ESP_SIZE)
-    run(["mkfs.vfat", "-F", "32", "-n", "ESP", esp], capture=True)
-    mtools("mmd", "-i", esp, "::/EFI", "::/EFI/BOOT")
-    mtools("mcopy", "-i", esp, SYSTEMD_BOOT, "::/EFI/BOOT/BOOTX64.EFI")
-    mtools("mcopy", "-s", "-i", esp, *sorted(content.iterdir()), "::/")
-    run(["dd", f"if={esp}", f"of={disk}", "bs=1M", f"seek={ESP_START // MIB}", "conv=notrunc,sparse",
-         "status=none"])
-    esp.unlink()
+def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: Log = print) -> Disk:
+    """A new machine's disk, made as its owner makes one: `cfsdeploy install to-disk`
+    from the builder's repository, checked against the builder's key, following the
+    updates remote where the machine will have it, with boot counting for every new
+    deployment (a release that cannot complete a boot falls back by itself, without
+    anyone at the console).  The host kernel may lack fs-verity, so the first entry
+    gets cfsdeploy.verity=try.  And a fresh OVMF variables file: its NVRAM."""
+    disk = work / "disk.img"
+    disk.unlink(missing_ok=True)
+    t = time.monotonic()
+    out = cfsdeploy("install", "to-disk", disk, "--size", DISK_SIZE, "--from", f"file://{b.repo}",
+                    "--branch", BRANCH, "--gpg-import", b.key.public,
+                    "--update-url", f"file://{UPDATES_MOUNT}/repo", "--os", OS_NAME, "--tries", str(TRIES),
+                    "--verity", verity, "--console", "ttyS0", "--karg", "panic=10")
+    for line in out.splitlines():
+        log(f"  {line}")
+    log(f"  install to-disk took {time.monotonic() - t:.1f} s")
+    with mounted_root(disk, readonly=True) as mnt:
+        (record,) = (mnt / "cfsdeploy/deploy" / OS_NAME).glob("*/deployment.json")
+        deployment = {**json.loads(record.read_text()), "os": OS_NAME, "name": record.parent.name}
     vars_ = disk.with_suffix(".vars")
     shutil.copyfile(OVMF_VARS, vars_)
-    return vars_
-
-
-def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: Log = print) -> Disk:
-    """A GPT disk with an ESP (systemd-boot, loader.conf, what `cfsdeploy deploy`
-    wrote into the boot directory) and an ext4 root with fs-verity holding a
-    sysroot with one deployment: the builder's head, installed the way a machine
-    gets it (pulled and checked against the builder's key), following the updates
-    remote, with boot counting for every new deployment.  The host kernel may lack fs-verity, so the first entry gets
-    cfsdeploy.verity=try."""
-    disk = work / "disk.img"
-    partition(disk)
-    make_root_fs(disk)
-    staging = work / "boot"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    with mounted_root(disk) as mnt:
-        log("cfsdeploy sysroot init, remote add, pull from the builder, deploy")
-        # every new deployment on trial: a release that cannot complete a boot
-        # falls back by itself, without anyone at the console
-        cfsdeploy("sysroot", "init", "--sysroot", mnt, "--os", OS_NAME, "--boot-dir", "/boot",
-                  "--tries", str(TRIES), *(f"--karg={a}" for a in KARGS))
-        repo = mnt / "cfsdeploy/repo"
-        cfsdeploy("remote", "add", "--repo", repo, REMOTE, f"file://{UPDATES_MOUNT}/repo",
-                  "--gpg-import", b.key.public, "--branch", BRANCH)
-        t = time.monotonic()
-        # where the machine will find its updates is not where the host has them
-        cfsdeploy("pull", "--repo", repo, "--url", f"file://{b.repo}", REMOTE, BRANCH)
-        log(f"  pull took {time.monotonic() - t:.1f} s")
-        t = time.monotonic()
-        for line in cfsdeploy("deploy", "--sysroot", mnt, "--boot-dir", staging, "--verity", verity,
-                              f"{REMOTE}/{BRANCH}").splitlines():
-            log(f"  {line}")
-        log(f"  deploy took {time.monotonic() - t:.1f} s")
-        status = json.loads(cfsdeploy("status", "--json", "--sysroot", mnt, "--boot-dir", staging))
-    vars_ = write_esp(disk, work, staging)
-    return Disk(disk, vars_, tree, status["deployments"][0])
-
-
-def make_plain_disk(tree: Tree, work: Path) -> Disk:
-    """The same tree on a plain ext4 root, booted the classic way (no cfsdeploy= on
-    the command line, so the hook does nothing): the baseline for boot times."""
-    disk = work / "plain.img"
-    partition(disk)
-    make_root_fs(disk, tree.path)
-    staging = work / "plain-boot"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "loader/entries").mkdir(parents=True)
-    modules = tree.path / "usr/lib/modules" / tree.kver
-    for name in ("vmlinuz", "initramfs.img"):
-        shutil.copyfile(modules / name, staging / name)
-    (staging / "loader/entries/plain.conf").write_text(
-        f"title Debian 13 on plain ext4\nlinux /vmlinuz\ninitrd /initramfs.img\noptions {' '.join(KARGS)}\n")
-    return Disk(disk, write_esp(disk, work, staging), tree, {})
+    return Disk(disk, vars_, tree, deployment)
 
 
 def object_path(digest: str) -> str:
@@ -503,10 +409,11 @@ def object_path(digest: str) -> str:
 def corrupt(disk: Disk, path: str) -> None:
     """Flip one byte of the file at path (in the root partition) on the disk itself,
     under the filesystem, as a bad disk or an attacker with the disk would."""
-    out = run(["debugfs", "-R", f"bmap {path} 0", f"{disk.path}?offset={ROOT_START}"], capture=True)
+    root = partitions(disk.path)["root"]
+    out = run(["debugfs", "-R", f"bmap {path} 0", f"{disk.path}?offset={root.start}"], capture=True)
     block = int(out.stdout.split()[-1])
     with open(disk.path, "r+b") as f:
-        f.seek(ROOT_START + block * 4096)
+        f.seek(root.start + block * 4096)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))

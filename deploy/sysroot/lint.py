@@ -143,7 +143,7 @@ def lint(root: Inode, read: Reader) -> list[Finding]:
     machine_id = _text(root, b"/etc/machine-id", read)
     if machine_id is not None and machine_id.strip() not in (b"", b"uninitialized"):
         out.append(Finding(Rule.MACHINE_ID, "/etc/machine-id"))
-    out += _var(root)
+    out += _var(root, _tmpfiles(root, read))
     out += _symlinks(root)
     return out
 
@@ -202,14 +202,54 @@ def _fstab(root: Inode, read: Reader) -> list[Finding]:
     return out
 
 
-def _var(root: Inode) -> list[Finding]:
-    """Non-directories under /var, counted per /var/<a>/<b>."""
+# tmpfiles.d(5) directories, in the tree, that systemd-tmpfiles reads at every boot
+TMPFILES_DIRS = (b"/usr/lib/tmpfiles.d", b"/etc/tmpfiles.d")
+
+
+@dataclass(frozen=True)
+class Tmpfiles:
+    """What the tree's tmpfiles.d makes at boot: these paths, and whole trees below
+    the `C` (copy) ones."""
+    paths: frozenset[bytes]
+    trees: tuple[bytes, ...]
+
+    def covers(self, path: bytes) -> bool:
+        return path in self.paths or any(path.startswith(t + b"/") for t in self.trees)
+
+
+def _tmpfiles(root: Inode, read: Reader) -> Tmpfiles:
+    paths: set[bytes] = set()
+    trees: list[bytes] = []
+    for d in TMPFILES_DIRS:
+        conf_dir = lookup(root, d)
+        if not (isinstance(conf_dir, Inode) and conf_dir.is_dir()):
+            continue
+        for name in sorted(conf_dir.children):
+            if not name.endswith(b".conf"):
+                continue
+            for line in (_text(root, d + b"/" + name, read) or b"").splitlines():
+                fields = line.split()
+                # specifiers (%) and globs name no one path; `w` and the adjusting
+                # types (z, x, r, ...) change what exists and make nothing
+                if len(fields) < 2 or fields[0].startswith(b"#") or re.search(rb"[%*?\[]", fields[1]):
+                    continue
+                kind = fields[0].rstrip(b"+!-=~^")
+                if kind in (b"f", b"F", b"d", b"D", b"v", b"q", b"Q", b"p", b"L", b"c", b"b"):
+                    paths.add(fields[1].rstrip(b"/"))
+                elif kind == b"C":
+                    trees.append(fields[1].rstrip(b"/"))
+    return Tmpfiles(frozenset(paths), tuple(trees))
+
+
+def _var(root: Inode, made_at_boot: Tmpfiles) -> list[Finding]:
+    """Non-directories under /var that tmpfiles.d does not make at every boot,
+    counted per /var/<a>/<b>."""
     var = lookup(root, b"/var")
     if not isinstance(var, Inode) or not var.is_dir():
         return []
     counts: dict[str, int] = {}
     for path, e in walk(var):
-        if isinstance(e, Hardlink) or not e.is_dir():
+        if (isinstance(e, Hardlink) or not e.is_dir()) and not made_at_boot.covers(b"/var" + path):
             top = os.fsdecode(b"/var" + b"/".join(path.split(b"/")[:3]))
             counts[top] = counts.get(top, 0) + 1
     return [Finding(Rule.VAR_CONTENT, p, {"entries": n}) for p, n in sorted(counts.items())]
