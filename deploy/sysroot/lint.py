@@ -224,7 +224,7 @@ def _tmpfiles(root: Inode, read: Reader) -> Tmpfiles:
         conf_dir = lookup(root, d)
         if not (isinstance(conf_dir, Inode) and conf_dir.is_dir()):
             continue
-        for name in sorted(conf_dir.children):
+        for name in sorted(conf_dir.children or {}):
             if not name.endswith(b".conf"):
                 continue
             for line in (_text(root, d + b"/" + name, read) or b"").splitlines():
