@@ -70,8 +70,9 @@ def test_tree_lints_without_warnings(tree: Path) -> None:
     assert [f for f in lint_findings(tree) if f["severity"] == "warning"] == []
 
 
-def test_machine_id_is_empty_so_the_first_boot_asks_nothing(tree: Path) -> None:
-    # mkosi 14 writes "uninitialized", which makes systemd-firstboot prompt on the console.
+def test_machine_id_is_empty_so_a_machine_boots_without_first_boot_setup(tree: Path) -> None:
+    # mkosi 14 writes "uninitialized": systemd would apply the unit presets and run
+    # systemd-firstboot at a machine's first boot.
     assert (tree / "etc/machine-id").read_bytes() == b""
 
 
