@@ -43,7 +43,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..util import fsutil
-from ..util.errors import CfsError, IntegrityError, UsageError
+from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
 from ..util.run import run
 from . import kargs
 
@@ -57,6 +57,7 @@ ADDED = (OSREL, CMDLINE, UNAME, INITRD, LINUX)
 # loads at most 96), and headers that fit well within the first pages.
 MAX_SECTIONS = 96
 MAX_HEADERS = 1 << 16
+MAX_OPTIONAL = 1 << 12  # PE32+ with all 16 data directories: 240 bytes
 MAX_OSREL = 1 << 16
 MAX_UNAME = 256
 # A kernel and its initramfs; a UKI bigger than this is no UKI of ours.
@@ -68,6 +69,7 @@ _PE32, _PE32_PLUS = 0x10B, 0x20B
 _COFF = struct.Struct("<HHIIIHH")      # Machine ... Characteristics
 _SECTION = struct.Struct("<8sIIII12xI")  # Name, VirtualSize, VirtualAddress, SizeOfRawData, PointerToRawData
 _SECURITY_DIR = 4
+_CMDLINE = re.compile(r"[\x21-\x26\x28-\x5b\x5d-\x7e]+( [\x21-\x26\x28-\x5b\x5d-\x7e]+)*")
 _UNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
 
 
@@ -77,6 +79,10 @@ class UkiError(CfsError):
 
 class UkiFormatError(UkiError, IntegrityError):
     """A file is no well-formed PE image (truncated, malformed, hostile)."""
+
+
+class UkiNotFoundError(UkiError, NotFoundError):
+    """There is no file where a UKI was to be read."""
 
 
 class UkiUsageError(UkiError, UsageError):
@@ -148,20 +154,20 @@ def _headers(size: int, read: Reader) -> PeImage:
     if not 1 <= count <= MAX_SECTIONS:
         raise _bad(f"{count} sections (1 to {MAX_SECTIONS} expected)")
     opt = coff + _COFF.size
+    if opt_size > MAX_OPTIONAL:
+        raise _bad(f"optional header of {opt_size} bytes")
     header = get(opt, opt_size, "optional header")
     if len(header) < 2:
         raise _bad("no optional header")
     (magic,) = struct.unpack_from("<H", header)
     # PE32+ has a 64-bit ImageBase where PE32 has BaseOfData and a 32-bit one;
     # the data directories follow 96 (PE32) or 112 (PE32+) bytes of fields
-    if magic == _PE32_PLUS:
-        fields, base = 112, struct.unpack_from("<Q", header, 24)[0] if len(header) >= 32 else 0
-    elif magic == _PE32:
-        fields, base = 96, struct.unpack_from("<I", header, 28)[0] if len(header) >= 32 else 0
-    else:
+    if magic not in (_PE32, _PE32_PLUS):
         raise _bad(f"optional header magic {magic:#x}")
+    fields = 112 if magic == _PE32_PLUS else 96
     if len(header) < fields:
         raise _bad(f"optional header of {len(header)} bytes")
+    (base,) = struct.unpack_from("<Q", header, 24) if magic == _PE32_PLUS else struct.unpack_from("<I", header, 28)
     section_alignment, file_alignment = struct.unpack_from("<II", header, 32)
     for name, value in (("SectionAlignment", section_alignment), ("FileAlignment", file_alignment)):
         if value == 0 or value & (value - 1) or value > 1 << 16:
@@ -192,6 +198,8 @@ def _headers(size: int, read: Reader) -> PeImage:
 def _open(path: PathLike) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise UkiNotFoundError(f"{os.fsdecode(path)}: no such file") from None
     except OSError as e:
         raise UkiError(f"{os.fsdecode(path)}: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -265,11 +273,14 @@ def _regular(path: PathLike, what: str) -> int:
 
 
 def _check_cmdline(cmdline: str) -> None:
-    """One plain line the stub passes on unchanged (mangle_stub_cmdline keeps it as is)."""
-    if not cmdline or len(cmdline) > kargs.MAX_LINE or not re.fullmatch(r"[\x21-\x7e]+( [\x21-\x7e]+)*", cmdline):
-        raise UkiUsageError(f"invalid UKI command line {cmdline!r}: printable ASCII words separated by one "
-                            f"space, at most {kargs.MAX_LINE} characters")
-    kargs.split(cmdline)  # balanced quotes, as every command line of ours
+    """One plain line that systemd-stub passes on unchanged (mangle_stub_cmdline keeps
+    it as is) and that every reader splits alike: words of printable ASCII without '
+    or \\ (systemd reads them as quotes and escapes, the kernel not), one space apart,
+    double quotes balanced."""
+    if (not cmdline or len(cmdline) > kargs.MAX_LINE or not _CMDLINE.fullmatch(cmdline)
+            or cmdline.count('"') % 2):
+        raise UkiUsageError(f"invalid UKI command line {cmdline!r}: printable ASCII words without ' or \\, "
+                            f"one space apart, double quotes balanced, at most {kargs.MAX_LINE} characters")
 
 
 def _produce(out: PathLike, make: Callable[[str], None]) -> None:
