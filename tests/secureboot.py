@@ -6,8 +6,9 @@ keys, and short boots of an ESP on it.
                      (virt-fw-vars, from PyPI's virt-firmware)
     make_esp()       a FAT image (no partition table: OVMF boots it as a removable
                      disk) filled with mtools, without mounting
-    boot()           QEMU in Secure Boot mode: q35 with SMM, the pflash locked to
-                     SMM, OVMF's secboot build; ends when the log shows an end
+    boot()           QEMU in Secure Boot mode: q35 with SMM, the variables' flash
+                     writable only from SMM, OVMF's secboot build; until the kernel
+                     reboots or the firmware is out of boot options
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def make_keys(directory: Path) -> Keys:
 
 def enrolled_vars(keys: Keys, out: Path) -> Path:
     """OVMF's empty variables with PK, KEK and db set and Secure Boot enabled."""
-    run([virt_fw_vars(), "--input", vm.OVMF_VARS, "--output", out,  # type: ignore[list-item]
+    tool = virt_fw_vars()
+    assert tool is not None, "see missing_requirements()"
+    run([tool, "--input", vm.OVMF_VARS, "--output", out,
          "--set-pk", OWNER, keys.pk.cert, "--add-kek", OWNER, keys.kek.cert, "--add-db", OWNER, keys.db.cert,
          "--secure-boot"], capture=True)
     return out

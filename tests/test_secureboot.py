@@ -26,7 +26,9 @@ OTHER_DIGEST = "0d" * 32
 CMDLINE = f"console=ttyS0 panic=-1 cfsdeploy.digest={DIGEST}"
 # What the boot entry asks for instead: another image, fs-verity off
 ENTRY_OPTIONS = f"console=ttyS0 panic=-1 cfsdeploy.digest={OTHER_DIGEST} cfsdeploy.verity=off"
-UKI_PATH = "EFI/Linux/test.efi"
+# Not in EFI/Linux/: systemd-boot would list a UKI there as a Type #2 entry of its
+# own, with its own command line, and might boot that one instead of the entry's.
+UKI_PATH = "EFI/cfsdeploy/test.efi"
 REFUSED = f"Error loading \\{UKI_PATH.replace('/', chr(92))}: Access denied"
 
 
@@ -58,16 +60,18 @@ class Lab:
         uki.sign(self.unsigned, pair.key, pair.cert, out)
         return out
 
-    def boot(self, name: str, image: Path, extra: tuple[str, ...] = ()) -> secureboot.Boot:
-        """Boot image as the ESP's one entry, whose options line tries to change its command line."""
+    def boot(self, name: str, image: Path, extra: tuple[str, ...] = (), *,
+             vars_: Path | None = None) -> secureboot.Boot:
+        """Boot image as the ESP's one entry, whose options line tries to change its
+        command line; with the test's keys enrolled unless other variables are given."""
         esp = secureboot.make_esp(self.work / f"{name}.esp", {
             "EFI/BOOT/BOOTX64.EFI": self.loader,
             UKI_PATH: image,
-            "loader/loader.conf": vm.LOADER_CONF,
+            "loader/loader.conf": vm.LOADER_CONF + b"default test.conf\n",
             "loader/entries/test.conf": f"title test\nefi /{UKI_PATH}\noptions {ENTRY_OPTIONS}\n".encode(),
         })
         try:
-            return secureboot.boot(esp, self.vars, self.work, name, extra=extra)
+            return secureboot.boot(esp, vars_ or self.vars, self.work, name, extra=extra)
         finally:
             esp.unlink()
 
@@ -80,8 +84,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
 
 
 def booted(request: pytest.FixtureRequest, lab: Lab, name: str, image: Path,
-           extra: tuple[str, ...] = ()) -> secureboot.Boot:
-    b = lab.boot(name, image, extra)
+           extra: tuple[str, ...] = (), *, vars_: Path | None = None) -> secureboot.Boot:
+    b = lab.boot(name, image, extra, vars_=vars_)
     report(request, f"[secureboot] {name}: {b.seconds:.1f} s")
     return b
 
@@ -93,6 +97,14 @@ def test_signed_uki_boots_under_secure_boot_with_its_own_command_line(lab: Lab,
     # the entry's options line is ignored: the kernel's command line is the signed .cmdline
     assert b.lines("Command line: ") == [CMDLINE] == [uki.cmdline_of(lab.unsigned)]
     assert b.lines("Kernel command line: ") == [CMDLINE]
+
+
+def test_without_secure_boot_the_entrys_options_replace_the_command_line(lab: Lab,
+                                                                         request: pytest.FixtureRequest) -> None:
+    """The control: the same ESP with no keys enrolled (Secure Boot off)."""
+    b = booted(request, lab, "no-secure-boot", lab.signed("no-secure-boot", lab.keys.db), vars_=vm.OVMF_VARS)
+    assert b.lines("secureboot: ") == ["Secure boot disabled"]
+    assert b.lines("Command line: ") == [ENTRY_OPTIONS]
 
 
 def test_uki_whose_command_line_was_changed_after_signing_is_refused(lab: Lab,

@@ -356,11 +356,10 @@ def _settle(made: str, stub: PeImage, sizes: dict[str, int], texts: dict[str, by
     """Check what objcopy made, and make it the same for the same inputs: the stub's
     time stamp back in the COFF header, the checksum zero (as ukify leaves it)."""
     image = read_headers(made)
-    names = [s.name for s in image.sections]
+    made_sizes = {s.name: s.virtual_size for s in image.sections}
     expected = [s.name for s in stub.sections] + [n for n in ADDED if n in sizes]
-    if names != expected or any(image.section(n).virtual_size != size  # type: ignore[union-attr]
-                                for n, size in sizes.items()):
-        raise UkiError(f"objcopy made sections {names}, not {expected} of the sizes given")
+    if list(made_sizes) != expected or any(made_sizes[n] != size for n, size in sizes.items()):
+        raise UkiError(f"objcopy made sections {list(made_sizes)}, not {expected} of the sizes given")
     got = sections(made, texts.keys())
     if got != texts:
         raise UkiError("objcopy's sections do not read back as written")
