@@ -39,6 +39,9 @@ _PACKAGES = {
     "dd": "coreutils",
     "sync": "coreutils",
     "fallocate": "util-linux",
+    "objcopy": "binutils",
+    "sbsign": "sbsigntool",
+    "sbverify": "sbsigntool",
 }
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
