@@ -18,7 +18,7 @@ from cfsdeploy.repo.repository import Repository
 from .test_signing import signer_home  # noqa: F401  (a fixture)
 
 COMMIT_KEYS = {"commit", "subject", "body", "version", "branches", "time", "author", "parents", "image_digest",
-               "image_format", "signature"}
+               "image_format", "sealed", "signature"}
 SIGNATURE_KEYS = {"key_id", "fingerprint", "verified", "signer", "problem"}
 FSCK_KEYS = {"schema", "ok", "commits", "history_only", "objects_checked", "problems"}
 PROBLEM_KEYS = {"kind", "commit", "object_digest", "image", "detail"}

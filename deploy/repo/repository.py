@@ -50,6 +50,10 @@ TRAILER_DIGEST = "Composefs-Digest"
 TRAILER_FORMAT = "Composefs-Format"
 TRAILER_VERSION = "Cfsdeploy-Version"
 TRAILER_BRANCH = "Cfsdeploy-Branch"  # the binding: a branch the commit was made for
+# A sealed release (docs/architecture.md, "Sealed releases"): objects holding its
+# signed Unified Kernel Image and the boot loader signed with the same key.
+TRAILER_SEALED_UKI = "Cfsdeploy-Sealed-UKI"
+TRAILER_SEALED_LOADER = "Cfsdeploy-Sealed-Loader"
 # The only trailer a message may give more than once; every other key appears at most once.
 REPEATABLE = frozenset({TRAILER_BRANCH})
 _TRAILER_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -95,6 +99,26 @@ class TrailerError(RepositoryError, IntegrityError):
 
 
 @dataclass(frozen=True)
+class Sealed:
+    """What seals a commit: the objects of its signed UKI, whose command line names
+    the commit's image, and of the boot loader signed with the same key."""
+
+    uki: Digest
+    loader: Digest
+
+    def objects(self) -> set[Digest]:
+        return {self.uki, self.loader}
+
+    def to_json(self) -> dict[str, object]:
+        return {"uki": self.uki.hex(), "loader": self.loader.hex()}
+
+
+# Seals a commit being made: called with its tree and image digest inside the
+# objects' transaction, it stores the objects it names.
+Sealer = Callable[[Inode, Digest], Sealed]
+
+
+@dataclass(frozen=True)
 class CommitResult:
     """What Repository.commit made: the new commit on `branch`, and what the scan saw."""
 
@@ -102,6 +126,7 @@ class CommitResult:
     image_digest: Digest
     branch: str
     stats: ScanStats
+    sealed: Sealed | None = None
 
 
 class Repository:
@@ -219,24 +244,27 @@ class Repository:
                threads: int | None = None,
                warn: Callable[[str], None] | None = None,
                progress: Callable[[ScanStats], None] | None = None,
+               sealer: Sealer | None = None,
                lock_wait: float = 60.0, on_lock_wait: Callable[[], None] | None = None) -> CommitResult:
         """Store a tree's objects, its manifest and image, and move `branch` to a new
         commit, under the lock (waiting up to lock_wait seconds for it).
 
         The commit is bound to `branch` and to the branches in `bind` (its
         Cfsdeploy-Branch trailers): a pull of any other branch refuses it.
+        With a sealer, the commit is sealed: its Cfsdeploy-Sealed-* trailers name
+        what the sealer stored.
         The new objects are published durably (one transaction) before the ref moves;
         if anything fails first, nothing new is named and the branch stays."""
         message = CommitMessage(subject, body, version, (branch, *bind))
         with self.lock(wait=lock_wait, on_wait=on_lock_wait):
             return self._commit(tree, branch, message, parent=parent, orphan=orphan, author=author,
                                 sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads, warn=warn,
-                                progress=progress)
+                                progress=progress, sealer=sealer)
 
     def _commit(self, tree: str | os.PathLike[str], branch: str, message: CommitMessage, *,
                 parent: str | None, orphan: bool, author: tuple[str, str], sign_key: str | None,
                 gpg_homedir: str | None, threads: int | None, warn: Callable[[str], None] | None,
-                progress: Callable[[ScanStats], None] | None) -> CommitResult:
+                progress: Callable[[ScanStats], None] | None, sealer: Sealer | None) -> CommitResult:
         parents: list[str | pygit2.Oid]
         if orphan:
             parents = []
@@ -258,14 +286,15 @@ class Repository:
                                    cache=cache, **kw)
             manifest = dumpfile.dumps(root)
             image_digest, image_format = self._image_of(manifest, root, parents)
-            commit_id = self._create_commit(manifest, message.render(image_digest, image_format),
+            sealed = sealer(root, image_digest) if sealer is not None else None
+            commit_id = self._create_commit(manifest, message.render(image_digest, image_format, sealed),
                                             parents, author, sign_key, gpg_homedir)
         if cache is not None:
             cache.save(cache_path)
         self.mark_verified(str(commit_id), image_digest)
         self.git.references.create(f"refs/heads/{branch}", commit_id, force=True)
         dumbhttp.update_server_info(self)
-        return CommitResult(str(commit_id), image_digest, branch, stats)
+        return CommitResult(str(commit_id), image_digest, branch, stats, sealed)
 
     def _image_of(self, manifest: bytes, root: Inode, parents: list[str | pygit2.Oid]) -> tuple[Digest, int]:
         """The digest and format of the manifest's image, stored.  An unchanged tree
@@ -344,11 +373,13 @@ class CommitMessage:
         object.__setattr__(self, "version", check_text("the version", self.version or "").strip() or None)
         object.__setattr__(self, "branches", tuple(dict.fromkeys(self.branches)))
 
-    def render(self, image_digest: bytes, image_format: int) -> str:
+    def render(self, image_digest: bytes, image_format: int, sealed: Sealed | None = None) -> str:
         """Subject, body, trailers: the message of the commit of this image."""
         lines = [f"{TRAILER_DIGEST}: {image_digest.hex()}", f"{TRAILER_FORMAT}: {image_format}"]
         if self.version:
             lines.append(f"{TRAILER_VERSION}: {self.version}")
+        if sealed is not None:
+            lines += [f"{TRAILER_SEALED_UKI}: {sealed.uki.hex()}", f"{TRAILER_SEALED_LOADER}: {sealed.loader.hex()}"]
         lines += [f"{TRAILER_BRANCH}: {branch}" for branch in self.branches]
         return "\n\n".join(p for p in (self.subject, self.body, "\n".join(lines)) if p) + "\n"
 
@@ -402,6 +433,33 @@ def image_digest_of(commit: pygit2.Commit) -> Digest:
     return digest
 
 
+def sealed_trailers(found: dict[str, str]) -> Sealed | None:
+    """What a commit's trailers say seals it; None if it is not sealed.  Raises
+    TrailerError when they name only one object, or something that is no digest:
+    a commit sealed by halves is damaged, never taken for an unsealed one."""
+    uki, loader = found.get(TRAILER_SEALED_UKI), found.get(TRAILER_SEALED_LOADER)
+    if uki is None and loader is None:
+        return None
+    try:
+        return Sealed(Digest.from_hex(uki or ""), Digest.from_hex(loader or ""))
+    except DigestError:
+        raise TrailerError(f"{TRAILER_SEALED_UKI} and {TRAILER_SEALED_LOADER} must name an object each, "
+                           f"by digest") from None
+
+
+def sealed_of(commit: pygit2.Commit) -> Sealed | None:
+    """The objects that seal a commit; None if it is not sealed (see sealed_trailers)."""
+    return sealed_trailers(trailers(commit.message))
+
+
+def commit_objects(commit: pygit2.Commit) -> set[Digest]:
+    """Every object a commit needs: its image, the external files of its manifest,
+    and what seals it."""
+    sealed = sealed_of(commit)
+    return ({image_digest_of(commit)} | objects_of(dumpfile.parse(manifest_data(commit)))
+            | (sealed.objects() if sealed else set()))
+
+
 @dataclass(frozen=True)
 class SignatureInfo:
     """Who signed a commit, as its signature says; with a keyring, whether it verifies."""
@@ -433,12 +491,13 @@ class CommitInfo:
     image_format: int | None
     branches: list[str]  # the binding; empty for commits made before bindings
     signature: SignatureInfo | None = None
+    sealed: Sealed | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"commit": self.id, "subject": self.subject, "body": self.body, "version": self.version,
                 "branches": self.branches, "time": iso_time(self.time), "author": self.author,
                 "parents": self.parents, "image_digest": self.image_digest.hex() if self.image_digest else None,
-                "image_format": self.image_format,
+                "image_format": self.image_format, "sealed": self.sealed.to_json() if self.sealed else None,
                 "signature": self.signature.to_json() if self.signature else None}
 
 
@@ -478,7 +537,15 @@ def commit_info(commit: pygit2.Commit, *, gpg_homedir: str | None = None) -> Com
         time=commit.commit_time, author=f"{commit.author.name} <{commit.author.email}>",
         parents=[str(p) for p in commit.parent_ids], image_digest=digest_trailer(t),
         image_format=int(fmt) if fmt and fmt.isdigit() else None,
-        signature=signature_info(commit, gpg_homedir=gpg_homedir))
+        signature=signature_info(commit, gpg_homedir=gpg_homedir), sealed=_sealed_or_none(t))
+
+
+def _sealed_or_none(found: dict[str, str]) -> Sealed | None:
+    # log and show describe what they can: damaged seal trailers read as none (fsck says why)
+    try:
+        return sealed_trailers(found)
+    except TrailerError:
+        return None
 
 
 def history(repo: Repository, rev: str, limit: int | None = None, *,
@@ -639,8 +706,7 @@ def prune(repo: Repository, *, dry_run: bool = False, keep_younger_than: float =
 def _prune(repo: Repository, dry_run: bool, keep_younger_than: float) -> PruneResult:
     needed: set[Digest] = set()
     for commit in reachable_commits(repo):
-        needed.add(image_digest_of(commit))
-        needed |= objects_of(dumpfile.parse(manifest_data(commit)))
+        needed |= commit_objects(commit)
     cutoff = time.time() - keep_younger_than
     removed = freed = kept = 0
     for sub in sorted(os.listdir(repo.objects.path)):
