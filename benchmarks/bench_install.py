@@ -1,7 +1,7 @@
 """Install time: `cfsdeploy install to-disk` of the Debian 13 tree, phase by phase, against OSTree's
 `admin init-fs` + `os-init` + `pull-local` + `admin deploy` into a loop-mounted ext4, in one run.
 
-    python benchmarks/bench_install.py [--runs 1] [--untrusted] [--work DIR]
+    python benchmarks/bench_install.py [--runs 1] [--untrusted] [--ostree-mode bare-user|archive] [--work DIR]
 
 The tree is tests/vm.py's make_tree(): the cached Debian 13 debootstrap with cfsdeploy, its
 initramfs hook and a fresh initramfs, the kernel and initramfs at /usr/lib/modules/<kver>/,
@@ -63,7 +63,7 @@ CFS = [sys.executable, "-m", "cfsdeploy.cli"]
 OS = "debian"
 BRANCH = "debian/13/x86_64/bench"
 SIZE = 4 << 30
-# what each tool needs beyond what vm.py's tree needs, with its Debian package
+# the host's tools the run needs (vm.py's tree: debootstrap), with their Debian packages
 TOOLS = {"ostree": "ostree", "sfdisk": "fdisk", "losetup": "mount", "mkfs.ext4": "e2fsprogs",
          "mkfs.vfat": "dosfstools", "mcopy": "mtools", "debootstrap": "debootstrap"}
 # rpm-ostree's and bootc's places for what is machine state, relative to /
@@ -162,9 +162,9 @@ def install_ostree(repo: Path, image: Path, mnt: Path, untrusted: bool) -> dict[
             + timed("ostree", "admin", "os-init", OS, f"--sysroot={mnt}")
             + timed("ostree", sysroot_repo, "remote", "add", "--no-gpg-verify", "origin", f"file://{repo}"))
         t["pull-local"] = timed("ostree", sysroot_repo, "pull-local", "--remote=origin",
-                                        *(["--untrusted"] if untrusted else []), repo, BRANCH)
+                                *(["--untrusted"] if untrusted else []), repo, BRANCH)
         t["admin deploy"] = timed("ostree", "admin", "deploy", f"--sysroot={mnt}", f"--os={OS}",
-                                          "--karg=root=LABEL=root", "--karg=rw", f"origin:{BRANCH}")
+                                  "--karg=root=LABEL=root", "--karg=rw", f"origin:{BRANCH}")
         t0 = time.perf_counter()
         sh("umount", mnt)
         mounted = False
@@ -227,7 +227,8 @@ def main() -> None:
                     help="the mode of the repository OSTree commits into and pulls from")
     ap.add_argument("--untrusted", action="store_true",
                     help="pull-local --untrusted: OSTree checks every object, as cfsdeploy's pull does")
-    ap.add_argument("--work", type=Path, help="working directory (default: a new one under /var/tmp, removed)")
+    ap.add_argument("--work", type=Path,
+                    help="an empty working directory, kept (default: a new one under /var/tmp, removed)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loop devices, mounts, chroot)")
@@ -236,6 +237,8 @@ def main() -> None:
             sys.exit(f"{tool} is not installed (Debian package {package})")
     work = args.work or Path(tempfile.mkdtemp(prefix="cfsdeploy-bench-install.", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.work and any(work.iterdir()):
+        sys.exit(f"{work}: not empty")
     try:
         tree, ostree_tree = work / "tree", work / "tree-ostree"
         built = vm.make_tree(tree, log=lambda m: print(m, file=sys.stderr))
