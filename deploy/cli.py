@@ -1269,11 +1269,12 @@ def _mib(text: str) -> int:
 @click.option("--filesystem", "fs", type=click.Choice(["ext4", "xfs"]), default="ext4", show_default=True,
               help="The root filesystem.")
 @click.option("--root-by-label", is_flag=True, help="root=LABEL=root instead of root=PARTUUID=...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts, with each phase's time (docs/json.md).")
 def install_to_disk(target: str, repo_rev: tuple[str, str] | None, from_url: str | None, branch: str | None,
                     key_files: tuple[str, ...], no_gpg_verify: bool, update_url: str | None, os_name: str,
                     karg_list: tuple[str, ...],
                     console: str | None, tries: int, verity: str | None, size: str | None, wipe: bool,
-                    esp_size: str, fs: str, root_by_label: bool) -> None:
+                    esp_size: str, fs: str, root_by_label: bool, as_json: bool) -> None:
     """Partition TARGET (a block device or image file), write the ESP and root, install."""
     from .sysroot.install import FsType, Options, to_disk
 
@@ -1282,6 +1283,9 @@ def install_to_disk(target: str, repo_rev: tuple[str, str] | None, from_url: str
                    verity)
     r = to_disk(target, source, opts, size=_mib(size) if size else None, wipe=wipe,
                 say=lambda m: click.echo(m, err=True))
+    if as_json:
+        _print_json(r.to_json())
+        return
     click.echo(f"{r.target}: ESP {r.esp_uuid}, root {r.root_uuid}")
     _say_installed(r.kargs, r.deployed)
 

@@ -21,6 +21,7 @@ from cfsdeploy.sysroot.install import ARCHES, ESP_TYPE, MIB
 
 from .pullkit import builder_key  # noqa: F401
 from .sysroots import BRANCH, KVER, OS, make_os_tree
+from .test_json import documented
 from .test_lint import clean_tree
 
 pytestmark = pytest.mark.usefixtures("requires_mount")
@@ -127,6 +128,30 @@ def test_to_disk_root_holds_the_deployment_following_the_update_url(installed, t
         assert (mnt / "cfsdeploy/config.toml").exists()
         remotes = cfsdeploy("remote", "list", "--repo", mnt / "cfsdeploy/repo")
         assert remotes.stdout.startswith(f"origin\t{UPDATE_URL}\t{BRANCH}\t"), remotes.stderr
+
+
+@pytest.fixture(scope="module")
+def installed_json(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    image = tmp_path_factory.mktemp("disk") / "disk.img"
+    r = cfsdeploy("install", "to-disk", image, "--size", SIZE, "--repo", source, BRANCH, *UNSIGNED, "--json")
+    assert r.returncode == 0, r.stderr
+    doc: dict[str, object] = json.loads(r.stdout)
+    return doc
+
+
+def test_to_disk_json_has_schema_1_and_exactly_the_documented_keys(installed_json) -> None:
+    keys = documented("install to-disk")
+    assert installed_json["schema"] == 1 and list(installed_json)[0] == "schema"
+    assert set(installed_json) == keys["install to-disk"]
+    assert set(installed_json["deployment"]) == documented("status")["deployment"]
+    assert [set(p) for p in installed_json["phases"]] == [keys["phase"]] * 7
+
+
+def test_to_disk_reports_its_phases_in_order(installed_json) -> None:
+    phases = installed_json["phases"]
+    assert isinstance(phases, list)
+    assert [p["name"] for p in phases] == ["check", "partition", "mkfs", "pull", "deploy", "esp", "sync"]
+    assert all(isinstance(p["seconds"], float) and p["seconds"] >= 0 for p in phases)
 
 
 def test_to_disk_refuses_a_disk_with_partitions_without_wipe(installed, source, tmp_path) -> None:

@@ -17,6 +17,7 @@ import platform
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -118,12 +119,43 @@ class Options:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A step of to_disk and its wall time: check, partition, mkfs (with the loop
+    device and the mount), pull (sysroot init, remote, the commit brought in), deploy
+    (until the root is unmounted), esp, sync; together the whole install."""
+    name: str
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "seconds": round(self.seconds, 3)}
+
+
+class _Clock:
+    """Phases, each timed from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+        self._since = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases.append(Phase(name, now - self._since))
+        self._since = now
+
+
+@dataclass(frozen=True)
 class DiskResult:
     target: str
     esp_uuid: str
     root_uuid: str
     kargs: tuple[str, ...]
     deployed: DeployResult
+    phases: tuple[Phase, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"target": self.target, "esp_uuid": self.esp_uuid, "root_uuid": self.root_uuid,
+                "kargs": list(self.kargs), "deployment": self.deployed.deployment.to_json(),
+                "phases": [p.to_json() for p in self.phases]}
 
 
 @dataclass(frozen=True)
@@ -219,10 +251,11 @@ def _mtools(*argv: str) -> None:
 
 
 def _populate(sysroot_path: str, boot_dir: str, staging: str, source: Source, opts: Options,
-              kargs: list[str], say: Callable[[str], None]) -> DeployResult:
+              kargs: list[str], say: Callable[[str], None],
+              lap: Callable[[str], None] = lambda _: None) -> DeployResult:
     """sysroot init (boot_dir: where the machine mounts its ESP), the remote the
-    machine follows, the commit brought in, deployed with its entry and kernel
-    written to staging (the ESP as the host has it)."""
+    machine follows, the commit brought in (then lap("pull")), deployed with its
+    entry and kernel written to staging (the ESP as the host has it)."""
     Sysroot.init(sysroot_path, opts.os_name, boot_dir=boot_dir, karg_list=kargs, tries=opts.tries)
     s = Sysroot(sysroot_path, boot_dir=staging)
     repo = s.repo
@@ -234,6 +267,7 @@ def _populate(sysroot_path: str, boot_dir: str, staging: str, source: Source, op
     if source.local_repo is None:
         # a local repository was linted before anything was written
         _lint(repo, rev)
+    lap("pull")
     say(f"deploying {r.commit[:12]}")
     return deploy(s, rev, os_name=opts.os_name, tries=opts.tries or None, verity=opts.verity)
 
@@ -256,6 +290,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
             say: Callable[[str], None] = lambda _: None) -> DiskResult:
     """Partition, format and install target (a block device, or an image file,
     created sparse of `size` bytes when it does not exist)."""
+    clock = _Clock()
     # absolute: never read as an option by the commands it is given to
     target = os.path.abspath(target)
     arch = host_arch()
@@ -301,6 +336,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
     esp_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     kargs = _cmdline(f"root=LABEL={ROOT_LABEL}" if opts.by_label else f"root=PARTUUID={root_uuid}", opts)
 
+    clock.lap("check")
     if st is None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         created = True
@@ -321,6 +357,7 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
             "name=esp\n"
             f"start={root_start // MIB}MiB, size={root_size // MIB}MiB, type={arch.root_type}, uuid={root_uuid}, "
             f"name={ROOT_LABEL}\n").encode(), capture=True)
+        clock.lap("partition")
         with tempfile.TemporaryDirectory(prefix="cfsdeploy-install.") as work:
             staging = os.path.join(work, "boot")
             os.mkdir(staging)
@@ -328,7 +365,9 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
                 say(f"making the {opts.fs.value} root filesystem")
                 run([*_mkfs(opts.fs), dev], capture=True)
                 with _mounted(dev, opts.fs) as mnt:
-                    deployed = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say)
+                    clock.lap("mkfs")
+                    deployed = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say, clock.lap)
+            clock.lap("deploy")
             say("writing the ESP")
             _boot_files(staging, systemd_boot, arch)
             if not created and not block:
@@ -336,8 +375,10 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
                 run(["fallocate", "--punch-hole", "--offset", str(esp_start), "--length", str(opts.esp_size),
                      target])
             _write_esp(target, esp_start, opts.esp_size, staging, os.path.join(work, "esp.img"), sparse=not block)
+        clock.lap("esp")
         run(["sync"])
-        return DiskResult(target, esp_uuid, root_uuid, tuple(kargs), deployed)
+        clock.lap("sync")
+        return DiskResult(target, esp_uuid, root_uuid, tuple(kargs), deployed, tuple(clock.phases))
     except BaseException:
         # nothing half-written: an image made here goes, a partition table made here is wiped
         if created:
