@@ -314,7 +314,6 @@ def builder(work: Path) -> Iterator[Builder]:
 UPDATES_LABEL = "updates"
 # Where the guest mounts the updates disk, and so the remote's URL there
 UPDATES_MOUNT = "/mnt"
-REMOTE = "updates"
 
 
 def make_updates_disk(b: Builder, work: Path) -> Path:

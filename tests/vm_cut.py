@@ -28,7 +28,7 @@ import time
 
 MARK = "CFSDEPLOY-CUT"
 IDLE = 25.0
-BRANCH_REF = "updates/debian/13/x86_64/vmtest"
+BRANCH_REF = "origin/debian/13/x86_64/vmtest"  # the remote `install to-disk` adds
 ENTRIES = "/boot/loader/entries"
 ENTRY = re.compile(r"cfsdeploy-debian-(\d+)(?:\+\d+(?:-\d+)?)?\.conf")
 COMMANDS = (
