@@ -300,13 +300,16 @@ _LINT_TEXT = {
     "fstab_root_rw": "line {line} mounts / read-write, but / is a read-only image",
     "fstab_no_esp": "no entry mounts the boot directory ({searched}): upgrades cannot write boot entries",
     "machine_id": "not empty: every machine deployed would share this id",
-    "var_content": "{entries} entries the first deploy puts in /var once, and no upgrade ever updates",
+    "var_content": "{entries} {entries_noun} the first deploy copies into /var once: no upgrade updates "
+                   "them, and tmpfiles.d does not make them",
     "symlink_escapes": "symlink to {target} climbs above the tree's root",
 }
 
 
 def _lint_line(f: Finding) -> str:
     facts = {k: ", ".join(v) if isinstance(v, list) else v for k, v in f.facts.items()}
+    if "entries" in facts:
+        facts["entries_noun"] = "entry" if facts["entries"] == 1 else "entries"
     return one_line(f"{f.severity.value}: " + (f"{f.path}: " if f.path else "")
                     + _LINT_TEXT[f.rule.value].format(**facts))
 
