@@ -26,7 +26,6 @@ which stretches every figure but alike for both roots.  Needs root.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -52,10 +51,6 @@ def figures(b: vm.Boot) -> dict[str, float]:
     return out
 
 
-def _mtools(*argv: str | Path) -> str:
-    return run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True).stdout.decode()
-
-
 def make_plain_disk(disk: vm.Disk, work: Path) -> vm.Disk:
     """The installed disk with its root partition remade as plain ext4 holding the
     tree, and an entry made the default that boots the same kernel and initramfs
@@ -69,16 +64,16 @@ def make_plain_disk(disk: vm.Disk, work: Path) -> vm.Disk:
     esp = work / "plain-esp.img"
     run(["dd", f"if={plain}", f"of={esp}", "bs=1M", f"skip={esp_part.start // vm.MIB}",
          f"count={esp_part.size // vm.MIB}", "status=none"])
-    (name,) = _mtools("mdir", "-b", "-i", esp, "::/loader/entries").split()
-    lines = dict(line.split(" ", 1) for line in _mtools("mtype", "-i", esp, name).splitlines() if " " in line)
+    (name,) = vm.mtools("mdir", "-b", "-i", esp, "::/loader/entries").split()
+    lines = dict(line.split(" ", 1) for line in vm.mtools("mtype", "-i", esp, name).splitlines() if " " in line)
     options = " ".join(a for a in lines["options"].split() if not a.startswith("cfsdeploy"))
     entry, conf = work / "plain.conf", work / "loader.conf"
     entry.write_text(f"title Debian 13 on plain ext4\nlinux {lines['linux']}\ninitrd {lines['initrd']}\n"
                      f"options {options}\n")
     # the same menu timeout as the installed disk's
-    conf.write_text(_mtools("mtype", "-i", esp, "::/loader/loader.conf") + "default plain.conf\n")
-    _mtools("mcopy", "-i", esp, entry, "::/loader/entries/plain.conf")
-    _mtools("mcopy", "-o", "-i", esp, conf, "::/loader/loader.conf")
+    conf.write_text(vm.mtools("mtype", "-i", esp, "::/loader/loader.conf") + "default plain.conf\n")
+    vm.mtools("mcopy", "-i", esp, entry, "::/loader/entries/plain.conf")
+    vm.mtools("mcopy", "-o", "-i", esp, conf, "::/loader/loader.conf")
     run(["dd", f"if={esp}", f"of={plain}", "bs=1M", f"seek={esp_part.start // vm.MIB}", "conv=notrunc",
          "status=none"])
     esp.unlink()

@@ -275,12 +275,8 @@ def extract_esp(disk: Path, dest: Path) -> Path:
     return dest
 
 
-def _mtools(*argv: str | Path) -> str:
-    return run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True).stdout.decode(errors="replace")
-
-
 def mtools_get(esp: Path, path: str, dest: Path) -> None:
-    _mtools("mcopy", "-n", "-i", esp, f"::{path}", dest)
+    vm.mtools("mcopy", "-n", "-i", esp, f"::{path}", dest)
 
 
 @dataclass
@@ -300,7 +296,7 @@ def read_entries(esp: Path) -> list[Entry]:
     """The os's entries on an ESP image, default first; raises on one that does not parse."""
     out = []
     try:
-        listing = _mtools("mdir", "-b", "-i", esp, "::/loader/entries")
+        listing = vm.mtools("mdir", "-b", "-i", esp, "::/loader/entries")
     except CommandError:
         return []
     for line in listing.splitlines():
@@ -308,7 +304,7 @@ def read_entries(esp: Path) -> list[Entry]:
         m = ENTRY_NAME.fullmatch(name)
         if m is None:
             continue
-        text = _mtools("mtype", "-i", esp, f"::/loader/entries/{name}")
+        text = vm.mtools("mtype", "-i", esp, f"::/loader/entries/{name}")
         fields = dict(line.strip().partition(" ")[::2] for line in text.splitlines() if line.strip())
         missing = [k for k in ("linux", "initrd", "options") if k not in fields]
         if missing:

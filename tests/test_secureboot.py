@@ -67,7 +67,7 @@ class Lab:
         esp = secureboot.make_esp(self.work / f"{name}.esp", {
             "EFI/BOOT/BOOTX64.EFI": self.loader,
             UKI_PATH: image,
-            "loader/loader.conf": vm.LOADER_CONF + b"default test.conf\n",
+            "loader/loader.conf": b"timeout 0\neditor no\ndefault test.conf\n",
             "loader/entries/test.conf": f"title test\nefi /{UKI_PATH}\noptions {ENTRY_OPTIONS}\n".encode(),
         })
         try:

@@ -357,6 +357,12 @@ class Disk:
         return f"/cfsdeploy/deploy/{self.deployment['os']}/{self.deployment['name']}"
 
 
+def mtools(*argv: str | Path) -> str:
+    """An mtools command on a FAT image (no partition table or geometry for it to
+    check); its output."""
+    return run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True).stdout.decode(errors="replace")
+
+
 def cfsdeploy(*args: str | Path) -> str:
     """The cfsdeploy command line, as a person runs it; its output."""
     return run([sys.executable, "-m", "cfsdeploy.cli", *args], capture=True).stdout.decode()
