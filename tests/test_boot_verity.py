@@ -36,8 +36,8 @@ def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def write(record: Path, verity: str, fs_verity: str, path: str = PATH) -> None:
-    record.write_text(f"deployment={path} digest={DIGEST} verity={verity} fs-verity={fs_verity}\n")
+def write(record: Path, verity: str, fs_verity: str, path: str = PATH, sealed: str = "no") -> None:
+    record.write_text(f"deployment={path} digest={DIGEST} verity={verity} fs-verity={fs_verity} sealed={sealed}\n")
 
 
 def test_try_recorded_by_an_older_hook_with_fs_verity_is_verified(record: Path) -> None:
@@ -66,12 +66,26 @@ def test_require_is_verified_without_a_record(record: Path, verity: str | None) 
     assert boot_verity(args(verity)).verified
 
 
+def test_record_of_an_older_hook_without_sealed_is_read(record: Path) -> None:
+    record.write_text(f"deployment={PATH} digest={DIGEST} verity=try fs-verity=yes\n")
+    assert boot_verity(args("try")).verified
+
+
+def test_record_of_a_sealed_boot_is_matched_by_its_image(record: Path) -> None:
+    # The sealed command line names no deployment; fs-verity=no shows the record is what counts.
+    write(record, "require", "no", sealed="yes")
+    v = boot_verity(split(f"root=LABEL=root cfsdeploy.digest={DIGEST} cfsdeploy.verity=require"))
+    assert (v.verified, v.reason) == (False, Reason.UNMEASURED)
+
+
 def test_record_of_another_deployment_is_ignored(record: Path) -> None:
     write(record, "try", "yes", path=f"/cfsdeploy/deploy/{OS}/other")
     assert not boot_verity(args("try")).verified
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\n", b"deployment=x digest=y verity=try fs-verity=maybe\n",
+                                     b"deployment=x digest=y verity=try fs-verity=no sealed=maybe\n",
+                                     b"deployment=x digest=y verity=try fs-verity=no sealed=no extra=1\n",
                                      b"\xff\xfe"])
 def test_damaged_record_is_not_verified(record: Path, content: bytes) -> None:
     record.write_bytes(content)

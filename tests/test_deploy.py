@@ -80,7 +80,8 @@ def names(m) -> list[str]:
 
 def test_sysroot_init_lays_out_the_contract(machine) -> None:
     top = machine.root / "cfsdeploy"
-    assert sorted(os.listdir(top)) == ["config.toml", "deploy", "lock", "repo"]
+    pending = [] if host_has_verity(machine.tmp) else ["verity-pending"]
+    assert sorted(os.listdir(top)) == ["config.toml", "deploy", "lock", "repo", *pending]
     assert os.listdir(top / "deploy" / OS) == ["var"]
     assert machine.sysroot.config.kargs == ROOT_KARGS
 
@@ -591,6 +592,11 @@ def test_sysroot_without_verity_starts_deployments_with_try(machine) -> None:
     assert machine.sysroot.config.verity == expected
 
 
+def test_sysroot_without_verity_is_marked_verity_pending(machine) -> None:
+    # For the boot hook: a first boot with verity=require enables it on every object.
+    assert (machine.root / "cfsdeploy/verity-pending").exists() == (not host_has_verity(machine.tmp))
+
+
 def test_deploy_refuses_require_where_the_image_has_no_verity(machine) -> None:
     if host_has_verity(machine.tmp):
         pytest.skip("this kernel has fs-verity: the refusal cannot happen")
@@ -611,6 +617,14 @@ def test_verity_enable_reports_why_it_cannot_and_changes_nothing(machine) -> Non
     assert p.returncode == 1 and "fs-verity" in p.stderr
     assert "0 deployments now boot with cfsdeploy.verity=require" in p.stdout
     assert entries_files(machine) == before
+
+
+def test_verity_enable_that_cannot_keeps_the_verity_pending_marker(machine) -> None:
+    if host_has_verity(machine.tmp):
+        pytest.skip("this kernel has fs-verity: the VM test shows the marker removed")
+    commit_tree(machine.sysroot, machine.tree)
+    assert cli(machine, "verity", "enable").returncode == 1
+    assert (machine.root / "cfsdeploy/verity-pending").exists()
 
 
 def entries_files(m) -> dict[str, bytes]:

@@ -7,7 +7,8 @@ is held open while the test looks at it through /proc/PID/root and
 /proc/PID/mountinfo, and everything goes when it exits.
 
 This host's kernel may lack fs-verity, and tmpfs never has it, so the boots that
-succeed use cfsdeploy.verity=off or try.
+succeed use cfsdeploy.verity=off or try, but a sealed one (verity=require only),
+which gets an fsverity command that measures by computing (see SEALED_FSVERITY).
 """
 
 from __future__ import annotations
@@ -123,8 +124,11 @@ def sysroot(tmp_path_factory: pytest.TempPathFactory, requires_mount: None) -> S
     (var / "lib/state").write_bytes(b"kept across deployments\n")
     lib = lookup(manifest_of(repo, f"{OS}/stable"), b"/usr/lib/libbig.so")
     assert isinstance(lib, Inode) and lib.digest is not None
-    return Sysroot(path, tree, deploy(repo, f"{OS}/stable", path), deploy(repo, f"{OS}/bare", path),
-                   lib.digest.hex())
+    good = deploy(repo, f"{OS}/stable", path)
+    # What deploy writes for a sealed commit: the image's deployment, by digest.
+    (path / "cfsdeploy/by-digest").mkdir()
+    (path / "cfsdeploy/by-digest" / good.digest).symlink_to(f"..{good.path.removeprefix('/cfsdeploy')}")
+    return Sysroot(path, tree, good, deploy(repo, f"{OS}/bare", path), lib.digest.hex())
 
 
 @dataclass(frozen=True)
@@ -334,7 +338,7 @@ def test_boot_records_what_it_checked_for_status(sysroot: Sysroot, tmp_path: Pat
     with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="try")) as b:
         assert b.status == 0, b.output
         assert b.path("/run/cfsdeploy-booted").read_text() == (
-            f"deployment={sysroot.good.path} digest={sysroot.good.digest} verity=try fs-verity=no\n")
+            f"deployment={sysroot.good.path} digest={sysroot.good.digest} verity=try fs-verity=no sealed=no\n")
 
 
 def test_a_boot_that_failed_records_nothing(sysroot: Sysroot, tmp_path: Path) -> None:
@@ -370,7 +374,7 @@ def test_the_namespace_leaves_no_loop_device_behind(sysroot: Sysroot, tmp_path: 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"cfsdeploy": ""}, "no cfsdeploy= on the kernel command line"),
+        ({"cfsdeploy": "/cfsdeploy/deploy/"}, "expected /cfsdeploy/deploy/<os>/<deployment>"),
         ({"cfsdeploy_digest": ""}, "no cfsdeploy.digest= on the kernel command line"),
         ({"cfsdeploy_digest": "AB" * 32}, "not 64 lowercase hex digits"),
         ({"cfsdeploy_digest": "ab" * 31}, "not 64 lowercase hex digits"),
@@ -380,7 +384,7 @@ def test_the_namespace_leaves_no_loop_device_behind(sysroot: Sysroot, tmp_path: 
         ({"cfsdeploy": f"/cfsdeploy/deploy/{OS}/var"}, "expected /cfsdeploy/deploy/<os>/<deployment>"),
         ({"cfsdeploy_verity": "maybe"}, "cfsdeploy.verity=maybe: expected require, try or off"),
     ],
-    ids=["no-deployment", "no-digest", "uppercase-digest", "short-digest", "non-hex-digest",
+    ids=["empty-deployment", "no-digest", "uppercase-digest", "short-digest", "non-hex-digest",
          "deployment-elsewhere", "deployment-climbing", "deployment-var", "unknown-verity"],
 )
 def test_missing_or_malformed_argument_stops(sysroot: Sysroot, tmp_path: Path, override: dict[str, str],
@@ -429,6 +433,183 @@ def test_digest_of_an_object_that_is_no_image_stops_after_undoing_its_mounts(
 def test_image_without_sysroot_directory_stops_after_undoing_its_mounts(sysroot: Sysroot, tmp_path: Path) -> None:
     with boot(sysroot, tmp_path, cmdline(sysroot.no_sysroot), same_root=False) as b:
         failed(b, "the image has no /sysroot directory")
+
+
+# --- sealed boots: no cfsdeploy=, the deployment from cfsdeploy/by-digest/ ----
+
+# This kernel has no fs-verity: an fsverity command that answers `measure` as a
+# kernel would for a file whose fs-verity digest it holds, by computing it.  The
+# overlay's verity=require still mounts here; only reading a file would fail.
+# The VM test boots a sealed release with the real thing.
+SEALED_FSVERITY = """#!/bin/sh
+[ "$1" = measure ] && shift && set -- digest "$@"
+{enable}exec {real} "$@"
+"""
+# With it, `fsverity enable` succeeds and does nothing: how the verity-pending pass
+# goes on once every object has fs-verity, as far as this kernel lets it be seen.
+ENABLE_AS_NOTHING = '[ "$1" = enable ] && echo "$@" >>"$0.enabled" && exit 0\n'
+
+
+def sealed(dep: Deployment, extra: str = "", **override: str) -> str:
+    """A sealed command line (the UKI's) for dep's image, with extra words appended."""
+    return cmdline(dep, verity="require", cfsdeploy="", **override).rstrip("\n") + extra + "\n"
+
+
+def sealed_tools(tmp_path: Path, *, enable: str = "") -> Path:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "fsverity").write_text(SEALED_FSVERITY.format(real=shutil.which("fsverity"), enable=enable))
+    (tools / "fsverity").chmod(0o755)
+    return tools
+
+
+def test_sealed_boot_composes_the_deployment_its_image_links_to(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good), tools=sealed_tools(tmp_path)) as b:
+        assert b.status == 0, b.output
+        mounts = b.mounts()
+        assert "verity=require" in mounts[b.new].super_options.split(",")
+        assert mounts[f"{b.new}/etc"].root == f"{sysroot.good.path}/etc"
+        assert f": {sysroot.good.path}, image {sysroot.good.digest} (measured by the kernel), verity=require" \
+            in b.output
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
+def test_sealed_boot_works_with_busybox(sysroot: Sysroot, tmp_path: Path) -> None:
+    tools = sealed_tools(tmp_path)
+    for name in ("mount", "umount", "mkdir", "rmdir", "cat", "readlink"):
+        (tools / name).symlink_to(shutil.which("busybox"))
+    with boot(sysroot, tmp_path, sealed(sysroot.good), shell="busybox sh", tools=tools) as b:
+        assert b.status == 0, b.output
+        assert b.mounts()[f"{b.new}/etc"].root == f"{sysroot.good.path}/etc"
+
+
+def test_sealed_boot_is_recorded_as_sealed(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good), tools=sealed_tools(tmp_path)) as b:
+        assert b.status == 0, b.output
+        assert b.path("/run/cfsdeploy-booted").read_text() == (
+            f"deployment={sysroot.good.path} digest={sysroot.good.digest} verity=require fs-verity=yes sealed=yes\n")
+
+
+def test_sealed_boot_without_a_link_for_its_image_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    d = sysroot.good.digest
+    with boot(sysroot, tmp_path, sealed(sysroot.good), breakage=f"rm cfsdeploy/by-digest/{d}") as b:
+        failed(b, f"sealed boot: no deployment of image {d} ({b.phys}/cfsdeploy/by-digest/{d} is missing")
+
+
+def test_sealed_boot_whose_link_is_no_symlink_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    d = sysroot.good.digest
+    with boot(sysroot, tmp_path, sealed(sysroot.good),
+              breakage=f"rm cfsdeploy/by-digest/{d} && mkdir -p cfsdeploy/by-digest/{d}/etc") as b:
+        failed(b, "is missing or not a symlink")
+
+
+def test_sealed_boot_whose_link_leads_out_of_the_deployments_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    d = sysroot.good.digest
+    with boot(sysroot, tmp_path, sealed(sysroot.good), breakage=f"ln -sfn ../../etc cfsdeploy/by-digest/{d}") as b:
+        failed(b, f"cfsdeploy/by-digest/{d} -> ../../etc: expected ../deploy/<os>/<deployment>")
+
+
+@pytest.mark.parametrize("target", [f"../deploy/{OS}/..", f"../deploy/{OS}/var", f"../deploy/{OS}/x/../..",
+                                    "../deploy/../deploy", f"../deploy/{OS}/a:b", f"/cfsdeploy/deploy/{OS}/x"],
+                         ids=["dotdot", "var", "deeper", "os-dotdot", "colon", "absolute"])
+def test_sealed_boot_whose_link_names_no_plain_deployment_stops(sysroot: Sysroot, tmp_path: Path,
+                                                               target: str) -> None:
+    d = sysroot.good.digest
+    with boot(sysroot, tmp_path, sealed(sysroot.good), breakage=f"ln -sfn '{target}' cfsdeploy/by-digest/{d}") as b:
+        failed(b, f"-> {target}: expected ../deploy/<os>/<deployment>")
+
+
+@pytest.mark.parametrize("verity", ["try", "off"])
+def test_sealed_boot_with_verity_other_than_require_stops(sysroot: Sysroot, tmp_path: Path, verity: str) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good, cfsdeploy_verity=verity)) as b:
+        failed(b, f"cfsdeploy.verity={verity} in a sealed boot (no cfsdeploy=): only require is sealed")
+
+
+def test_sealed_boot_without_fs_verity_stops_with_no_advice_to_lower_verity(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good)) as b:
+        failed(b, "cfsdeploy.verity=require but the image has no fs-verity digest the kernel can measure")
+        assert "A sealed release boots only a measured image." in b.output
+        assert "try or off" not in b.output
+
+
+def test_sealed_boot_without_a_digest_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good, cfsdeploy_digest="")) as b:
+        failed(b, "no cfsdeploy.digest= on the kernel command line")
+
+
+@pytest.mark.parametrize("key", ["cfsdeploy.digest", "cfsdeploy.verity"])
+def test_sealed_argument_given_again_stops_even_with_the_same_value(sysroot: Sysroot, tmp_path: Path,
+                                                                    key: str) -> None:
+    again = {"cfsdeploy.digest": sysroot.good.digest, "cfsdeploy.verity": "require"}[key]
+    with boot(sysroot, tmp_path, sealed(sysroot.good, f" console=ttyS0 {key}={again}")) as b:
+        failed(b, f"{key}= given twice on the kernel command line")
+
+
+def test_deployment_given_again_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    line = cmdline(sysroot.good).rstrip("\n") + f" cfsdeploy={sysroot.no_sysroot.path}\n"
+    with boot(sysroot, tmp_path, line) as b:
+        failed(b, "cfsdeploy= given twice on the kernel command line")
+
+
+def test_deployment_added_to_a_sealed_command_line_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    # Not an unsealed boot of whatever it names: the sealed line's mode must hold.
+    with boot(sysroot, tmp_path, sealed(sysroot.good, f" cfsdeploy={sysroot.good.path} cfsdeploy.verity=off")) as b:
+        failed(b, "cfsdeploy.verity= given twice on the kernel command line")
+
+
+def test_quoted_argument_stops(sysroot: Sysroot, tmp_path: Path) -> None:
+    # The kernel reads "cfsdeploy.verity=off" as cfsdeploy.verity: it is no other word.
+    with boot(sysroot, tmp_path, sealed(sysroot.good, ' "cfsdeploy.verity=off"')) as b:
+        failed(b, "cfsdeploy's arguments are never quoted")
+
+
+# --- a first boot of objects without fs-verity (SYSROOT/cfsdeploy/verity-pending) --
+# Only the refusal can be seen here (no fs-verity in this kernel): the VM test
+# shows the objects enabled, the marker gone and the boot measured.
+
+PENDING = "cfsdeploy/verity-pending"
+
+
+def objects_in(sysroot: Sysroot) -> int:
+    return sum(1 for f in (sysroot.path / "cfsdeploy/repo/objects").glob("??/*") if f.is_file())
+
+
+def test_pending_verity_is_enabled_on_every_object_and_stops_where_it_cannot_be(
+        sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, sealed(sysroot.good), breakage=f"touch {PENDING}") as b:
+        failed(b, f"cannot enable fs-verity on an object (ERROR: FS_IOC_ENABLE_VERITY failed on '{b.phys}/")
+        assert f"{b.phys}/{PENDING} stays: the next boot tries again" in b.output
+        assert f"cfsdeploy: enabling fs-verity on {objects_in(sysroot)} objects (first boot)" in b.output
+        assert b.path(f"{b.phys}/{PENDING}").exists()
+
+
+def test_pending_verity_once_enabled_on_every_object_is_dropped_and_the_boot_goes_on(
+        sysroot: Sysroot, tmp_path: Path) -> None:
+    tools = sealed_tools(tmp_path, enable=ENABLE_AS_NOTHING)
+    with boot(sysroot, tmp_path, sealed(sysroot.good), breakage=f"touch {PENDING}", tools=tools) as b:
+        assert b.status == 0, b.output
+        assert not b.path(f"{b.new}/sysroot/{PENDING}").exists()
+        total = objects_in(sysroot)
+        assert b.output.splitlines()[:2] == [
+            f"cfsdeploy: enabling fs-verity on {total} objects (first boot); this may take minutes",
+            f"cfsdeploy: fs-verity enabled on all {total} objects"]
+        enabled = (tools / "fsverity.enabled").read_text().splitlines()
+        objects = f"{b.phys}/cfsdeploy/repo/objects/"
+        assert len(enabled) == total
+        assert all(e.startswith(f"enable --hash-alg=sha256 --block-size=4096 {objects}") for e in enabled)
+
+
+def test_pending_verity_is_left_alone_without_require(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="try"), breakage=f"touch {PENDING}") as b:
+        assert b.status == 0, b.output
+        assert "enabling" not in b.output
+        assert b.path(f"{b.new}/sysroot/{PENDING}").exists()
+
+
+def test_without_the_marker_require_enables_nothing(sysroot: Sysroot, tmp_path: Path) -> None:
+    with boot(sysroot, tmp_path, cmdline(sysroot.good, verity="require")) as b:
+        failed(b, "cfsdeploy.verity=require but the image has no fs-verity digest")
+        assert "enabling" not in b.output
 
 
 HOOKS = SCRIPT.parent

@@ -3,11 +3,13 @@
 hooks/cfsdeploy-prepare-root writes /run/cfsdeploy-booted once the root is
 prepared, one line:
 
-    deployment=/cfsdeploy/deploy/OS/NAME digest=HEX verity=require|try|off fs-verity=yes|no
+    deployment=/cfsdeploy/deploy/OS/NAME digest=HEX verity=require|try|off fs-verity=yes|no sealed=yes|no
 
 fs-verity=yes: the kernel measured the image, and overlayfs checks every file
 against the digest the image names when it is read.  fs-verity=no: the image's
 digest was computed once, at boot, and files are served as the disk holds them.
+sealed=yes: the command line (a signed UKI's) named only the image, and the
+hook found the deployment by it; hooks older than sealed boots leave it out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..boot import kargs
 RECORD = "/run/cfsdeploy-booted"
 RECORD_ENV = "CFSDEPLOY_BOOTED"  # another record, for tests
 _KEYS = ("deployment", "digest", "verity", "fs-verity")
+_SEALED = "sealed"
 
 
 class Reason(Enum):
@@ -57,9 +60,18 @@ def _read_record(path: str) -> dict[str, str] | None:
         fields = dict(word.split("=", 1) for word in data.decode().split())
     except (UnicodeDecodeError, ValueError):
         raise ValueError("not KEY=VALUE words") from None
-    if sorted(fields) != sorted(_KEYS) or fields["fs-verity"] not in ("yes", "no"):
-        raise ValueError(f"expected {', '.join(k + '=' for k in _KEYS)}")
+    if (not set(_KEYS) <= set(fields) <= {*_KEYS, _SEALED} or fields["fs-verity"] not in ("yes", "no")
+            or fields.setdefault(_SEALED, "no") not in ("yes", "no")):
+        raise ValueError(f"expected {', '.join(k + '=' for k in _KEYS)} and {_SEALED}=yes|no")
     return fields
+
+
+def _of_this_boot(record: dict[str, str], cmdline: list[str], own: kargs.Own | None) -> bool:
+    """Whether the record is of the boot the command line made: its deployment and image,
+    or, in a sealed boot (no cfsdeploy=), its image."""
+    if own is not None:
+        return (record["deployment"], record["digest"]) == (own.deployment, own.digest)
+    return record[_SEALED] == "yes" and record["digest"] == kargs.value(cmdline, kargs.DIGEST)
 
 
 def boot_verity(cmdline: list[str]) -> BootVerity:
@@ -71,8 +83,7 @@ def boot_verity(cmdline: list[str]) -> BootVerity:
         record = _read_record(path)
     except ValueError as e:
         return BootVerity(False, Reason.RECORD_DAMAGED, mode, path, str(e))
-    if record is not None and own is not None and (record["deployment"], record["digest"]) == (
-            own.deployment, own.digest):
+    if record is not None and _of_this_boot(record, cmdline, own):
         measured = record["fs-verity"] == "yes"
     elif mode in ("require", "off"):
         # Without a record (an older hook): require boots only a measured image.

@@ -4,6 +4,7 @@ the boot directory, settings and lock.
     SYSROOT/cfsdeploy/config.toml                 settings (TOML, for humans)
     SYSROOT/cfsdeploy/lock                        flock()ed by whoever changes deployments
     SYSROOT/cfsdeploy/staged.json                 the staged deployment, if any (see staged.py)
+    SYSROOT/cfsdeploy/verity-pending              the objects await fs-verity (see Sysroot.init)
     SYSROOT/cfsdeploy/repo/                       the repository
     SYSROOT/cfsdeploy/deploy/<os>/var/            the os's shared /var
     SYSROOT/cfsdeploy/deploy/<os>/<deployment>/   deployment.json and etc/
@@ -40,6 +41,12 @@ TOP = "cfsdeploy"
 # Damaged records set aside (see Sysroot.set_aside).
 ASIDE = "aside"
 CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
+# Written where `sysroot init` finds no fs-verity: the boot hook enables it on every
+# object at a boot with cfsdeploy.verity=require (then removes it), as does
+# `cfsdeploy verity enable`.
+VERITY_PENDING = "verity-pending"
+_VERITY_PENDING_TEXT = (b"fs-verity is not enabled on the objects yet: the next boot with cfsdeploy.verity=require "
+                        b"enables it (hooks/cfsdeploy-prepare-root), or `cfsdeploy verity enable` does\n")
 
 
 def default_path() -> str:
@@ -220,6 +227,12 @@ class Sysroot:
         """Where a switch of the boot entries is recorded while it runs."""
         return os.path.join(self.top, "boot-switch.json")
 
+    def verity_done(self) -> None:
+        """Every object has fs-verity now: drop the marker that says they await it."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.top, VERITY_PENDING))
+            fsync_dir(self.top)
+
     def save_config(self) -> None:
         where = os.path.join(self.top, "config.toml")
         self.config.check(where)
@@ -251,9 +264,11 @@ class Sysroot:
             if not os.path.exists(os.path.join(top, "repo")):
                 Repository.init(os.path.join(top, "repo"))
             # Where this kernel cannot give objects fs-verity, deployments start out
-            # with cfsdeploy.verity=try; `cfsdeploy verity enable` moves them on.
+            # with cfsdeploy.verity=try; `cfsdeploy verity enable` moves them on, and
+            # so does a sealed release's first boot (verity=require), under the marker.
             if not _verity_works(os.path.join(top, "repo", "tmp")):
                 config.verity = "try"
+                atomic_write_bytes(os.path.join(top, VERITY_PENDING), _VERITY_PENDING_TEXT)
             lockfile.create(os.path.join(top, "lock"))
             config.check(config_path)
             atomic_write_bytes(config_path, config.render().encode())

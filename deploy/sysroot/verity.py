@@ -75,6 +75,7 @@ def enable_verity(sysroot: Sysroot, os_name: str, *, progress: Callable[[int, in
             paths += [(sub + name, os.path.join(subdir, name)) for name in sorted(os.listdir(subdir))]
     good: set[bytes] = set()
     problems = []
+    every_object = False
     with repo.lock(wait=60):
         for i, (name, path) in enumerate(paths):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -94,6 +95,10 @@ def enable_verity(sysroot: Sysroot, os_name: str, *, progress: Callable[[int, in
                 good.add(measured)
             if progress is not None:
                 progress(i + 1, len(paths))
+        else:
+            every_object = not any(p.kind is ProblemKind.CANNOT_ENABLE for p in problems)
+    if every_object:
+        sysroot.verity_done()
     state = prepare(sysroot, os_name)
     switch = {}
     for d in state.deployments:

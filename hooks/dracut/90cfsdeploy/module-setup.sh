@@ -19,7 +19,7 @@ installkernel() {
 }
 
 install() {
-    inst_multiple fsverity mount umount mkdir rmdir
+    inst_multiple fsverity mount umount mkdir rmdir readlink rm sync
     inst_script /usr/lib/cfsdeploy/cfsdeploy-prepare-root
     # shellcheck disable=SC2154 # dracut sets moddir
     inst_hook pre-pivot 50 "$moddir/cfsdeploy-pre-pivot.sh"
