@@ -57,13 +57,10 @@ def make_plain_disk(disk: vm.Disk, work: Path) -> vm.Disk:
     with the same arguments, without cfsdeploy's (so the hook stands aside)."""
     plain = work / "plain.img"
     run(["cp", "--sparse=always", disk.path, plain])
-    parts = vm.partitions(plain)
-    root, esp_part = parts["root"], parts["esp"]
+    root = vm.partitions(plain)["root"]
     run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "root", "-E", f"offset={root.start}", "-d", disk.tree.path,
          plain, f"{root.size // 1024}k"])
-    esp = work / "plain-esp.img"
-    run(["dd", f"if={plain}", f"of={esp}", "bs=1M", f"skip={esp_part.start // vm.MIB}",
-         f"count={esp_part.size // vm.MIB}", "status=none"])
+    esp = vm.extract_esp(plain, work / "plain-esp.img")
     (name,) = vm.mtools("mdir", "-b", "-i", esp, "::/loader/entries").split()
     lines = dict(line.split(" ", 1) for line in vm.mtools("mtype", "-i", esp, name).splitlines() if " " in line)
     options = " ".join(a for a in lines["options"].split() if not a.startswith("cfsdeploy"))
@@ -74,8 +71,7 @@ def make_plain_disk(disk: vm.Disk, work: Path) -> vm.Disk:
     conf.write_text(vm.mtools("mtype", "-i", esp, "::/loader/loader.conf") + "default plain.conf\n")
     vm.mtools("mcopy", "-i", esp, entry, "::/loader/entries/plain.conf")
     vm.mtools("mcopy", "-o", "-i", esp, conf, "::/loader/loader.conf")
-    run(["dd", f"if={esp}", f"of={plain}", "bs=1M", f"seek={esp_part.start // vm.MIB}", "conv=notrunc",
-         "status=none"])
+    vm.replace_esp(plain, esp)
     esp.unlink()
     vars_ = plain.with_suffix(".vars")
     shutil.copyfile(vm.OVMF_VARS, vars_)

@@ -179,7 +179,7 @@ def parse_events(text: str) -> list[tuple[str, dict[str, object]]]:
 
 def default_entry(disk: Path) -> tuple[str, str, str]:
     """The ESP's default entry: its linux, initrd and options."""
-    esp = extract_esp(disk, disk.with_suffix(".esp"))
+    esp = vm.extract_esp(disk, disk.with_suffix(".esp"))
     try:
         entries = read_entries(esp)
         if not entries:
@@ -196,7 +196,7 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
     default entry, no firmware) and cut at random moments until it is done."""
     linux, initrd, options = default_entry(disk)
     kernel, initramfs = work / "cut.vmlinuz", work / "cut.initramfs"
-    esp = extract_esp(disk, work / "boot.esp")
+    esp = vm.extract_esp(disk, work / "boot.esp")
     mtools_get(esp, linux, kernel)
     mtools_get(esp, initrd, initramfs)
     esp.unlink()
@@ -267,13 +267,6 @@ def boot_runner(disk: Path, updates: Path, work: Path, *, seed: int, rounds: int
 
 
 # --- inspection ------------------------------------------------------------------------------
-
-def extract_esp(disk: Path, dest: Path) -> Path:
-    esp = vm.partitions(disk)["esp"]
-    run(["dd", f"if={disk}", f"of={dest}", "bs=1M", f"skip={esp.start // vm.MIB}",
-         f"count={esp.size // vm.MIB}", "conv=sparse", "status=none"])
-    return dest
-
 
 def mtools_get(esp: Path, path: str, dest: Path) -> None:
     vm.mtools("mcopy", "-n", "-i", esp, f"::{path}", dest)
@@ -350,7 +343,7 @@ def loop(disk: Path, offset: int, size: int) -> Iterator[str]:
 
 def inspect(cut: Cut, work: Path) -> Inspection:
     """What a cut left, from the host."""
-    esp = extract_esp(cut.path, work / f"cut{cut.number:02d}.esp")
+    esp = vm.extract_esp(cut.path, work / f"cut{cut.number:02d}.esp")
     problems: list[str] = []
     ok, fsck_out = fsck_vfat(esp)
     if not ok:

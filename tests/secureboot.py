@@ -28,7 +28,6 @@ from cfsdeploy.util.run import run, which
 
 from . import vm
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 # systemd-boot and the stub of the guest's systemd (257), not the host's
 GUEST_SYSTEMD_BOOT = Path("usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 GUEST_STUB = Path("usr/lib/systemd/boot/efi/linuxx64.efi.stub")
@@ -69,8 +68,8 @@ def missing_requirements() -> str | None:
             return f"{tool} missing (Debian package {package})"
     if virt_fw_vars() is None:
         return "virt-fw-vars missing (pip install virt-firmware: the test extra)"
-    if not OVMF_CODE.exists():
-        return f"{OVMF_CODE} missing (Debian package ovmf)"
+    if not vm.OVMF_CODE_SECBOOT.exists():
+        return f"{vm.OVMF_CODE_SECBOOT} missing (Debian package ovmf)"
     return None
 
 
@@ -122,17 +121,6 @@ def make_esp(path: Path, files: Mapping[str, Path | bytes], size_mib: int = 128)
     return path
 
 
-def machine_argv(vars_: Path) -> list[str]:
-    """QEMU's machine in Secure Boot mode: SMM on and the variables' flash writable
-    only from SMM, or the guest could rewrite db itself."""
-    how = "tcg,thread=single" if vm.accel() == "tcg" else vm.accel()
-    return ["-machine", "q35,smm=on", "-accel", how, "-cpu", "max",
-            "-global", "driver=cfi.pflash01,property=secure,value=on",
-            "-global", "ICH9-LPC.disable_s3=1",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_}"]
-
-
 @dataclass
 class Boot:
     log: str
@@ -157,7 +145,7 @@ def boot(esp: Path, vars_: Path, work: Path, name: str, *, timeout: float = 120,
     for p in (log, pidfile):
         p.unlink(missing_ok=True)
     nvram.write_bytes(vars_.read_bytes())
-    argv = ["qemu-system-x86_64", *machine_argv(nvram), "-smp", "1", "-m", "1024",
+    argv = ["qemu-system-x86_64", *vm.firmware_argv(nvram, secure_boot=True), "-smp", "1", "-m", "1024",
             "-drive", f"if=virtio,format=raw,file={esp}",
             "-nic", "none", "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
             "-pidfile", pidfile, "-no-reboot", *extra]

@@ -48,6 +48,8 @@ CACHE = Path(os.environ.get("CFSDEPLOY_VM_CACHE", "/var/tmp/cfsdeploy-vm"))
 # The Debian example's steps, which the VM's tree is made with
 EXAMPLE = TOP / "examples/debian"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+# OVMF built to enforce Secure Boot (with SMM), for machines whose variables enroll keys
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 HOST_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
@@ -350,6 +352,8 @@ class Disk:
     tree: Tree
     # the deployment made on the host: its deployment.json, with its os and name
     deployment: dict[str, object]
+    # its firmware enforces Secure Boot with the keys its variables enroll
+    secure_boot: bool = False
 
     @property
     def deployment_path(self) -> str:
@@ -361,6 +365,21 @@ def mtools(*argv: str | Path) -> str:
     """An mtools command on a FAT image (no partition table or geometry for it to
     check); its output."""
     return run(argv, env=dict(os.environ, MTOOLS_SKIP_CHECK="1"), capture=True).stdout.decode(errors="replace")
+
+
+def extract_esp(disk: Path, dest: Path) -> Path:
+    """The disk's ESP copied out as a FAT image, for mtools."""
+    esp = partitions(disk)["esp"]
+    run(["dd", f"if={disk}", f"of={dest}", "bs=1M", f"skip={esp.start // MIB}", f"count={esp.size // MIB}",
+         "conv=sparse", "status=none"])
+    return dest
+
+
+def replace_esp(disk: Path, image: Path) -> None:
+    """Write a FAT image (extract_esp's, edited) back over the disk's ESP."""
+    esp = partitions(disk)["esp"]
+    assert image.stat().st_size == esp.size
+    run(["dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={esp.start // MIB}", "conv=notrunc", "status=none"])
 
 
 def cfsdeploy(*args: str | Path) -> str:
@@ -510,6 +529,20 @@ def accel() -> str:
     return result
 
 
+def firmware_argv(vars_: Path, *, secure_boot: bool = False) -> list[str]:
+    """QEMU's machine and OVMF with vars_ as its NVRAM.  With secure_boot: OVMF's
+    secboot build, SMM on and the variables' flash writable only from SMM, or the
+    guest could rewrite db itself."""
+    # Multi-threaded TCG sometimes loses the guest kernel's live patching of its own
+    # code across vCPUs (an Oops on a stray int3 in early boot): one thread runs both.
+    how = "tcg,thread=single" if accel() == "tcg" else accel()
+    machine = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+               "-global", "ICH9-LPC.disable_s3=1"] if secure_boot else ["-machine", "q35"]
+    return [*machine, "-accel", how, "-cpu", "max",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECBOOT if secure_boot else OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_}"]
+
+
 def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | None = None,
          timeout: float = 900, name: str = "boot") -> Boot:
     """Power the machine on with OVMF (no network) and the updates disk, if any, as
@@ -520,12 +553,7 @@ def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | N
     log.unlink(missing_ok=True)
     steps_file = work / f"{name}.steps.json"
     steps_file.write_text(json.dumps(list(steps)))
-    # Multi-threaded TCG sometimes loses the guest kernel's live patching of its own
-    # code across vCPUs (an Oops on a stray int3 in early boot): one thread runs both.
-    how = "tcg,thread=single" if accel() == "tcg" else accel()
-    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", how, "-cpu", "max", "-smp", "2", "-m", "2048",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={disk.vars}",
+    argv = ["qemu-system-x86_64", *firmware_argv(disk.vars, secure_boot=disk.secure_boot), "-smp", "2", "-m", "2048",
             "-drive", f"if=virtio,format=raw,file={disk.path}",
             *(["-drive", f"if=virtio,format=raw,readonly=on,file={updates}"] if updates else []),
             "-fw_cfg", f"name=opt/cfsdeploy/steps,file={steps_file}",
