@@ -26,8 +26,9 @@ from enum import Enum
 from ..boot import kargs as kargs_
 from ..remote import remotes
 from ..remote.pull import PullOptions, pull
-from ..repo.repository import Repository
+from ..repo.repository import Repository, sealed_of
 from ..util.errors import BusyError, CfsError, CommandHostError, HostError, UsageError
+from ..util.fsutil import syncfs
 from ..util.run import package_of, run, which
 from .deploy import DeployResult, deploy
 from .layout import Sysroot, check_os_name
@@ -252,10 +253,12 @@ def _mtools(*argv: str) -> None:
 
 def _populate(sysroot_path: str, boot_dir: str, staging: str, source: Source, opts: Options,
               kargs: list[str], say: Callable[[str], None],
-              lap: Callable[[str], None] = lambda _: None) -> DeployResult:
+              lap: Callable[[str], None] = lambda _: None) -> tuple[DeployResult, bytes | None]:
     """sysroot init (boot_dir: where the machine mounts its ESP), the remote the
     machine follows, the commit brought in (then lap("pull")), deployed with its
-    entry and kernel written to staging (the ESP as the host has it)."""
+    entry and kernel written to staging (the ESP as the host has it).  With the
+    deployment, a sealed commit's boot loader: firmware under Secure Boot starts
+    only what the release's key signed, not this host's systemd-boot."""
     Sysroot.init(sysroot_path, opts.os_name, boot_dir=boot_dir, karg_list=kargs, tries=opts.tries)
     s = Sysroot(sysroot_path, boot_dir=staging)
     repo = s.repo
@@ -269,7 +272,12 @@ def _populate(sysroot_path: str, boot_dir: str, staging: str, source: Source, op
         _lint(repo, rev)
     lap("pull")
     say(f"deploying {r.commit[:12]}")
-    return deploy(s, rev, os_name=opts.os_name, tries=opts.tries or None, verity=opts.verity)
+    deployed = deploy(s, rev, os_name=opts.os_name, tries=opts.tries or None, verity=opts.verity)
+    sealed = sealed_of(repo.resolve(r.commit))
+    if sealed is None:
+        return deployed, None
+    with open(repo.objects.path_of(sealed.loader), "rb") as f:
+        return deployed, f.read()
 
 
 def _lint(repo: Repository, rev: str) -> None:
@@ -366,10 +374,10 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
                 run([*_mkfs(opts.fs), dev], capture=True)
                 with _mounted(dev, opts.fs) as mnt:
                     clock.lap("mkfs")
-                    deployed = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say, clock.lap)
+                    deployed, loader = _populate(mnt, BOOT_DIR, staging, source, opts, kargs, say, clock.lap)
             clock.lap("deploy")
             say("writing the ESP")
-            _boot_files(staging, systemd_boot, arch)
+            _boot_files(staging, loader or _read(systemd_boot), arch)
             if not created and not block:
                 # what was there before reads as zeros, as the sparse copy needs
                 run(["fallocate", "--punch-hole", "--offset", str(esp_start), "--length", str(opts.esp_size),
@@ -388,21 +396,28 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         raise
 
 
-def _boot_files(boot: str, systemd_boot: str, arch: Arch) -> None:
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _boot_files(boot: str, systemd_boot: bytes, arch: Arch) -> None:
     """systemd-boot (where firmware looks by itself, and as bootctl puts it) and
     loader.conf, where the boot directory does not have them yet."""
-    files = {os.path.join("EFI", "BOOT", f"BOOT{arch.efi.upper()}.EFI"): systemd_boot,
-             os.path.join("EFI", "systemd", f"systemd-boot{arch.efi}.efi"): systemd_boot}
-    for rel, src in files.items():
+    for rel in (os.path.join("EFI", "BOOT", f"BOOT{arch.efi.upper()}.EFI"),
+                os.path.join("EFI", "systemd", f"systemd-boot{arch.efi}.efi")):
         dest = os.path.join(boot, rel)
         if not os.path.exists(dest):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.copyfile(src, dest)
+            with open(dest, "xb") as f:
+                f.write(systemd_boot)
     loader = os.path.join(boot, "loader", "loader.conf")
     if not os.path.exists(loader):
         os.makedirs(os.path.dirname(loader), exist_ok=True)
         with open(loader, "wb") as f:
             f.write(LOADER_CONF)
+    # a mounted ESP (to-filesystem) has them on the disk before install returns
+    syncfs(boot)
 
 
 def _systemd_boot(arch: Arch) -> str:
@@ -453,11 +468,11 @@ def to_filesystem(root: str, boot_dir: str, source: Source, opts: Options, *, ro
     rel = os.path.relpath(os.path.abspath(boot_dir), os.path.abspath(root))
     machine_boot = BOOT_DIR if rel.startswith("..") else "/" + rel
     try:
-        deployed = _populate(root, machine_boot, boot_dir, source, opts, kargs, say)
+        deployed, loader = _populate(root, machine_boot, boot_dir, source, opts, kargs, say)
     except BaseException:
         # nothing half-written: the sysroot was not there before (checked above)
         shutil.rmtree(os.path.join(root, "cfsdeploy"), ignore_errors=True)
         raise
-    _boot_files(boot_dir, systemd_boot, arch)
+    _boot_files(boot_dir, loader or _read(systemd_boot), arch)
     return FilesystemResult(root, tuple(kargs), deployed)
 
