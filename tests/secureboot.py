@@ -34,10 +34,6 @@ GUEST_STUB = Path("usr/lib/systemd/boot/efi/linuxx64.efi.stub")
 # The owner GUID recorded with each enrolled certificate
 OWNER = "cfde0000-5ec0-4b00-8000-000000000001"
 HOST_TOOLS = {"openssl": "openssl", "sbsign": "sbsigntool", "sbverify": "sbsigntool", "objcopy": "binutils"}
-# What the serial log shows when the firmware is out of boot options (the loader gave
-# up) and waits for a key: the boot is over.  A kernel that panics reboots, which
-# ends QEMU by itself (-no-reboot).
-STUCK = b"BdsDxe: No bootable option"
 
 
 @dataclass(frozen=True)
@@ -121,53 +117,11 @@ def make_esp(path: Path, files: Mapping[str, Path | bytes], size_mib: int = 128)
     return path
 
 
-@dataclass
-class Boot:
-    log: str
-    seconds: float
-
-    def lines(self, prefix: str) -> list[str]:
-        """The log's lines that say prefix (after the kernel's time stamp)."""
-        out = []
-        for line in self.log.splitlines():
-            text = line.rstrip("\r").split("] ", 1)[1] if line.startswith("[") and "] " in line else line
-            if text.startswith(prefix):
-                out.append(text[len(prefix):].rstrip("\r"))
-        return out
-
-
 def boot(esp: Path, vars_: Path, work: Path, name: str, *, timeout: float = 120,
-         extra: Sequence[str] = ()) -> Boot:
+         extra: Sequence[str] = ()) -> vm.Boot:
     """Power on a Secure Boot machine with esp as its disk (a copy of vars_ as its
     NVRAM), no network and extra QEMU arguments, until it reboots (QEMU exits) or
-    its firmware is STUCK (QEMU is stopped)."""
-    log, pidfile, nvram = work / f"{name}.serial", work / f"{name}.pid", work / f"{name}.vars"
-    for p in (log, pidfile):
-        p.unlink(missing_ok=True)
+    its firmware is stuck (QEMU is stopped)."""
+    nvram = work / f"{name}.vars"
     nvram.write_bytes(vars_.read_bytes())
-    argv = ["qemu-system-x86_64", *vm.firmware_argv(nvram, secure_boot=True), "-smp", "1", "-m", "1024",
-            "-drive", f"if=virtio,format=raw,file={esp}",
-            "-nic", "none", "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
-            "-pidfile", pidfile, "-no-reboot", *extra]
-    stop = threading.Event()
-
-    def watch() -> None:
-        # QEMU is still running when the firmware is stuck: its pid is its own
-        while not stop.wait(0.2):
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                if STUCK in log.read_bytes():
-                    os.kill(int(pidfile.read_text()), signal.SIGTERM)
-                    return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    started = time.monotonic()
-    watcher.start()
-    try:
-        run(argv, timeout=timeout, capture=True, check=False)
-    except CommandError as e:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        raise vm.VMError(f"{e}; serial log ends:\n{vm.tail(text)}") from None
-    finally:
-        stop.set()
-        watcher.join()
-    return Boot(log.read_text(errors="replace"), time.monotonic() - started)
+    return vm.boot(vm.Disk(esp, nvram, None, {}, secure_boot=True), work, name=name, timeout=timeout, extra=extra)

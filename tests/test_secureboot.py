@@ -61,7 +61,7 @@ class Lab:
         return out
 
     def boot(self, name: str, image: Path, extra: tuple[str, ...] = (), *,
-             vars_: Path | None = None) -> secureboot.Boot:
+             vars_: Path | None = None) -> vm.Boot:
         """Boot image as the ESP's one entry, whose options line tries to change its
         command line; with the test's keys enrolled unless other variables are given."""
         esp = secureboot.make_esp(self.work / f"{name}.esp", {
@@ -84,7 +84,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
 
 
 def booted(request: pytest.FixtureRequest, lab: Lab, name: str, image: Path,
-           extra: tuple[str, ...] = (), *, vars_: Path | None = None) -> secureboot.Boot:
+           extra: tuple[str, ...] = (), *, vars_: Path | None = None) -> vm.Boot:
     b = lab.boot(name, image, extra, vars_=vars_)
     report(request, f"[secureboot] {name}: {b.seconds:.1f} s")
     return b

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -349,7 +350,7 @@ class Disk:
     path: Path
     # OVMF's variables: this machine's NVRAM, kept from boot to boot
     vars: Path
-    tree: Tree
+    tree: Tree | None  # None: a bare ESP (tests/secureboot.py)
     # the deployment made on the host: its deployment.json, with its os and name
     deployment: dict[str, object]
     # its firmware enforces Secure Boot with the keys its variables enroll
@@ -486,6 +487,15 @@ class Boot:
     def tail(self) -> str:
         return tail(self.log)
 
+    def lines(self, prefix: str) -> list[str]:
+        """The serial log's lines that say prefix (after the kernel's time stamp)."""
+        out = []
+        for line in self.log.splitlines():
+            text = line.rstrip("\r").split("] ", 1)[1] if line.startswith("[") and "] " in line else line
+            if text.startswith(prefix):
+                out.append(text[len(prefix):].rstrip("\r"))
+        return out
+
     @property
     def ended(self) -> str:
         """How the guest ended this boot: "reboot", "power off", or "?"."""
@@ -543,14 +553,21 @@ def firmware_argv(vars_: Path, *, secure_boot: bool = False) -> list[str]:
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_}"]
 
 
+# What OVMF prints once it has no boot option left (the loader gave up, e.g. on an
+# image Secure Boot refuses), then waits for a key: the boot is over.
+STUCK = b"BdsDxe: No bootable option"
+
+
 def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | None = None,
-         timeout: float = 900, name: str = "boot") -> Boot:
+         timeout: float = 900, name: str = "boot", extra: Sequence[str] = ()) -> Boot:
     """Power the machine on with OVMF (no network) and the updates disk, if any, as
-    its second disk; let the check unit run the steps (shell command lines) and
-    power it off, or reboot it if a step ran `reboot` (QEMU then exits: -no-reboot).
-    The serial console's log and the facts the guest reported."""
-    log = work / f"{name}.serial"
-    log.unlink(missing_ok=True)
+    its second disk, and extra QEMU arguments; let the check unit run the steps
+    (shell command lines) and power it off, or reboot it if a step ran `reboot`
+    (QEMU then exits: -no-reboot).  A firmware STUCK without a bootable option is
+    stopped.  The serial console's log and the facts the guest reported."""
+    log, pidfile = work / f"{name}.serial", work / f"{name}.pid"
+    for p in (log, pidfile):
+        p.unlink(missing_ok=True)
     steps_file = work / f"{name}.steps.json"
     steps_file.write_text(json.dumps(list(steps)))
     argv = ["qemu-system-x86_64", *firmware_argv(disk.vars, secure_boot=disk.secure_boot), "-smp", "2", "-m", "2048",
@@ -558,19 +575,24 @@ def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | N
             *(["-drive", f"if=virtio,format=raw,readonly=on,file={updates}"] if updates else []),
             "-fw_cfg", f"name=opt/cfsdeploy/steps,file={steps_file}",
             "-nic", "none", "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
+            "-pidfile", pidfile,
             # a guest's reboot can stall in the firmware: end, and relaunch instead
-            "-no-reboot"]
+            "-no-reboot", *extra]
     seen: dict[str, float] = {}
-    stop = threading.Event()
+    stop, stuck = threading.Event(), threading.Event()
     started = time.monotonic()
 
     def watch() -> None:
-        while not stop.wait(0.2) and len(seen) < len(MILESTONES):
-            with contextlib.suppress(FileNotFoundError):
+        while not stop.wait(0.2):
+            with contextlib.suppress(FileNotFoundError, ValueError):
                 text = log.read_bytes()
                 for what, marker in MILESTONES.items():
                     if what not in seen and marker in text:
                         seen[what] = time.monotonic() - started
+                if STUCK in text:
+                    stuck.set()
+                    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+                    return
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -578,7 +600,8 @@ def boot(disk: Disk, work: Path, *, steps: Sequence[str] = (), updates: Path | N
         run(argv, timeout=timeout, capture=True)
     except CommandError as e:
         text = log.read_text(errors="replace") if log.exists() else ""
-        raise VMError(f"{e}; serial log ends:\n{tail(text)}") from None
+        if not stuck.is_set():
+            raise VMError(f"{e}; serial log ends:\n{tail(text)}") from None
     finally:
         stop.set()
         watcher.join()

@@ -145,7 +145,7 @@ def check_status() -> None:
         return
     status = json.loads(r.stdout)
     say("status.deployments", [{k: d.get(k) for k in ("name", "commit", "version", "booted", "default", "image_digest",
-                                                       "entry", "tries_left", "tries_done", "boot_failed")}
+                                                       "entry", "tries_left", "tries_done", "boot_failed", "sealed")}
                                for d in status["deployments"]])
     r = sh("cfsdeploy", "status")
     say("status.text", r.stdout + r.stderr)
@@ -201,12 +201,15 @@ def main() -> None:
     say("check.start", uptime())
     args = cmdline()
     say("cmdline", {k: v for k, v in args.items() if k.startswith("cfsdeploy")})
+    with open("/proc/cmdline") as f:
+        say("cmdline.raw", f.read().strip())
     m = mounts()
     checks = [lambda: check_root(m), check_loader, check_times, check_systemd,
               lambda: say("files", {p: read_text(p) for p in FILES}),
               lambda: say("canaries", {n: read_digest(os.path.join(CANARIES, n))
                                        for n in sorted(os.listdir(CANARIES)) if n.startswith("canary")})]
-    if "cfsdeploy" in args:  # not on the plain ext4 boot the times are compared with
+    # a sealed boot names only its image; the plain ext4 boot the times are compared with, neither
+    if "cfsdeploy" in args or "cfsdeploy.digest" in args:
         checks[1:1] = [lambda: check_image(args), check_status]
     for check in [*checks, run_steps]:
         try:
