@@ -288,6 +288,8 @@ class Builder:
     to, offered to the guest as a second disk (a `file://` remote: no network)."""
     top: Path                    # what the updates disk holds: repo/ and the public key
     key: Key
+    # commit's arguments that seal every release (none: releases are not sealed)
+    seal: tuple[str, ...] = ()
 
     @property
     def repo(self) -> Path:
@@ -297,19 +299,19 @@ class Builder:
         out = cfsdeploy("commit", "--repo", self.repo, "--tree", tree.path, "--branch", BRANCH,
                         "-m", f"Debian 13 for the cfsdeploy VM test, release {tree.release}",
                         "--version", f"13.vm{tree.release}", "--sign-key", self.key.email,
-                        "--gpg-homedir", self.key.home, "--lint")
+                        "--gpg-homedir", self.key.home, "--lint", *self.seal)
         return out.split()[-1]
 
 
 @contextlib.contextmanager
-def builder(work: Path) -> Iterator[Builder]:
+def builder(work: Path, seal: tuple[str, ...] = ()) -> Iterator[Builder]:
     key = make_key("cfsdeploy VM test builder")
     try:
         top = work / "updates"
         top.mkdir()
         cfsdeploy("init", "--repo", top / "repo")
         shutil.copyfile(key.public, top / "builder.asc")
-        yield Builder(top, key)
+        yield Builder(top, key, seal)
     finally:
         drop_key(key)
 
@@ -401,20 +403,21 @@ def mounted_root(disk: Path, *, readonly: bool = False) -> Iterator[Path]:
         mnt.rmdir()
 
 
-def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str = "try", log: Log = print) -> Disk:
+def make_disk(tree: Tree, work: Path, b: Builder, *, verity: str | None = "try", log: Log = print) -> Disk:
     """A new machine's disk, made as its owner makes one: `cfsdeploy install to-disk`
     from the builder's repository, checked against the builder's key, following the
     updates remote where the machine will have it, with boot counting for every new
     deployment (a release that cannot complete a boot falls back by itself, without
     anyone at the console).  The host kernel may lack fs-verity, so the first entry
-    gets cfsdeploy.verity=try.  And a fresh OVMF variables file: its NVRAM."""
+    gets cfsdeploy.verity=try (verity None: the sysroot's default, or a sealed
+    release's require).  And a fresh OVMF variables file: its NVRAM."""
     disk = work / "disk.img"
     disk.unlink(missing_ok=True)
     t = time.monotonic()
     out = cfsdeploy("install", "to-disk", disk, "--size", DISK_SIZE, "--from", f"file://{b.repo}",
                     "--branch", BRANCH, "--gpg-import", b.key.public,
                     "--update-url", f"file://{UPDATES_MOUNT}/repo", "--os", OS_NAME, "--tries", str(TRIES),
-                    "--verity", verity, "--console", "ttyS0", "--karg", "panic=10")
+                    *(["--verity", verity] if verity else []), "--console", "ttyS0", "--karg", "panic=10")
     for line in out.splitlines():
         log(f"  {line}")
     log(f"  install to-disk took {time.monotonic() - t:.1f} s")
@@ -649,12 +652,19 @@ class Machine:
 
 
 @contextlib.contextmanager
-def machine(work: Path, log: Log = print) -> Iterator[Machine]:
-    """Release 1 built by the vendor and installed on a new machine's disk."""
+def machine(work: Path, log: Log = print, *, seal: tuple[str, ...] = (),
+            secure_boot: Callable[[Path], object] | None = None) -> Iterator[Machine]:
+    """Release 1 built by the vendor and installed on a new machine's disk.  With
+    seal, the vendor's commit arguments that seal each release; with secure_boot,
+    what enrolls the vendor's keys into the machine's variables file, whose
+    firmware then enforces Secure Boot."""
     tree = make_tree(work / "tree", log)
-    with builder(work) as b:
+    with builder(work, seal) as b:
         first = b.commit(tree)
-        disk = make_disk(tree, work, b, log=log)
+        disk = make_disk(tree, work, b, verity=None if seal else "try", log=log)
+        if secure_boot is not None:
+            secure_boot(disk.vars)
+            disk.secure_boot = True
         yield Machine(work, disk, b, {1: first}, log=log)
         remove_tree(tree.path)
 
