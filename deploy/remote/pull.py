@@ -14,7 +14,7 @@
     downloaded into tmp/resume/, checked against their fs-verity digests, synced
     to disk and renamed into objects/.  An interrupted pull resumes partial files there.
     A sealed head's UKI and loader come the same way; no manifest gives their size,
-    so they are bounded by MAX_SEALED_OBJECT and downloaded whole each time.
+    so they are bounded by PullOptions.max_sealed and downloaded whole each time.
  6. The image, then the commits (parents first), then refs/remotes/REMOTE/BRANCH.
 All of it under the repository lock.
 """
@@ -54,9 +54,6 @@ from ..util.fsutil import atomic_write_bytes, remove_tree, syncfs
 from . import keyring, remotes
 from .gitfetch import GitFetcher, RawCommit, parse_commit, parse_tree
 from .transport import Limits, Transport, open_transport
-
-# The largest UKI or loader a pull accepts: a kernel and its initramfs, with room.
-MAX_SEALED_OBJECT = 1 << 30
 
 
 class PullError(CfsError):
@@ -99,6 +96,7 @@ class PullOptions:
     max_metadata: int = 256 << 20      # largest git object accepted (a manifest)
     max_pack: int = 4 << 30            # largest git pack accepted
     max_refs: int = 16 << 20           # largest git/info/refs accepted
+    max_sealed: int = 1 << 30          # largest sealed UKI or loader: a kernel and initramfs, with room
     lock_wait: float = 60.0
     on_lock_wait: Callable[[], None] | None = None
 
@@ -430,7 +428,7 @@ class _Pull:
             return
         os.makedirs(self.resume_dir, exist_ok=True)
         # Largest first, so that no big transfer starts last and runs alone (a UKI is big).
-        order = sorted(todo.items(), key=lambda item: -(MAX_SEALED_OBJECT if item[1] is None else item[1]))
+        order = sorted(todo.items(), key=lambda item: -(self.options.max_sealed if item[1] is None else item[1]))
         try:
             with ThreadPoolExecutor(max_workers=self.options.jobs, thread_name_prefix="pull") as pool:
                 pending = {pool.submit(self._object, digest, size) for digest, size in order}
@@ -480,7 +478,7 @@ class _Pull:
     def _download(self, path: str, part: str, size: int | None) -> tuple[bool, bytes]:
         """Complete the partial file `part` (or start it) from the remote's `path`;
         returns whether it resumed, and the fs-verity digest of what it holds.  Of an
-        unknown size, at most MAX_SEALED_OBJECT bytes, and never resumed (what is
+        unknown size, at most max_sealed bytes, and never resumed (what is
         there may be all of it, or not)."""
         try:
             have = os.stat(part).st_size
@@ -506,7 +504,7 @@ class _Pull:
                     self.bytes_done += len(data)
 
             if size is None:
-                self.transport.fetch(path, sink, limit=MAX_SEALED_OBJECT)
+                self.transport.fetch(path, sink, limit=self.options.max_sealed)
             elif have < size:
                 self.transport.fetch(path, sink, limit=size, offset=have)
             f.flush()
