@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .composefs.scan import ScanStats
     from .remote.pull import PullProgress
     from .repo.fsck import Problem
-    from .repo.repository import CommitInfo, Repository, SignatureInfo
+    from .repo.repository import CommitInfo, Repository, Sealed, SignatureInfo
     from .sysroot.booted import BootVerity
     from .sysroot.deploy import DeployResult
     from .sysroot.deployment import Origin
@@ -250,12 +250,28 @@ def init(repo_path: str) -> None:
               help="Files read at once, by as many processes (default: one per CPU).")
 @click.option("--lint", "lint_first", is_flag=True,
               help="Lint the tree first (`cfsdeploy lint`) and commit only if it has no errors.")
+@click.option("--seal", is_flag=True,
+              help="Seal it: a signed UKI naming its image, and a signed systemd-boot (docs/architecture.md).")
+@click.option("--secureboot-key", metavar="KEY", type=click.Path(),
+              help="The Secure Boot signing key (PEM), with --seal.")
+@click.option("--secureboot-cert", metavar="CERT", type=click.Path(),
+              help="The Secure Boot certificate (PEM), with --seal.")
+@click.option("--seal-karg", "seal_kargs", multiple=True, metavar="ARG",
+              help="Add a kernel argument to the sealed command line (repeatable; root= replaces the default).")
+@click.option("--kver", metavar="KVER", help="Seal the tree's kernel KVER (default: its newest), with --seal.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | None,
            os_version: str | None, bind: tuple[str, ...], parent: str | None, orphan: bool, sign_key: str | None,
-           gpg_homedir: str | None, wait_lock: float, threads: int | None, lint_first: bool) -> None:
+           gpg_homedir: str | None, wait_lock: float, threads: int | None, lint_first: bool, seal: bool,
+           secureboot_key: str | None, secureboot_cert: str | None, seal_kargs: tuple[str, ...],
+           kver: str | None, as_json: bool) -> None:
     """Commit a root filesystem tree to a branch; print the commit id."""
     if parent and orphan:
         raise click.UsageError("--parent and --orphan exclude each other")
+    if seal and not (secureboot_key and secureboot_cert):
+        raise click.UsageError("--seal needs --secureboot-key and --secureboot-cert")
+    if not seal and (secureboot_key or secureboot_cert or seal_kargs or kver):
+        raise click.UsageError("--secureboot-key, --secureboot-cert, --seal-karg and --kver go with --seal")
     if lint_first:
         from .sysroot.lint import has_errors, lint_dir
 
@@ -268,6 +284,12 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
             click.echo("cfsdeploy: the tree has lint errors: not committed", err=True)
             sys.exit(1)
     repo = _open_repo(repo_path)
+    sealer = None
+    if seal:
+        from .sysroot.seal import make_sealer
+
+        assert secureboot_key and secureboot_cert
+        sealer = make_sealer(repo, secureboot_key, secureboot_cert, kargs=seal_kargs, kver=kver)
     from .util.progress import Progress, human_bytes
 
     bar = Progress("commit")
@@ -279,9 +301,15 @@ def commit(repo_path: str, tree: str, branch: str, subject: str, body: str | Non
     result = repo.commit(tree, branch, subject, body=body, version=os_version, bind=bind, parent=parent,
                          orphan=orphan, sign_key=sign_key, gpg_homedir=gpg_homedir, threads=threads,
                          warn=lambda m: click.echo(m, err=True), progress=show, lock_wait=wait_lock,
-                         on_lock_wait=_say_waiting)
+                         on_lock_wait=_say_waiting, sealer=sealer)
     st = result.stats
     bar.done(f"{st.entries} entries, {human_bytes(st.file_bytes)}, {st.objects_written} new objects")
+    if as_json:
+        _print_json({"commit": result.commit, "branch": result.branch, "image_digest": result.image_digest.hex(),
+                     "sealed": result.sealed.to_json() if result.sealed else None})
+        return
+    if result.sealed:  # stdout stays the commit id alone, for scripts
+        click.echo(f"sealed: {_sealed_text(result.sealed)}", err=True)
     click.echo(result.commit)
 
 
@@ -359,6 +387,8 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         click.echo(f"Branch:  {', '.join(info.branches)}")
     if info.image_digest:
         click.echo(f"Image:   {info.image_digest.hex()} (format {info.image_format})")
+    if info.sealed:
+        click.echo(f"Sealed:  {_sealed_text(info.sealed)}")
     if info.signature:
         click.echo(f"Signed:  {_signature_line(info.signature)}")
     click.echo(f"\n    {info.subject}")
@@ -367,6 +397,10 @@ def _print_commit(info: CommitInfo, *, full: bool) -> None:
         for line in info.body.splitlines():
             click.echo(f"    {line}")
     click.echo("")
+
+
+def _sealed_text(sealed: Sealed) -> str:
+    return f"UKI {sealed.uki.hex()} loader {sealed.loader.hex()}"
 
 
 def _signature_line(sig: SignatureInfo) -> str:
@@ -492,13 +526,15 @@ def checkout_cmd(repo_path: str, rev: str, dest: str) -> None:
 def fsck_cmd(repo_path: str, quick: bool, as_json: bool) -> None:
     """Check commits, manifests, images and objects; exit 4 on any problem."""
     from .repo.fsck import fsck
+    from .sysroot.seal import uki_problem
 
-    report = fsck(_open_repo(repo_path), quick=quick)
+    report = fsck(_open_repo(repo_path), quick=quick, seal_check=uki_problem)
     if as_json:
         _print_json({"ok": report.ok, "commits": report.commits, "history_only": report.history_only,
                      "objects_checked": report.objects_checked,
                      "problems": [{"kind": p.kind.value, "commit": p.commit, "object_digest": p.object,
-                                   "image": p.image, "detail": p.detail} for p in report.problems]})
+                                   "image": p.image, "sealed": p.sealed, "detail": p.detail}
+                                  for p in report.problems]})
     else:
         for problem in report.problems:
             click.echo(_fsck_line(problem))
@@ -517,9 +553,11 @@ def _fsck_line(p: Problem) -> str:
         ProblemKind.BAD_COMMIT: f"commit {commit}: bad manifest or trailers: {p.detail}",
         ProblemKind.IMAGE_MISMATCH: f"commit {commit}: manifest does not give the image named by its trailer",
         ProblemKind.MISSING_OBJECT: f"missing object {p.object} (needed by {'image of ' if p.image else ''}"
-                                    f"commit {commit})",
+                                    f"{f'sealed {p.sealed} of ' if p.sealed else ''}commit {commit})",
         ProblemKind.CORRUPT_OBJECT: f"corrupt object {p.object}",
         ProblemKind.GIT_FSCK: f"git fsck: {p.detail}",
+        ProblemKind.BAD_SEAL: f"commit {commit}: damaged seal: {p.detail}",
+        ProblemKind.SEAL_MISMATCH: f"commit {commit}: its sealed UKI {p.object} does not seal its image: {p.detail}",
     }[p.kind]
 
 
@@ -527,12 +565,21 @@ def _fsck_line(p: Problem) -> str:
 @repo_option
 @click.argument("rev")
 @click.option("--gpg-homedir", metavar="DIR", type=click.Path(), help="The gpg home directory with the trusted keys.")
-def verify(repo_path: str, rev: str, gpg_homedir: str | None) -> None:
-    """Check the signature of commit REV and name its signer."""
+@click.option("--secureboot-cert", metavar="CERT", type=click.Path(),
+              help="Also check that a sealed commit's UKI and loader are signed with this certificate (PEM).")
+def verify(repo_path: str, rev: str, gpg_homedir: str | None, secureboot_cert: str | None) -> None:
+    """Check the signature of commit REV and name its signer; for a sealed commit,
+    check its UKI and loader too."""
     from .repo.repository import verify_commit
+    from .sysroot.seal import verify_seal
 
-    signer = verify_commit(_open_repo(repo_path), rev, gpg_homedir=gpg_homedir)
+    repo = _open_repo(repo_path)
+    signer = verify_commit(repo, rev, gpg_homedir=gpg_homedir)
+    sealed = verify_seal(repo, repo.resolve(rev), cert=secureboot_cert)
     click.echo(f"good signature from {signer.username or signer.key_id} (key {signer.fingerprint})")
+    if sealed:
+        signed = ", both signed with the certificate" if secureboot_cert else ""
+        click.echo(f"sealed: {_sealed_text(sealed)} (the UKI seals the commit's image{signed})")
 
 
 @main.command("diff")

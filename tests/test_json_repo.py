@@ -21,7 +21,7 @@ COMMIT_KEYS = {"commit", "subject", "body", "version", "branches", "time", "auth
                "image_format", "sealed", "signature"}
 SIGNATURE_KEYS = {"key_id", "fingerprint", "verified", "signer", "problem"}
 FSCK_KEYS = {"schema", "ok", "commits", "history_only", "objects_checked", "problems"}
-PROBLEM_KEYS = {"kind", "commit", "object_digest", "image", "detail"}
+PROBLEM_KEYS = {"kind", "commit", "object_digest", "image", "sealed", "detail"}
 HEX64 = re.compile(r"[0-9a-f]{64}")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
 

@@ -40,6 +40,18 @@ def test_a_transaction_names_its_objects_only_when_it_ends(store: ObjectStore) -
     assert os.listdir(store.tmpdir) == []
 
 
+def test_find_gives_a_staged_objects_content_before_it_has_its_name(store: ObjectStore) -> None:
+    data = os.urandom(5000)
+    with store.transaction():
+        digest = store.add_bytes(data)
+        staged = store.find(digest)
+        assert staged is not None and staged != store.path_of(digest)
+        with open(staged, "rb") as f:
+            assert f.read() == data
+    assert store.find(digest) == store.path_of(digest)
+    assert store.find(fsverity.digest_bytes(b"absent")) is None
+
+
 def test_a_failed_transaction_names_nothing_and_leaves_no_temp_files(store: ObjectStore) -> None:
     kept = store.add_bytes(b"k" * 100)
     with pytest.raises(RuntimeError), store.transaction():

@@ -53,6 +53,16 @@ class ObjectStore:
         return os.path.exists(self.path_of(digest)) or (
             self._staging is not None and os.path.exists(os.path.join(self._staging, digest.hex())))
 
+    def find(self, digest: bytes) -> str | None:
+        """Where the object is: staged in the current transaction (not yet under its
+        name), or present; None if neither."""
+        if self._staging is not None:
+            staged = os.path.join(self._staging, digest.hex())
+            if os.path.exists(staged):
+                return staged
+        path = self.path_of(digest)
+        return path if os.path.exists(path) else None
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Stage the objects added inside; publish them durably when the block ends

@@ -13,6 +13,8 @@
  5. The objects the head's manifest needs and the repository lacks, in parallel:
     downloaded into tmp/resume/, checked against their fs-verity digests, synced
     to disk and renamed into objects/.  An interrupted pull resumes partial files there.
+    A sealed head's UKI and loader come the same way; no manifest gives their size,
+    so they are bounded by PullOptions.max_sealed and downloaded whole each time.
  6. The image, then the commits (parents first), then refs/remotes/REMOTE/BRANCH.
 All of it under the repository lock.
 """
@@ -43,6 +45,7 @@ from ..repo.repository import (
     TrailerError,
     bindings,
     digest_trailer,
+    sealed_trailers,
     trailers,
 )
 from ..repo.signing import SignatureError, SignatureIntegrityError, Signer
@@ -93,6 +96,7 @@ class PullOptions:
     max_metadata: int = 256 << 20      # largest git object accepted (a manifest)
     max_pack: int = 4 << 30            # largest git pack accepted
     max_refs: int = 16 << 20           # largest git/info/refs accepted
+    max_sealed: int = 1 << 30          # largest sealed UKI or loader: a kernel and initramfs, with room
     lock_wait: float = 60.0
     on_lock_wait: Callable[[], None] | None = None
 
@@ -304,16 +308,23 @@ class _Pull:
         blob = entries[0][2]
         return tree, blob, self.git.read(blob, "blob")
 
-    def _content(self, commit: RawCommit, is_new: bool) -> tuple[dict[bytes, int], bytes | None]:
-        """The objects the head needs, and its image if it must be stored; the manifest
-        and tree are stored once they proved to give the commit's image."""
+    def _content(self, commit: RawCommit, is_new: bool) -> tuple[dict[bytes, int | None], bytes | None]:
+        """The objects the head needs (with their sizes; None for what seals it, whose
+        size no manifest gives), and its image if it must be stored; the manifest and
+        tree are stored once they proved to give the commit's image."""
         tree, blob, data = self._manifest(commit)
         try:
             root = dumpfile.parse(data)
         except CfsError as e:
             raise ManifestError(f"commit {commit.id}: malformed manifest: {e}") from None
-        needed = check_manifest(root)
+        needed: dict[bytes, int | None] = {**check_manifest(root)}
         t = trailers(commit.message)  # they parse: _check_binding read them
+        try:
+            sealed = sealed_trailers(t)
+        except TrailerError as e:
+            raise TrailerError(f"commit {commit.id[:12]} from remote {self.remote.name}: {e}") from None
+        for obj in sealed.objects() if sealed else ():
+            needed.setdefault(obj, None)
         digest = digest_trailer(t)
         fmt = int(t.get(TRAILER_FORMAT, "")) if t.get(TRAILER_FORMAT, "").isdigit() else -1
         if digest is None or not 0 <= fmt <= imagewriter.FORMAT_VERSION_MAX:
@@ -407,17 +418,17 @@ class _Pull:
 
     # --- objects -----------------------------------------------------------------------
 
-    def _objects(self, todo: dict[bytes, int]) -> None:
+    def _objects(self, todo: dict[bytes, int | None]) -> None:
         """Workers download and check objects into tmp/resume/; every so often this
         thread makes their content durable with one syncfs and renames them into
         objects/ (an fsync per object would cost more than the transfer)."""
         self.objects_total = len(todo)
-        self.bytes_total = sum(todo.values())
+        self.bytes_total = sum(size or 0 for size in todo.values())
         if not todo:
             return
         os.makedirs(self.resume_dir, exist_ok=True)
-        # Largest first, so that no big transfer starts last and runs alone.
-        order = sorted(todo.items(), key=lambda item: -item[1])
+        # Largest first, so that no big transfer starts last and runs alone (a UKI is big).
+        order = sorted(todo.items(), key=lambda item: -(self.options.max_sealed if item[1] is None else item[1]))
         try:
             with ThreadPoolExecutor(max_workers=self.options.jobs, thread_name_prefix="pull") as pool:
                 pending = {pool.submit(self._object, digest, size) for digest, size in order}
@@ -438,7 +449,7 @@ class _Pull:
             self._adopt_checked()
             syncfs(self.repo.objects.path)  # their names are durable before any commit names them
 
-    def _object(self, digest: bytes, size: int) -> None:
+    def _object(self, digest: bytes, size: int | None) -> None:
         path = f"objects/{os.fsdecode(digest_to_path(digest))}"
         part = os.path.join(self.resume_dir, digest.hex())
         for attempt in (1, 2):
@@ -464,15 +475,18 @@ class _Pull:
         with self.lock:
             self.objects_done += len(batch)
 
-    def _download(self, path: str, part: str, size: int) -> tuple[bool, bytes]:
+    def _download(self, path: str, part: str, size: int | None) -> tuple[bool, bytes]:
         """Complete the partial file `part` (or start it) from the remote's `path`;
-        returns whether it resumed, and the fs-verity digest of what it holds."""
+        returns whether it resumed, and the fs-verity digest of what it holds.  Of an
+        unknown size, at most max_sealed bytes, and never resumed (what is
+        there may be all of it, or not)."""
         try:
             have = os.stat(part).st_size
         except FileNotFoundError:
             have = 0
-        if have > size:
-            os.unlink(part)
+        if size is None or have > size:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
             have = 0
         hasher = fsverity.Hasher()
         with open(part, "ab") as f:
@@ -489,11 +503,13 @@ class _Pull:
                 with self.lock:
                     self.bytes_done += len(data)
 
-            if have < size:
+            if size is None:
+                self.transport.fetch(path, sink, limit=self.options.max_sealed)
+            elif have < size:
                 self.transport.fetch(path, sink, limit=size, offset=have)
             f.flush()
             got = os.fstat(f.fileno()).st_size
-        if got != size:
+        if size is not None and got != size:
             raise PullError(f"{self.transport.url}/{path}: the server sent {got} of its {size} bytes")
         return have > 0, hasher.digest()
 
