@@ -281,7 +281,7 @@ def test_a_damaged_link_is_refused_by_deploy_naming_it(machine) -> None:
     assert image is not None
     (machine.root / "cfsdeploy/by-digest").mkdir()
     (machine.root / "cfsdeploy/by-digest" / image.hex()).write_text("not a link")
-    with pytest.raises(DeployUsageError, match="not a symbolic link"):
+    with pytest.raises(bydigest.LinkError, match="not a symbolic link"):
         deploy(machine)
     (machine.root / "cfsdeploy/by-digest" / image.hex()).unlink()
 
@@ -363,3 +363,31 @@ def test_sealed_command_line_seals_the_image_with_verity_require() -> None:
 def test_by_digest_read_refuses_what_is_not_a_digest(tmp_path) -> None:
     with pytest.raises(bydigest.LinkError):
         bydigest.read(str(tmp_path), "../../etc")
+
+
+def test_a_by_digest_directory_that_is_a_symlink_is_reported_and_not_written_through(machine) -> None:
+    elsewhere = machine.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (machine.root / "cfsdeploy/by-digest").symlink_to(elsewhere)
+    sealed(machine)
+    assert [(d.kind, d.reason) for d in machine.sysroot.state(OS).damaged] == [(Kind.LINK, "not a directory")]
+    with pytest.raises(bydigest.LinkError, match="not a directory"):
+        deploy(machine)
+    assert os.listdir(elsewhere) == [] and os.listdir(machine.root / "cfsdeploy/deploy" / OS) == ["var"]
+    (machine.root / "cfsdeploy/by-digest").unlink()
+
+
+@pytest.mark.parametrize("digest", ["../../etc", "AB" * 32, "ab" * 31])
+def test_a_sealed_boot_naming_no_plain_digest_boots_no_deployment(machine, digest) -> None:
+    sealed(machine)
+    deploy(machine)
+    booted = Sysroot(str(machine.root), cmdline=f"root=LABEL=root cfsdeploy.digest={digest}")
+    assert booted.booted_path() is None and booted.state(OS).booted is None
+
+
+def test_deploy_karg_of_a_sealed_commit_exits_2_with_one_line(machine) -> None:
+    sealed(machine)
+    p = subprocess.run([sys.executable, "-m", "cfsdeploy.cli", "deploy", BRANCH, "--os", OS, "--karg", "quiet",
+                        "--sysroot", str(machine.root)], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("cfsdeploy: ") and len(p.stderr.splitlines()) == 1
+    assert "sealed" in p.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from ..boot import bootloader
@@ -56,6 +57,8 @@ def read(top: str, digest: str) -> Link | None:
     link of the one form the boot hook takes."""
     if not _DIGEST.fullmatch(digest):
         raise LinkError(f"{digest!r} is not an image digest")
+    if os.path.lexists(os.path.join(top, DIRECTORY)) and not _is_directory(top):
+        raise LinkError(f"{os.path.join(top, DIRECTORY)}: not a directory")
     path = os.path.join(top, DIRECTORY, digest)
     try:
         text = os.readlink(path)
@@ -73,9 +76,11 @@ def write(top: str, dep: Deployment) -> None:
     """Make the link of a deployment's image durable (aside, renamed into place, the
     directory synced): before the entry that boots it is written."""
     directory = os.path.join(top, DIRECTORY)
-    if not os.path.isdir(directory):
+    if not os.path.lexists(directory):
         os.mkdir(directory)
         fsync_dir(top)
+    if not _is_directory(top):
+        raise LinkError(f"{directory}: not a directory")
     new = os.path.join(directory, dep.image_digest + _NEW)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(new)
@@ -84,10 +89,18 @@ def write(top: str, dep: Deployment) -> None:
     fsync_dir(directory)
 
 
-def _names(top: str) -> list[str]:
+def _is_directory(top: str) -> bool:
+    """by-digest/ is a directory itself, not a symlink to one somewhere else."""
     with contextlib.suppress(FileNotFoundError):
-        return sorted(os.listdir(os.path.join(top, DIRECTORY)))
-    return []
+        return stat.S_ISDIR(os.lstat(os.path.join(top, DIRECTORY)).st_mode)
+    return False
+
+
+def _names(top: str) -> list[str]:
+    """What by-digest/ holds; nothing if it is not a directory (damaged() says so)."""
+    if not _is_directory(top):
+        return []
+    return sorted(os.listdir(os.path.join(top, DIRECTORY)))
 
 
 def _gone(top: str, link: Link) -> bool:
@@ -99,6 +112,9 @@ def damaged(top: str) -> list[Damaged]:
     not a sealed one of that image: reported (the boot hook refuses them), never removed;
     what they name stays while they exist."""
     out = []
+    directory = os.path.join(top, DIRECTORY)
+    if os.path.lexists(directory) and not _is_directory(top):
+        out.append(Damaged(Kind.LINK, directory, "not a directory", b""))
     for name in _names(top):
         path = os.path.join(top, DIRECTORY, name)
         if name.endswith(_NEW) and _DIGEST.fullmatch(name[:-len(_NEW)]) and os.path.islink(path):

@@ -158,9 +158,8 @@ def _refuse_deployed_image(sysroot: Sysroot, c: Commit) -> None:
     try:
         link = bydigest.read(sysroot.top, digest)
     except bydigest.LinkError as e:
-        where = os.path.join(sysroot.top, bydigest.DIRECTORY, digest)
-        raise DeployUsageError(f"image {digest[:12]} of sealed commit {c.id[:12]}: {e}",
-                               hint=f"check and remove {where}") from None
+        raise bydigest.LinkError(f"image {digest[:12]} of sealed commit {c.id[:12]}: {e}",
+                                 hint="check and remove it") from None
     if link is not None:
         raise DeployUsageError(f"sealed commit {c.id[:12]}: its image is already deployed, as "
                                f"{link.os}/{link.name}; a sealed image has one deployment per sysroot",
