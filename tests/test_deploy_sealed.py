@@ -29,7 +29,17 @@ from cfsdeploy.sysroot.layout import VERITY_PENDING, Sysroot, SysrootUsageError
 from cfsdeploy.sysroot.rollback import rollback, undeploy
 
 from .sealing import commit_sealed, sealed_cmdline, vendor_key
-from .sysroots import BRANCH, KVER, OS, ROOT_KARGS, boot_mount, commit_tree, entries_read_as_meant, make_os_tree
+from .sysroots import (
+    BRANCH,
+    KVER,
+    OS,
+    ROOT_KARGS,
+    boot_mount,
+    bootctl_list,
+    commit_tree,
+    entries_read_as_meant,
+    make_os_tree,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +96,15 @@ def test_sealed_entry_is_title_version_sort_key_and_efi_last(machine) -> None:
         "title Test OS 1 (cfsdeploy testos)\nversion 1\nsort-key cfsdeploy-testos\n"
         f"efi /cfsdeploy/{OS}/{KVER}-{digest}/uki.efi\n")
     assert r.kernel.dirname == f"{KVER}-{digest}"
+
+
+def test_bootctl_reads_the_sealed_entry_as_booting_its_uki_with_no_options(machine) -> None:
+    sealed(machine)
+    r = deploy(machine, tries=2)
+    [listed] = [json.loads(line) for line in bootctl_list(machine.boot).splitlines()]
+    assert {k: listed.get(k) for k in ("title", "sortKey", "version", "efi", "triesLeft", "options", "linux")} == {
+        "title": "Test OS 1 (cfsdeploy testos)", "sortKey": f"cfsdeploy-{OS}", "version": "1", "efi": r.kernel.efi,
+        "triesLeft": 2, "options": None, "linux": None}
 
 
 def test_sealed_kernel_directory_holds_the_uki_object_and_is_complete(machine) -> None:
