@@ -876,6 +876,8 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
         if d.origin:
             click.echo(f"    Origin:  {d.origin.refspec}")
         click.echo(f"    Kernel:  {d.kernel_version}")
+        if d.sealed is not None:
+            click.echo(f"    Sealed:  UKI {d.sealed.uki} ({r.entry.efi})")
         click.echo(f"    Entry:   {r.entry.filename}")
         if r.boot_counting:
             click.echo(f"    Boot:    {_boot_counting_text(r)}")
@@ -894,7 +896,8 @@ def status_cmd(sysroot_path: str | None, os_name: str | None, boot_dir: str | No
 # What status says of a damaged record of each kind, and what becomes of it.
 _DAMAGED = {Kind.ENTRY: ("damaged boot entry", "the next deploy or cleanup sets it aside"),
             Kind.STAGED: ("damaged staged record", "the next change sets it aside"),
-            Kind.ASIDE: ("set aside", "delete it once checked")}
+            Kind.ASIDE: ("set aside", "delete it once checked"),
+            Kind.LINK: ("damaged by-digest link", "the boot of that image refuses it; check and delete it")}
 
 
 def _staged_when(st: StagedStatus) -> str:

@@ -70,15 +70,21 @@ def bootctl_list(boot: Path) -> str:
                            check=True, capture_output=True, text=True, env=env).stdout
 
 
-def bootctl_reads(boot: Path, meant: dict[str, tuple[str, list[str]]]) -> None:
+def bootctl_reads(boot: Path, meant: dict[str, tuple[str, list[str]]], sealed: dict[str, str] | None = None) -> None:
     """systemd's parser reads exactly the entry files of `meant` (file name: title and
     arguments), each with its title, and with an options line the kernel splits into
-    exactly the arguments meant."""
+    exactly the arguments meant; those of `sealed` (file name: UKI) boot that UKI, with
+    no options line (and no arguments meant)."""
+    sealed = sealed or {}
     listed = {os.path.basename(e["path"]): e for e in map(json.loads, bootctl_list(boot).splitlines())}
     assert sorted(listed) == sorted(meant)
     for name, (title, args) in meant.items():
         assert listed[name]["title"] == title, name
-        assert kargs.split(listed[name]["options"]) == args, name
+        if name in sealed:
+            assert (listed[name]["efi"], "options" in listed[name], "linux" in listed[name], args) == (
+                sealed[name], False, False, []), name
+        else:
+            assert kargs.split(listed[name]["options"]) == args, name
 
 
 def entries_read_as_meant(sysroot: Sysroot, os_name: str) -> None:
@@ -87,13 +93,17 @@ def entries_read_as_meant(sysroot: Sysroot, os_name: str) -> None:
     cfsdeploy's own three naming that deployment."""
     state = sysroot.state(os_name)
     assert ([d for d in state.damaged if d.kind == bootloader.Kind.ENTRY], state.broken) == ([], [])
-    meant = {}
+    meant, sealed = {}, {}
     for e, dep in zip(state.entries, state.deployments, strict=True):
         record = deployment.load(sysroot.dir_of(dep))
+        if record.sealed is not None:
+            assert e.efi == bootloader.Kernel(dep.os, record.sealed.kernel).efi
+            meant[e.filename], sealed[e.filename] = (e.title, []), e.efi
+            continue
         verity = e.option(kargs.VERITY)
         assert verity in kargs.VERITY_MODES
         meant[e.filename] = (e.title, record.kargs + kargs.Own(record.path, record.image_digest, verity).args())
     names = os.listdir(os.path.join(sysroot.boot, bootloader.ENTRIES)) if state.entries else []
     assert sorted(names) == sorted(meant)
     if meant:
-        bootctl_reads(Path(sysroot.boot), meant)
+        bootctl_reads(Path(sysroot.boot), meant, sealed)

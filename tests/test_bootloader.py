@@ -67,7 +67,7 @@ def good_lines(**changes: str) -> bytes:
     (b"", "missing title"),
     (good_lines() + b"linux /evil\n", "two linux lines"),
     (good_lines() + b"options x\n", "two options lines"),
-    (good_lines() + b"efi /EFI/evil.efi\n", "unexpected line"),
+    (good_lines() + b"efi /EFI/evil.efi\n", "neither"),
     (good_lines(title="Deb\x85 1"), "not one plain line"),
     (good_lines(title="Deb\u2028linux /evil"), "not one plain line"),
     (good_lines(options="root=/dev/vda\rlinux /evil"), "not one plain line"),
@@ -106,7 +106,7 @@ def test_damaged_entries_are_listed_apart_and_the_rest_read(tmp_path) -> None:
     assert good == [entry(3)]
     assert [(x.kind, os.path.basename(x.path)) for x in damaged] == [
         (Kind.ENTRY, f"cfsdeploy-deb-{n}.conf") for n in (1, 2, 4)]
-    assert [x.reason for x in damaged] == ["not UTF-8", "missing title, version, sort-key, linux, initrd, options",
+    assert [x.reason for x in damaged] == ["not UTF-8", "missing title, version, sort-key, options, initrd, linux",
                                            "cannot be read (Too many levels of symbolic links)"]
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from cfsdeploy.boot import kargs, uki
 from cfsdeploy.repo.fsck import fsck
 from cfsdeploy.repo.repository import Repository
-from cfsdeploy.sysroot.layout import Sysroot
+from cfsdeploy.sysroot.layout import VERITY_PENDING, Sysroot
 
+from .sealing import commit_sealed, vendor_key
 from .sysroots import BRANCH, OS, ROOT_KARGS, commit_tree, make_os_tree
 
 CHANGING = ("fsync", "fdatasync", "syncfs", "write", "pwrite64", "rename", "renameat", "renameat2",
@@ -54,8 +56,8 @@ def status_cmd(root: Path) -> list[str]:
 
 def default_of(entries: dict[str, bytes]) -> bytes:
     """The text of the entry that boots: the highest number of those a loader can use
-    (one a kill left empty has no `linux` line, and loaders skip it)."""
-    usable = {n: d for n, d in entries.items() if re.search(rb"^linux ", d, re.M)}
+    (one a kill left empty has no `linux` or `efi` line, and loaders skip it)."""
+    usable = {n: d for n, d in entries.items() if re.search(rb"^(linux|efi) ", d, re.M)}
     return max(usable.items(), key=lambda kv: int(re.split(r"[-+.]", kv[0])[2]))[1]
 
 
@@ -66,17 +68,24 @@ def entries_of(root: Path) -> dict[str, bytes]:
 
 def check_bootable(root: Path) -> None:
     """Every entry a loader can use names a kernel, initramfs, image and deployment
-    that exist."""
+    that exist; a sealed one a complete UKI whose image's by-digest link names it."""
     for name, data in entries_of(root).items():
         fields = dict(line.split(" ", 1) for line in data.decode().splitlines())
-        if "linux" not in fields:
+        if "efi" in fields:
+            efi = root / "boot" / fields["efi"][1:]
+            assert (efi.parent / "complete").is_file(), name
+            digest = kargs.value(kargs.split(uki.cmdline_of(efi)), kargs.DIGEST)
+            assert digest is not None, name
+            dep = root / "cfsdeploy/by-digest" / os.readlink(root / "cfsdeploy/by-digest" / digest)
+        elif "linux" in fields:
+            assert (root / "boot" / fields["linux"][1:]).is_file(), name
+            assert (root / "boot" / fields["initrd"][1:]).is_file(), name
+            opts = dict(w.split("=", 1) for w in fields["options"].split() if "=" in w)
+            dep = root / opts["cfsdeploy"][1:]
+            digest = opts["cfsdeploy.digest"]
+        else:
             continue
-        assert (root / "boot" / fields["linux"][1:]).is_file(), name
-        assert (root / "boot" / fields["initrd"][1:]).is_file(), name
-        opts = dict(w.split("=", 1) for w in fields["options"].split() if "=" in w)
-        dep = root / opts["cfsdeploy"][1:]
         assert (dep / "deployment.json").is_file() and (dep / "etc/hostname").is_file(), name
-        digest = opts["cfsdeploy.digest"]
         assert (root / "cfsdeploy/repo/objects" / digest[:2] / digest[2:]).is_file(), name
 
 
@@ -97,9 +106,11 @@ def syscall_counts(template: Path, work: Path, command: Callable[[Path], list[st
 Template = tuple[Path, dict[str, bytes], dict[str, bytes]]
 
 
-def crash_template(top: Path, command: Callable[[Path], list[str]], *, stage: bool) -> Template:
-    """A machine running version 1 with version 2 committed (and staged, if `stage`)
-    and /etc edited since; its entries, and those after `command` runs on a copy."""
+def crash_template(top: Path, command: Callable[[Path], list[str]], *, stage: bool,
+                   sealed: bool = False) -> Template:
+    """A machine running version 1 with version 2 committed (sealed, if `sealed`; and
+    staged, if `stage`) and /etc edited since; its entries, and those after `command`
+    runs on a copy."""
     if shutil.which("strace") is None:
         pytest.skip("strace missing (Debian package strace): it injects the kills")
     root = top / "template"
@@ -109,7 +120,11 @@ def crash_template(top: Path, command: Callable[[Path], list[str]], *, stage: bo
     subprocess.run(deploy_cmd(root), check=True, capture_output=True)
     # The next commit changes files, the kernel and /etc, and a local /etc edit is merged.
     make_os_tree(tree, version="2", kernel_seed=b"k2")
-    commit_tree(s, tree, version="2")
+    if sealed:
+        (root / "cfsdeploy" / VERITY_PENDING).write_bytes(b"")  # this kernel gives objects no fs-verity
+        commit_sealed(s, tree, vendor_key(top / "keys"), top, version="2")
+    else:
+        commit_tree(s, tree, version="2")
     if stage:
         subprocess.run([*deploy_cmd(root), "--stage"], check=True, capture_output=True)
     old = entries_of(root)
@@ -124,9 +139,9 @@ def crash_template(top: Path, command: Callable[[Path], list[str]], *, stage: bo
     return root, old, new
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Template:
-    return crash_template(tmp_path_factory.mktemp("crash"), deploy_cmd, stage=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["unsealed", "sealed"])
+def template(tmp_path_factory, request) -> Template:
+    return crash_template(tmp_path_factory.mktemp("crash"), deploy_cmd, stage=False, sealed=request.param)
 
 
 def kill_points(template_root: Path, work: Path, command: Callable[[Path], list[str]]) -> list[tuple[str, int]]:
@@ -183,6 +198,10 @@ def test_deploy_killed_at_every_step_leaves_old_or_new_entries(template, tmp_pat
         check_bootable(work)
         assert sorted(os.listdir(work / "boot/loader")) == ["entries"], point
         assert not [p for p in (work / "cfsdeploy/deploy" / OS).iterdir() if p.name.startswith(".")], point
+        deployments = Sysroot(str(work)).state(OS).deployments
+        links = work / "cfsdeploy/by-digest"
+        assert sorted(os.listdir(links) if links.exists() else []) == sorted(
+            d.image_digest for d in deployments if d.sealed), point
     assert outcomes["old"] and outcomes["new"], outcomes
 
 

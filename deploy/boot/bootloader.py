@@ -2,6 +2,7 @@
 
     BOOT/loader/entries/cfsdeploy-<os>-<n>[+<left>[-<done>]].conf
     BOOT/cfsdeploy/<os>/<kver>-<12 hex of sha256(kernel+initramfs)>/{vmlinuz,initramfs.img,complete}
+    BOOT/cfsdeploy/<os>/<kver>-<12 hex of sha256(UKI)>/{uki.efi,complete}      (a sealed release)
     SYSROOT/cfsdeploy/boot-switch.json      the switch in progress (removed when done)
 
 An os's deployments are its entries in order of <n>, highest first: the highest is the
@@ -50,6 +51,7 @@ ENTRIES = "loader/entries"
 STAGED = "loader/entries.staged"  # what switches of older versions left
 KERNEL = "vmlinuz"
 INITRAMFS = "initramfs.img"
+UKI = "uki.efi"
 MAX_TRIES = 99
 
 # Names that become paths and entry text.  '-' is kept out of os names: GRUB reads entry
@@ -61,7 +63,10 @@ KVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 KERNEL_DIR = re.compile(r"(?P<kver>[A-Za-z0-9][A-Za-z0-9._+~-]{0,127})-[0-9a-f]{12}")
 # Loose, so that every entry of an os is seen as its own (and checked, see _check_entry).
 _ENTRY_NAME = re.compile(r"cfsdeploy-(?P<os>[A-Za-z0-9_.]+)-(?P<n>\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf")
-_KEYS = ("title", "version", "sort-key", "linux", "initrd", "options")
+# The two forms of an entry, in the order written: the kernel, its initramfs and the
+# command line, or (a sealed release) a signed UKI that holds all three.
+LINUX_KEYS = ("title", "version", "sort-key", "options", "initrd", "linux")
+EFI_KEYS = ("title", "version", "sort-key", "efi")
 MAX_ENTRY = 64 << 10
 MAX_TITLE = 200
 # What a line of an entry never holds: control characters (a newline would start a
@@ -99,6 +104,7 @@ class Kind(StrEnum):
     ENTRY = "entry"          # a boot entry of the os
     STAGED = "staged"        # the staged record
     ASIDE = "aside"          # a damaged record set aside
+    LINK = "link"            # a link of SYSROOT/cfsdeploy/by-digest/
 
 
 @dataclass(frozen=True)
@@ -116,15 +122,22 @@ class Damaged:
 
 @dataclass(frozen=True)
 class BootEntry:
+    """linux, initrd and options; or efi alone (a sealed release's UKI, whose command
+    line is its own): the other form's fields are None."""
     os: str
     index: int
     title: str
-    linux: str
-    initrd: str
-    options: str
+    linux: str | None
+    initrd: str | None
+    options: str | None
     # systemd-boot's boot counting: tries left and tries done (None: not counting).
     tries_left: int | None = None
     tries_done: int | None = None
+    efi: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        return self.efi is not None
 
     @property
     def id(self) -> str:
@@ -149,39 +162,58 @@ class BootEntry:
         return self.tries_left == 0
 
     def option(self, key: str) -> str | None:
-        """The value of `key=` as the kernel and the initramfs read the options."""
-        return kargs.value(kargs.split(self.options), key)
+        """The value of `key=` as the kernel and the initramfs read the options (None
+        in a sealed entry, which has none)."""
+        return kargs.value(kargs.split(self.options), key) if self.options is not None else None
 
-    def fields(self) -> dict[str, str]:
-        """The entry's lines, in the order written: `linux` last, since a file cut short
-        by a crash then lacks it, and loaders skip it."""
+    def fields(self) -> dict[str, str | None]:
+        """The entry's lines, in the order written: `linux` (or `efi`) last, since a file
+        cut short by a crash then lacks it, and loaders skip it."""
+        values = self._values()
+        return {k: values[k] for k in (EFI_KEYS if self.sealed else LINUX_KEYS)}
+
+    def _values(self) -> dict[str, str | None]:
         return {"title": self.title, "version": str(self.index), "sort-key": self.sort_key,
-                "options": self.options, "initrd": self.initrd, "linux": self.linux}
+                "options": self.options, "initrd": self.initrd, "linux": self.linux, "efi": self.efi}
 
     def render(self) -> bytes:
-        """The entry file; BootError for a field that would not parse back as it is."""
-        _check_entry(self.filename, self.fields())
+        """The entry file; BootError for a field that would not parse back as it is, or
+        fields of both forms (or neither)."""
+        _check_entry(self.filename, self._values())
         return "".join(f"{k} {v}\n" for k, v in self.fields().items()).encode()
 
 
-def _check_entry(filename: str, fields: dict[str, str]) -> None:
-    """The checks an entry passes both ways, written and read: plain lines, paths in
-    the boot directory, options the kernel reads as they are meant."""
+def _check_entry(filename: str, fields: dict[str, str | None]) -> None:
+    """The checks an entry passes both ways, written and read: one of the two forms,
+    plain lines, paths in the boot directory, options the kernel reads as they are
+    meant, a UKI in a kernel directory of the entry's os."""
     m = _ENTRY_NAME.fullmatch(filename)
     if m is None or not OS_NAME.fullmatch(m["os"]) or any(len(n or "") > 9 for n in m.group("n", "left", "done")):
         raise BootIntegrityError(f"{filename!r}: not a cfsdeploy boot entry name")
+    keys = tuple(k for k, v in fields.items() if v is not None)
+    if sorted(keys) not in (sorted(LINUX_KEYS), sorted(EFI_KEYS)):
+        raise BootIntegrityError(f"{filename}: has {', '.join(keys)}: neither {', '.join(LINUX_KEYS)} "
+                                 f"nor {', '.join(EFI_KEYS)}")
     for k, v in fields.items():
-        if NOT_TEXT.search(v) or v != v.strip() or not v:
+        if v is not None and (NOT_TEXT.search(v) or v != v.strip() or not v):
             raise BootIntegrityError(f"{filename}: its {k} line {v!r} is empty, or not one plain line")
-    if len(fields["title"]) > MAX_TITLE:
+    if len(fields["title"] or "") > MAX_TITLE:
         raise BootIntegrityError(f"{filename}: its title is longer than {MAX_TITLE} characters")
     if fields["version"] != str(int(m["n"])) or fields["sort-key"] != f"cfsdeploy-{m['os']}":
         raise BootIntegrityError(f"{filename}: its version or sort-key is not the one of its name")
+    if "efi" in keys:
+        efi = fields["efi"]
+        assert efi is not None
+        if _uki_of(m["os"], efi) is None:
+            raise BootIntegrityError(f"{filename}: its efi {efi!r} is not the {UKI} of a kernel directory "
+                                     f"of os {m['os']}")
+        return
     for k in ("linux", "initrd"):
-        if not _BOOT_PATH.fullmatch(fields[k]) or "/../" in fields[k] + "/":
-            raise BootIntegrityError(f"{filename}: its {k} {fields[k]!r} is not a plain path in the boot directory")
+        path = fields[k]
+        if path is None or not _BOOT_PATH.fullmatch(path) or "/../" in path + "/":
+            raise BootIntegrityError(f"{filename}: its {k} {path!r} is not a plain path in the boot directory")
     options = fields["options"]
-    if options.count('"') % 2 or len(options) > kargs.MAX_LINE:
+    if options is None or options.count('"') % 2 or len(options) > kargs.MAX_LINE:
         raise BootIntegrityError(f"{filename}: its options have an unbalanced quote, or are longer "
                                  f"than {kargs.MAX_LINE} characters")
 
@@ -195,27 +227,27 @@ def parse_entry(filename: str, data: bytes) -> BootEntry:
         text = data.decode()
     except UnicodeDecodeError:
         raise BootIntegrityError(f"{filename}: not UTF-8") from None
-    fields: dict[str, str] = {}
+    fields: dict[str, str | None] = {}
     # Lines end at '\n' only, as systemd-boot and GRUB read them.
     for line in text.split("\n"):
         if not line.strip(" ") or line.startswith("#"):
             continue
         key, _, value = line.partition(" ")
-        if key not in _KEYS:
+        if key not in LINUX_KEYS + EFI_KEYS:
             raise BootIntegrityError(f"{filename}: unexpected line {line[:80]!r}")
         if key in fields:
             raise BootIntegrityError(f"{filename}: two {key} lines")
         fields[key] = value.strip(" ")
-    missing = [k for k in _KEYS if k not in fields]
+    missing = [k for k in (EFI_KEYS if "efi" in fields else LINUX_KEYS) if k not in fields]
     if missing:
         raise BootIntegrityError(f"{filename}: missing {', '.join(missing)}")
     _check_entry(filename, fields)
     m = _ENTRY_NAME.fullmatch(filename)
-    assert m is not None
-    return BootEntry(os=m["os"], index=int(m["n"]), title=fields["title"], linux=fields["linux"],
-                     initrd=fields["initrd"], options=fields["options"],
+    assert m is not None and fields["title"] is not None
+    return BootEntry(os=m["os"], index=int(m["n"]), title=fields["title"], linux=fields.get("linux"),
+                     initrd=fields.get("initrd"), options=fields.get("options"),
                      tries_left=int(m["left"]) if m["left"] is not None else None,
-                     tries_done=int(m["done"]) if m["done"] is not None else None)
+                     tries_done=int(m["done"]) if m["done"] is not None else None, efi=fields.get("efi"))
 
 
 def entry_os(filename: str) -> str | None:
@@ -547,7 +579,7 @@ def remove_durably(boot: str, paths: list[str]) -> None:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A kernel and initramfs installed in the boot directory."""
+    """A kernel and initramfs installed in the boot directory, or a sealed release's UKI."""
     os: str
     dirname: str          # <kver>-<12 hex>
 
@@ -563,10 +595,26 @@ class Kernel:
     def initrd(self) -> str:
         return f"/{self.relpath}/{INITRAMFS}"
 
+    @property
+    def efi(self) -> str:
+        return f"/{self.relpath}/{UKI}"
+
 
 def kernel_of(entry: BootEntry) -> Kernel | None:
-    m = re.fullmatch(r"/cfsdeploy/([^/]+)/([^/]+)/" + re.escape(KERNEL), entry.linux)
+    """The kernel directory of ours an entry names, if it names one."""
+    if entry.efi is not None:
+        return _uki_of(entry.os, entry.efi)
+    m = re.fullmatch(r"/cfsdeploy/([^/]+)/([^/]+)/" + re.escape(KERNEL), entry.linux or "")
     if m is None or not OS_NAME.fullmatch(m[1]) or not KERNEL_DIR.fullmatch(m[2]):
+        return None
+    return Kernel(m[1], m[2])
+
+
+def _uki_of(os_name: str, efi: str) -> Kernel | None:
+    """The kernel directory whose UKI `efi` is; None unless it is exactly that, in one
+    of os_name's: a sealed entry names nothing else."""
+    m = re.fullmatch(r"/cfsdeploy/([^/]+)/([^/]+)/" + re.escape(UKI), efi)
+    if m is None or m[1] != os_name or not KERNEL_DIR.fullmatch(m[2]) or ".." in m[2]:
         return None
     return Kernel(m[1], m[2])
 
@@ -576,9 +624,20 @@ COMPLETE = "complete"
 
 def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initramfs: BinaryIO) -> Kernel:
     """Copy a kernel and its initramfs into the boot directory, once per distinct pair."""
+    return _install(boot, os_name, kver, [(KERNEL, kernel), (INITRAMFS, initramfs)])
+
+
+def install_uki(boot: str, os_name: str, kver: str, uki: BinaryIO) -> Kernel:
+    """Copy a sealed release's UKI into the boot directory, once per distinct UKI."""
+    return _install(boot, os_name, kver, [(UKI, uki)])
+
+
+def _install(boot: str, os_name: str, kver: str, files: list[tuple[str, BinaryIO]]) -> Kernel:
+    """A kernel directory named for the sha256 of the files' bytes, written in place,
+    durable, then marked complete (see the module's docstring, step 1)."""
     h = hashlib.sha256()
     need = 0
-    for f in (kernel, initramfs):
+    for _, f in files:
         f.seek(0)
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -594,11 +653,11 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
     st = os.statvfs(parent)
     if st.f_bavail * st.f_frsize < need + (1 << 16):
         free = st.f_bavail * st.f_frsize
-        raise BootHostError(f"boot directory {boot} is full: the kernel and initramfs need "
+        raise BootHostError(f"boot directory {boot} is full: {' and '.join(n for n, _ in files)} need "
                             f"{need} bytes, {free} are free", hint="try `cfsdeploy cleanup`")
     try:
         os.mkdir(dest)
-        for f, name in ((kernel, KERNEL), (initramfs, INITRAMFS)):
+        for name, f in files:
             f.seek(0)
             with open(os.path.join(dest, name), "xb") as out:
                 while chunk := f.read(1 << 20):
@@ -620,7 +679,8 @@ def install_kernel(boot: str, os_name: str, kver: str, kernel: BinaryIO, initram
 
 def kernel_complete(boot: str, k: Kernel) -> bool:
     """Whether the kernel directory was written whole; one from an older version
-    (which renamed it into place whole) is checked against its name once and marked."""
+    (which renamed it into place whole) is checked against its name once and marked.
+    (Older versions wrote no UKI: one without `complete` is torn.)"""
     dest = os.path.join(boot, k.relpath)
     if os.path.isfile(os.path.join(dest, COMPLETE)):
         return True

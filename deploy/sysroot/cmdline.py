@@ -8,7 +8,7 @@ from ..boot import kargs
 from . import deployment
 from .deployment import Deployment
 from .entries import prepare, rewrite, settle, unstage
-from .layout import Sysroot, SysrootNotFoundError
+from .layout import Sysroot, SysrootNotFoundError, SysrootUsageError
 from .locking import NO_WAIT, LockPolicy, locked
 
 
@@ -25,6 +25,9 @@ def set_kargs(sysroot: Sysroot, os_name: str, *, append: tuple[str, ...] = (), d
     state = prepare(sysroot, os_name)
     if state.default is None:
         raise SysrootNotFoundError(f"os {os_name!r} has no deployment")
+    if state.default.sealed is not None:
+        raise SysrootUsageError(f"the default deployment {state.default.name} is sealed: its kernel command "
+                                "line is its UKI's, signed")
     dep = state.default.with_(kargs=kargs.edit(state.default.kargs, append=append, delete=delete,
                                                replace=replace))
     discarded = unstage(sysroot, os_name)

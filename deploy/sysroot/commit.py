@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pygit2
 
-from ..boot import bootloader
+from ..boot import bootloader, kargs, uki
 from ..composefs import dumpfile, fsverity, imagewriter
 from ..composefs.tree import Inode, lookup, resolve
 from ..repo.repository import (
@@ -16,8 +16,10 @@ from ..repo.repository import (
     TRAILER_FORMAT,
     TRAILER_VERSION,
     Repository,
+    Sealed,
     image_digest_of,
     read_content,
+    sealed_of,
     trailers,
 )
 from ..util.errors import CfsError, HostError, IntegrityError, UsageError
@@ -60,14 +62,19 @@ class Commit:
     kver: str
     kernel: Inode
     initramfs: Inode
+    # A sealed release: what boots is its UKI, not the kernel and initramfs above.
+    sealed: Sealed | None = None
 
 
 def load_commit(repo: Repository, rev: str, kver: str | None = None) -> Commit:
     """Read a commit for deploying, with its newest kernel or kernel `kver` (see
-    find_kernel).  Only the paths deploying uses are parsed, so the time taken hardly
-    grows with the size of the tree."""
+    find_kernel); a sealed commit's is its UKI's by default.  Only the paths deploying
+    uses are parsed, so the time taken hardly grows with the size of the tree."""
     c = repo.resolve(rev)
     cid = str(c.id)
+    sealed = sealed_of(c)
+    if sealed is not None and kver is None:
+        kver = uname_of(repo, sealed, cid)
     data = manifest_of_commit(c)
     root = dumpfile.parse_paths(data, DEPLOY_PATHS)
     for d in (b"/etc", b"/var", b"/sysroot"):
@@ -80,7 +87,39 @@ def load_commit(repo: Repository, rev: str, kver: str | None = None) -> Commit:
     # The version is text of the commit that goes into records and titles: one plain line.
     version = bootloader.clean_title(t[TRAILER_VERSION]) or None if TRAILER_VERSION in t else None
     return Commit(cid, data, root, image_digest_of(c), int(fmt) if fmt.isdigit() else 0,
-                  version, kver, kernel, initramfs)
+                  version, kver, kernel, initramfs, sealed)
+
+
+def uname_of(repo: Repository, sealed: Sealed, cid: str) -> str:
+    """The kernel version a sealed commit's UKI names (.uname), checked as a kver."""
+    path = repo.objects.path_of(sealed.uki)
+    if not os.path.exists(path):
+        raise DeployIntegrityError(f"commit {cid[:12]}: its sealed UKI {sealed.uki.hex()} is missing",
+                                   hint="pull it again, or run `cfsdeploy fsck`")
+    raw = uki.sections(path, [uki.UNAME]).get(uki.UNAME)
+    try:
+        return bootloader.check_kver(raw.decode("ascii") if raw else "")
+    except (UnicodeDecodeError, bootloader.BootError):
+        raise DeployIntegrityError(f"commit {cid[:12]}: its sealed UKI names no plain kernel version "
+                                   f"(.uname {raw!r})") from None
+
+
+def check_seal(c: Commit, path: str) -> None:
+    """Refuse a sealed commit's UKI (at `path`) unless its command line boots this
+    commit's image, sealed: cfsdeploy.digest= its image and cfsdeploy.verity=require once
+    each, no cfsdeploy= (whose absence makes the boot sealed), and its .uname the kernel
+    deployed.  A seal that does not match its commit is never installed."""
+    words = kargs.split(uki.cmdline_of(path))
+    found = {k: [v for w in words for key, v in [kargs.param(w)] if key == k] for k in kargs.OWN}
+    if found != {kargs.DEPLOYMENT: [], kargs.DIGEST: [c.image_digest.hex()], kargs.VERITY: ["require"]}:
+        raise DeployIntegrityError(f"commit {c.id[:12]}: its sealed UKI's command line does not seal its "
+                                   f"image {c.image_digest.hex()} with {kargs.VERITY}=require (it has "
+                                   f"{', '.join(w for w in words if kargs.key(w) in kargs.OWN) or 'none'}); "
+                                   "refusing to install it")
+    raw = uki.sections(path, [uki.UNAME]).get(uki.UNAME)
+    if raw != c.kver.encode():
+        raise DeployUsageError(f"commit {c.id[:12]}: its sealed UKI boots kernel "
+                               f"{(raw or b'').decode('ascii', 'replace')}, not {c.kver}")
 
 
 def manifest_data(repo: Repository, rev: str) -> bytes:
@@ -227,7 +266,8 @@ def find_kernel(root: Inode, cid: str, kver: str | None = None) -> tuple[str, In
 
 
 def check_objects(repo: Repository, c: Commit) -> None:
-    missing = sorted(d.hex() for d in repo.objects.missing(dumpfile.external_digests(c.manifest)))
+    needed = dumpfile.external_digests(c.manifest) | ({c.sealed.uki} if c.sealed else set())
+    missing = sorted(d.hex() for d in repo.objects.missing(needed))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DeployIntegrityError(f"commit {c.id[:12]} misses {len(missing)} objects: {shown}",

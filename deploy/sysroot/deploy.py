@@ -14,17 +14,18 @@ from ..composefs.tree import Inode, lookup
 from ..repo.checkout import checkout
 from ..util.errors import CfsError
 from ..util.fsutil import fsync_dir, remove_tree, syncfs
-from . import deployment, staged
+from . import bydigest, deployment, staged
 from .commit import (
     Commit,
     DeployHostError,
+    DeployUsageError,
     check_objects,
     ensure_image,
     load_commit,
     origin_of,
     os_release,
 )
-from .deployment import Deployment, Origin
+from .deployment import Deployment, Origin, Seal
 from .entries import (
     install_kernel,
     load_staged,
@@ -39,7 +40,7 @@ from .entries import (
     unstage,
 )
 from .etcmerge import MergeReport
-from .layout import Sysroot, default_path
+from .layout import VERITY_PENDING, State, Sysroot, default_path
 from .locking import NO_WAIT, LockPolicy, locked
 from .staged import Staged
 from .verity import has_verity
@@ -77,21 +78,27 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
            verity: str | None = None, origin: Origin | None = None, stage: bool = False,
            kver: str | None = None, lock: LockPolicy = NO_WAIT) -> DeployResult:
     """Make a commit bootable with its newest kernel, or kernel `kver`: the default (or
-    after it), or staged for finalize_staged."""
+    after it), or staged for finalize_staged.  A sealed commit boots its UKI, whose
+    command line is sealed: no kernel argument changes, verity=require only."""
     repo = sysroot.repo
     c = load_commit(repo, rev, kver)
     check_objects(repo, c)
     tries = sysroot.config.tries if tries is None else tries
-    verity = verity or sysroot.config.verity
+    if c.sealed is not None:
+        _check_sealed_request(c, append, delete, verity)
+    verity = "require" if c.sealed is not None else verity or sysroot.config.verity
     state = prepare(sysroot, os_name)
+    if c.sealed is not None:
+        _refuse_deployed_image(sysroot, c)
     image_built = ensure_image(repo, c)
-    if verity == "require" and not has_verity(repo.objects.path_of(c.image_digest), c.image_digest):
+    if verity == "require" and not has_verity(repo.objects.path_of(c.image_digest), c.image_digest) and not (
+            c.sealed is not None and os.path.exists(os.path.join(sysroot.top, VERITY_PENDING))):
         raise DeployHostError("cfsdeploy.verity=require, but the image object has no fs-verity here, so "
                               "the boot would stop", hint="deploy with --verity try (or off), then run "
                               "`cfsdeploy verity enable` on the machine itself")
     merge_dep = state.booted or state.default
-    base_kargs = merge_dep.kargs if merge_dep else sysroot.config.kargs
-    new_kargs = kargs.edit(base_kargs, append=append, delete=delete)
+    new_kargs = [] if c.sealed is not None else kargs.edit(_base_kargs(sysroot, state), append=append,
+                                                            delete=delete)
     origin = origin or origin_of(repo, rev) or (merge_dep.origin if merge_dep else None)
 
     kernel = install_kernel(sysroot, os_name, c)
@@ -99,7 +106,8 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     name = deployment.next_name(c.id, os.listdir(os_dir))
     dep = Deployment(os=os_name, name=name, commit=c.id, image_digest=c.image_digest.hex(),
                      kernel_version=c.kver, kargs=new_kargs, origin=origin, version=c.version,
-                     created=datetime.now(UTC).isoformat(timespec="seconds"))
+                     created=datetime.now(UTC).isoformat(timespec="seconds"),
+                     sealed=Seal(c.sealed.uki.hex(), kernel.dirname) if c.sealed is not None else None)
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=os_dir)
     report = make_etc(sysroot, c, merge_dep, os.path.join(staging, "etc"))
     deployment.save(staging, dep)
@@ -108,6 +116,9 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     syncfs(os_dir)
     os.rename(staging, os.path.join(os_dir, name))
     fsync_dir(os_dir)
+    if dep.sealed is not None:
+        # Before any entry boots the UKI: the boot hook finds the deployment by it.
+        bydigest.write(sysroot.top, dep)
 
     title = title_of(os_release(repo, c.root), c.version, os_name)
     if stage:
@@ -128,6 +139,39 @@ def deploy(sysroot: Sysroot, rev: str, *, os_name: str, append: tuple[str, ...] 
     discarded = unstage(sysroot, os_name)
     index, removed = switch_in(sysroot, state, dep, new_entry(dep, kernel, title, verity, tries), make_default)
     return DeployResult(dep, index, kernel, image_built, report, merge_dep, removed, discarded=discarded)
+
+
+def _check_sealed_request(c: Commit, append: tuple[str, ...], delete: tuple[str, ...],
+                          verity: str | None) -> None:
+    """A sealed commit's command line is its UKI's: refuse what would change it."""
+    if append or delete:
+        raise DeployUsageError(f"commit {c.id[:12]} is sealed: its kernel command line is its UKI's, "
+                               "signed; kernel arguments cannot be added or removed")
+    if verity not in (None, "require"):
+        raise DeployUsageError(f"commit {c.id[:12]} is sealed: its UKI boots with cfsdeploy.verity=require, "
+                               f"not {verity}")
+
+
+def _refuse_deployed_image(sysroot: Sysroot, c: Commit) -> None:
+    """One deployment per sealed image (the boot finds it by the image's digest)."""
+    digest = c.image_digest.hex()
+    try:
+        link = bydigest.read(sysroot.top, digest)
+    except bydigest.LinkError as e:
+        raise bydigest.LinkError(f"image {digest[:12]} of sealed commit {c.id[:12]}: {e}",
+                                 hint="check and remove it") from None
+    if link is not None:
+        raise DeployUsageError(f"sealed commit {c.id[:12]}: its image is already deployed, as "
+                               f"{link.os}/{link.name}; a sealed image has one deployment per sysroot",
+                               hint="make it the default with `cfsdeploy rollback`, or pick it in the boot menu")
+
+
+def _base_kargs(sysroot: Sysroot, state: State) -> list[str]:
+    """The kernel arguments a new unsealed deployment starts from: the booted one's,
+    else the default's; past sealed ones (whose arguments are their UKI's) to the
+    newest unsealed one, else the sysroot's."""
+    candidates = [state.booted] if state.booted is not None else []
+    return next((d.kargs for d in candidates + state.deployments if d.sealed is None), sysroot.config.kargs)
 
 
 def _ensure_var(sysroot: Sysroot, os_name: str, c: Commit) -> None:

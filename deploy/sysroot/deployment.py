@@ -33,6 +33,14 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class Seal:
+    """What boots a sealed deployment: its commit's signed UKI (the object), installed
+    as the kernel directory BOOT/cfsdeploy/<os>/<kernel>/uki.efi."""
+    uki: str
+    kernel: str
+
+
+@dataclass(frozen=True)
 class Deployment:
     os: str
     name: str                      # <first 12 hex of commit>.<serial>
@@ -44,6 +52,8 @@ class Deployment:
     version: str | None = None
     pinned: bool = False
     created: str = ""
+    # A sealed release: its command line is the UKI's, so kargs is empty.
+    sealed: Seal | None = None
 
     @property
     def path(self) -> str:
@@ -56,6 +66,8 @@ class Deployment:
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["origin"] = asdict(self.origin) if self.origin else None
+        if self.sealed is None:  # the record of an unsealed deployment stays as older versions read it
+            del d["sealed"]
         return d
 
 
@@ -80,8 +92,8 @@ def load(directory: str) -> Deployment:
     why = _invalid(d, os.path.basename(os.path.dirname(directory)), os.path.basename(directory))
     if why is not None:
         raise DeploymentError(f"{path}: malformed ({why})")
-    origin = d.pop("origin")
-    return Deployment(origin=Origin(**origin) if origin else None, **d)
+    origin, sealed = d.pop("origin"), d.pop("sealed", None)
+    return Deployment(origin=Origin(**origin) if origin else None, sealed=Seal(**sealed) if sealed else None, **d)
 
 
 def is_text(v: object, limit: int = 1024) -> bool:
@@ -92,9 +104,9 @@ def is_text(v: object, limit: int = 1024) -> bool:
 def _invalid(d: object, os_name: str, name: str) -> str | None:
     """What is wrong with a deployment record found at deploy/<os_name>/<name>, if anything."""
     keys = {f.name for f in fields(Deployment)}
-    if not isinstance(d, dict) or set(d) != keys:
+    if not isinstance(d, dict) or set(d) not in (keys, keys - {"sealed"}):
         return f"not an object with the keys {', '.join(sorted(keys))}"
-    o = d["origin"]
+    o, sealed = d["origin"], d.get("sealed")
     checks = {
         "os": d["os"] == os_name,
         "name": d["name"] == name and is_name(name),
@@ -107,6 +119,12 @@ def _invalid(d: object, os_name: str, name: str) -> str | None:
         "version": d["version"] is None or is_text(d["version"]),
         "pinned": isinstance(d["pinned"], bool),
         "created": is_text(d["created"], 64),
+        # (present only in a sealed deployment's record)
+        "sealed": "sealed" not in d or (isinstance(sealed, dict) and set(sealed) == {"uki", "kernel"}
+                                        and isinstance(sealed["uki"], str) and bool(_DIGEST.fullmatch(sealed["uki"]))
+                                        and isinstance(sealed["kernel"], str)
+                                        and bool(bootloader.KERNEL_DIR.fullmatch(sealed["kernel"]))
+                                        and ".." not in sealed["kernel"] and d["kargs"] == []),
     }
     bad = [k for k, ok in checks.items() if not ok]
     return f"bad {', '.join(bad)}" if bad else None

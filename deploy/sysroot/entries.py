@@ -15,6 +15,7 @@ entries discards it first: it was made against entries that no longer hold.
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import pygit2
 
@@ -24,8 +25,8 @@ from ..composefs import dumpfile, fsverity
 from ..composefs.tree import Inode, lookup
 from ..repo.repository import Repository
 from ..util.errors import CfsError
-from . import deployment, staged
-from .commit import ETC_PATHS, Commit, DeployIntegrityError, load_commit, manifest_data
+from . import bydigest, deployment, staged
+from .commit import ETC_PATHS, Commit, DeployIntegrityError, check_seal, load_commit, manifest_data
 from .deployment import Deployment
 from .etcmerge import MergeReport, merge_etc
 from .layout import State, Sysroot
@@ -41,7 +42,11 @@ def options(dep: Deployment, verity: str) -> str:
 
 
 def new_entry(dep: Deployment, kernel: Kernel, title: str, verity: str, tries: int | None) -> BootEntry:
-    """A new deployment's entry; `tries` puts it on trial (boot counting)."""
+    """A new deployment's entry; `tries` puts it on trial (boot counting).  A sealed
+    one names its UKI alone: the command line is the UKI's."""
+    if dep.sealed is not None:
+        return BootEntry(os=dep.os, index=0, title=title, linux=None, initrd=None, options=None,
+                         tries_left=tries or None, efi=kernel.efi)
     return BootEntry(os=dep.os, index=0, title=title, linux=kernel.linux, initrd=kernel.initrd,
                      options=options(dep, verity), tries_left=tries or None)
 
@@ -73,7 +78,10 @@ def set_aside_entries(sysroot: Sysroot, state: State) -> None:
 
 
 def refresh(e: BootEntry, dep: Deployment, verity: str | None) -> BootEntry:
-    """The entry with the deployment's current kernel arguments."""
+    """The entry with the deployment's current kernel arguments (a sealed one has none
+    of its own: it stays as it is)."""
+    if e.options is None:
+        return e
     own = kargs.own(kargs.split(e.options))
     verity = verity or (own.verity if own else "require")
     return BootEntry(e.os, e.index, e.title, e.linux, e.initrd, options(dep, verity),
@@ -117,6 +125,7 @@ def settle(sysroot: Sysroot, os_name: str) -> tuple[State, list[str]]:
     state = sysroot.state(os_name)
     mine = rec if rec is not None and rec.os == os_name else None
     sysroot.remove_strays(state, mine.name if mine else None)
+    bydigest.prune(sysroot.top)
     kept = state.kept_by(sysroot.directories(os_name))
     kernels = bootloader.remove_unused_kernels(sysroot.boot, os_name, kernels_of(state) + (
         [Kernel(os_name, mine.kernel)] if mine else []) + [Kernel(os_name, k) for k in kept])
@@ -219,18 +228,32 @@ def switch_in(sysroot: Sysroot, state: State, dep: Deployment, entry: BootEntry,
 
 
 def install_kernel(sysroot: Sysroot, os_name: str, c: Commit) -> Kernel:
+    """The commit's kernel and initramfs, or its sealed UKI (once its command line is
+    checked against the commit), copied from their objects into the boot directory."""
     store = sysroot.repo.objects
     digests = []
+    if c.sealed is not None:
+        path = store.path_of(c.sealed.uki)
+        if not os.path.isfile(path):
+            raise DeployIntegrityError(f"commit {c.id[:12]}: its sealed UKI {c.sealed.uki.hex()} is missing",
+                                       hint="pull it again, or run `cfsdeploy fsck`")
+        with open(path, "rb") as u:
+            _check_object(u, c.sealed.uki, "sealed UKI")
+            check_seal(c, path)
+            return bootloader.install_uki(sysroot.boot, os_name, c.kver, u)
     for node, what in ((c.kernel, "kernel"), (c.initramfs, "initramfs")):
         if node.digest is None:
             raise DeployIntegrityError(f"commit {c.id[:12]}: the {what} is too small to be real")
         digests.append(node.digest)
     with open(store.path_of(digests[0]), "rb") as k, open(store.path_of(digests[1]), "rb") as i:
-        for f, digest, what in ((k, digests[0], "kernel"), (i, digests[1], "initramfs")):
-            if fsverity.digest_fd(f.fileno()) != digest:
-                raise DeployIntegrityError(f"the {what} object {digest.hex()} is corrupt",
-                                           hint="run `cfsdeploy fsck`")
+        _check_object(k, digests[0], "kernel")
+        _check_object(i, digests[1], "initramfs")
         return bootloader.install_kernel(sysroot.boot, os_name, c.kver, k, i)
+
+
+def _check_object(f: BinaryIO, digest: bytes, what: str) -> None:
+    if fsverity.digest_fd(f.fileno()) != digest:
+        raise DeployIntegrityError(f"the {what} object {digest.hex()} is corrupt", hint="run `cfsdeploy fsck`")
 
 
 def make_etc(sysroot: Sysroot, c: Commit, merge_dep: Deployment | None, dest: str) -> MergeReport:

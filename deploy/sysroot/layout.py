@@ -33,11 +33,14 @@ from ..repo.repository import Repository
 from ..util import lockfile, tomlfile
 from ..util.errors import CfsError, NotFoundError, UsageError
 from ..util.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from . import deployment, staged
+from . import bydigest, deployment, staged
 from .deployment import Deployment
 from .staged import Staged
 
 TOP = "cfsdeploy"
+# Written where the objects could not be given fs-verity at install: the boot hook of a
+# sealed boot (verity=require) enables it on them first (docs/architecture.md).
+VERITY_PENDING = "verity-pending"
 # Damaged records set aside (see Sysroot.set_aside).
 ASIDE = "aside"
 CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
@@ -177,9 +180,12 @@ class State:
     # Entries that name no usable deployment, and why: they cannot boot, and the next
     # change of entries drops them.
     broken: list[tuple[BootEntry, str]] = field(default_factory=list)
-    # Records that failed their checks: the os's entries, the staged record, and what
-    # was set aside.  Whatever deployment or kernel they might name stays.
+    # Records that failed their checks: the os's entries, the staged record, what was
+    # set aside, by-digest links.  Whatever deployment or kernel they might name stays.
     damaged: list[Damaged] = field(default_factory=list)
+    # Deployment directories a broken sealed entry might name (its text names only its
+    # UKI): those whose record is damaged, or that claim its UKI together.
+    suspects: set[str] = field(default_factory=set)
 
     @property
     def default(self) -> Deployment | None:
@@ -196,7 +202,7 @@ class State:
         """Which of `names` (deployment or kernel directories) a damaged record, or an
         entry naming no usable deployment, might name: never deleted while it exists."""
         names = list(names)
-        kept = {n for d in self.damaged for n in d.mentions(names)}
+        kept = {n for d in self.damaged for n in d.mentions(names)} | (self.suspects & set(names))
         return kept | {n for e, _ in self.broken for n in names if n.encode() in e.render()}
 
     def find(self, index: int) -> Deployment:
@@ -341,8 +347,19 @@ class Sysroot:
         return kargs.split(text)
 
     def booted_path(self) -> str | None:
-        """The deployment the running system booted (its cfsdeploy= argument)."""
-        return kargs.value(self.cmdline(), kargs.DEPLOYMENT)
+        """The deployment the running system booted: its cfsdeploy= argument, or in a
+        sealed boot (none) the by-digest link of its cfsdeploy.digest=, as the boot hook
+        reads it."""
+        args = self.cmdline()
+        path = kargs.value(args, kargs.DEPLOYMENT)
+        digest = kargs.value(args, kargs.DIGEST)
+        if path is not None or digest is None:
+            return path
+        try:
+            link = bydigest.read(self.top, digest)
+        except bydigest.LinkError:
+            return None
+        return link.path if link is not None else None
 
     def set_aside(self, d: Damaged, *, move: bool = False) -> str:
         """Keep a damaged record (a copy, or itself moved) in SYSROOT/cfsdeploy/aside/
@@ -378,13 +395,26 @@ class Sysroot:
                 p = os.path.join(aside, name)
                 out.append(Damaged(Kind.ASIDE, p, "a damaged record set aside: what it names is kept until it "
                                    "is deleted", _read_or_nothing(p)))
-        return out
+        return out + bydigest.damaged(self.top)
 
     def state(self, os_name: str) -> State:
         deps, entries, broken = [], [], []
+        suspects: set[str] = set()
         prefix = f"/cfsdeploy/deploy/{os_name}/"
         good, damaged = bootloader.scan_entries(self.boot, os_name)
+        sealed: _SealedRecords | None = None
         for e in good:
+            if e.sealed:
+                sealed = sealed or self._sealed_records(os_name)
+                k = bootloader.kernel_of(e)
+                claims = sealed.by_kernel.get(k.dirname, []) if k is not None else []
+                if len(claims) != 1:
+                    broken.append((e, f"{len(claims)} sealed deployments of os {os_name!r} name its UKI"))
+                    suspects |= {d.name for d in claims} | sealed.unreadable
+                    continue
+                deps.append(claims[0])
+                entries.append(e)
+                continue
             path = e.option(kargs.DEPLOYMENT)
             if path is None or not path.startswith(prefix) or not deployment.is_name(path[len(prefix):]):
                 broken.append((e, f"names no deployment of os {os_name!r}"))
@@ -394,12 +424,31 @@ class Sysroot:
             except deployment.DeploymentError as err:
                 broken.append((e, str(err)))
                 continue
+            if dep.sealed is not None:
+                broken.append((e, f"names sealed deployment {dep.name}, but not its UKI"))
+                continue
             # The entry is what boots: its options are the deployment's kernel arguments.
-            deps.append(dep.with_(kargs=[a for a in kargs.split(e.options) if kargs.key(a) not in kargs.OWN]))
+            deps.append(dep.with_(kargs=[a for a in kargs.split(e.options or "") if kargs.key(a) not in kargs.OWN]))
             entries.append(e)
         booted = self.booted_path()
         return State(os_name, deps, entries, next((d for d in deps if d.path == booted), None), broken,
-                     damaged + self._damaged_records())
+                     damaged + self._damaged_records(), suspects)
+
+    def _sealed_records(self, os_name: str) -> _SealedRecords:
+        """The os's sealed deployments by the kernel directory of their UKI: a sealed
+        entry names its UKI, and the deployment is the one whose record names it."""
+        out = _SealedRecords({}, set())
+        for name in self.directories(os_name):
+            if not deployment.is_name(name):
+                continue
+            try:
+                dep = deployment.load(os.path.join(self.os_dir(os_name), name))
+            except deployment.DeploymentError:
+                out.unreadable.add(name)
+                continue
+            if dep.sealed is not None:
+                out.by_kernel.setdefault(dep.sealed.kernel, []).append(dep)
+        return out
 
     def remove_strays(self, state: State, staged: str | None = None) -> list[str]:
         """Delete deployment directories no entry names, but the staged one: leftovers
@@ -418,6 +467,12 @@ class Sysroot:
         return removed
 
 
+@dataclass
+class _SealedRecords:
+    by_kernel: dict[str, list[Deployment]]
+    unreadable: set[str]             # deployment directories whose record is damaged
+
+
 class BootCounting(Enum):
     """What systemd-boot's counter in an entry's name says."""
     TRIAL = "trial"          # tries left: blessed when a boot completes
@@ -430,7 +485,9 @@ def deployment_json(dep: Deployment) -> dict[str, object]:
     return {"os": dep.os, "name": dep.name, "commit": dep.commit, "image_digest": dep.image_digest,
             "kernel_version": dep.kernel_version, "kargs": list(dep.kargs),
             "origin": {"branch": dep.origin.branch, "remote": dep.origin.remote} if dep.origin else None,
-            "version": dep.version, "pinned": dep.pinned, "created": dep.created or None}
+            "version": dep.version, "pinned": dep.pinned, "created": dep.created or None,
+            "sealed": {"uki": dep.sealed.uki, "efi": bootloader.Kernel(dep.os, dep.sealed.kernel).efi}
+            if dep.sealed else None}
 
 
 @dataclass(frozen=True)
