@@ -31,7 +31,7 @@ from ..util.errors import BusyError, CfsError, CommandHostError, HostError, Usag
 from ..util.fsutil import syncfs
 from ..util.run import package_of, run, which
 from .deploy import DeployResult, deploy
-from .layout import Sysroot, check_os_name
+from .layout import Sysroot, check_os_name, deployment_json
 from .lint import Finding, has_errors, lint_commit
 
 MIB = 1024 * 1024
@@ -155,7 +155,7 @@ class DiskResult:
 
     def to_json(self) -> dict[str, object]:
         return {"target": self.target, "esp_uuid": self.esp_uuid, "root_uuid": self.root_uuid,
-                "kargs": list(self.kargs), "deployment": self.deployed.deployment.to_json(),
+                "kargs": list(self.kargs), "deployment": deployment_json(self.deployed.deployment),
                 "phases": [p.to_json() for p in self.phases]}
 
 

@@ -38,9 +38,6 @@ from .deployment import Deployment
 from .staged import Staged
 
 TOP = "cfsdeploy"
-# Written where the objects could not be given fs-verity at install: the boot hook of a
-# sealed boot (verity=require) enables it on them first (docs/architecture.md).
-VERITY_PENDING = "verity-pending"
 # Damaged records set aside (see Sysroot.set_aside).
 ASIDE = "aside"
 CMDLINE_ENV = "CFSDEPLOY_CMDLINE"
