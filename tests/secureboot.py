@@ -13,17 +13,12 @@ keys, and short boots of an ESP on it.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfsdeploy.util.errors import CommandError
+from cfsdeploy.boot import uki
 from cfsdeploy.util.run import run, which
 
 from . import vm
@@ -125,3 +120,17 @@ def boot(esp: Path, vars_: Path, work: Path, name: str, *, timeout: float = 120,
     nvram = work / f"{name}.vars"
     nvram.write_bytes(vars_.read_bytes())
     return vm.boot(vm.Disk(esp, nvram, None, {}, secure_boot=True), work, name=name, timeout=timeout, extra=extra)
+
+
+def edit_cmdline(image: Path, old: bytes, new: bytes) -> None:
+    """Replace old by new (as long) in a signed UKI's .cmdline, in place: what an
+    attacker with the disk would do; the signature no longer matches."""
+    assert len(old) == len(new)
+    cmdline = uki.read_headers(image).section(uki.CMDLINE)
+    assert cmdline is not None
+    with open(image, "r+b") as f:
+        f.seek(cmdline.raw_offset)
+        data = f.read(cmdline.virtual_size)
+        assert old in data
+        f.seek(cmdline.raw_offset)
+        f.write(data.replace(old, new))

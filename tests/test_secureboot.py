@@ -110,13 +110,7 @@ def test_without_secure_boot_the_entrys_options_replace_the_command_line(lab: La
 def test_uki_whose_command_line_was_changed_after_signing_is_refused(lab: Lab,
                                                                       request: pytest.FixtureRequest) -> None:
     image = lab.signed("tampered", lab.keys.db)
-    cmdline = uki.read_headers(image).section(uki.CMDLINE)
-    assert cmdline is not None
-    with open(image, "r+b") as f:
-        f.seek(cmdline.raw_offset)
-        data = f.read(cmdline.virtual_size)
-        f.seek(cmdline.raw_offset)
-        f.write(data.replace(DIGEST.encode(), OTHER_DIGEST.encode()))
+    secureboot.edit_cmdline(image, DIGEST.encode(), OTHER_DIGEST.encode())
     assert uki.cmdline_of(image) == CMDLINE.replace(DIGEST, OTHER_DIGEST)
     b = booted(request, lab, "tampered", image)
     assert "Linux version" not in b.log

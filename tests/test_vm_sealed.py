@@ -154,13 +154,7 @@ def tampered(lab: Lab, rolled_back: vm.Boot, request: pytest.FixtureRequest) -> 
         efi = next(line.split(None, 1)[1] for line in text.splitlines() if line.startswith("efi "))
         image = esp.with_suffix(".uki")
         vm.mtools("mcopy", "-n", "-i", esp, f"::{efi}", image)
-        cmdline = uki.read_headers(image).section(uki.CMDLINE)
-        assert cmdline is not None
-        with open(image, "r+b") as f:
-            f.seek(cmdline.raw_offset)
-            data = f.read(cmdline.virtual_size)
-            f.seek(cmdline.raw_offset)
-            f.write(data.replace(b"verity=require", b"verity=off    "))
+        secureboot.edit_cmdline(image, b"verity=require", b"verity=off    ")
         vm.mtools("mcopy", "-o", "-i", esp, image, f"::{efi}")
         image.unlink()
     edit_esp(lab.m.disk, tamper)
