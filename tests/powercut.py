@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfsdeploy.composefs.mounts import attach_loop
 from cfsdeploy.util.errors import CommandError
 from cfsdeploy.util.run import run
 
@@ -331,16 +332,6 @@ def fsck_vfat(esp: Path) -> tuple[bool, str]:
     return r.returncode in (0, 1) and not bad, out
 
 
-@contextlib.contextmanager
-def loop(disk: Path, offset: int, size: int) -> Iterator[str]:
-    dev = run(["losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(size), disk],
-              capture=True).stdout.decode().strip()
-    try:
-        yield dev
-    finally:
-        run(["losetup", "-d", dev])
-
-
 def inspect(cut: Cut, work: Path) -> Inspection:
     """What a cut left, from the host."""
     esp = vm.extract_esp(cut.path, work / f"cut{cut.number:02d}.esp")
@@ -374,7 +365,8 @@ def inspect(cut: Cut, work: Path) -> Inspection:
             problems.append(f"{e.file}: kernel and initramfs do not hash to {m[1]}")
     esp.unlink()
     root = vm.partitions(cut.path)["root"]
-    with loop(cut.path, root.start, root.size) as dev:
+    with attach_loop(cut.path, read_only=False, block_size=512, offset=root.start, size_limit=root.size) as lo:
+        dev = lo.path
         r = subprocess.run(["e2fsck", "-fp", dev], capture_output=True, text=True)
         if r.returncode not in (0, 1):
             problems.append(f"e2fsck -fp: exit {r.returncode}: {(r.stdout + r.stderr).strip()}")

@@ -92,8 +92,8 @@ class LoopDevice:
         self.close()
 
 
-def _loop_info(backing: bytes, flags: int) -> bytes:
-    return LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, backing[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
+def _loop_info(backing: bytes, flags: int, offset: int, size_limit: int) -> bytes:
+    return LOOP_INFO64.pack(0, 0, 0, offset, size_limit, 0, 0, 0, flags, backing[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
 
 
 def _configure_legacy(dev_fd: int, file_fd: int, info: bytes, block_size: int) -> None:
@@ -110,11 +110,13 @@ def _configure_legacy(dev_fd: int, file_fd: int, info: bytes, block_size: int) -
         raise
 
 
-def attach_loop(path: StrPath, *, read_only: bool = True, block_size: int = 4096) -> LoopDevice:
-    """Attach path to a free loop device (AUTOCLEAR; see LoopDevice) and return it."""
+def attach_loop(path: StrPath, *, read_only: bool = True, block_size: int = 4096, offset: int = 0,
+                size_limit: int = 0) -> LoopDevice:
+    """Attach path to a free loop device (AUTOCLEAR; see LoopDevice) and return it:
+    size_limit bytes of it (0: to its end) from offset, e.g. a partition of a disk image."""
     backing = os.fsencode(os.path.abspath(os.fspath(path)))
     flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
-    info = _loop_info(backing, flags)
+    info = _loop_info(backing, flags, offset, size_limit)
     try:
         file_fd = os.open(backing, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except OSError as e:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..boot import kargs as kargs_
+from ..composefs.mounts import attach_loop
 from ..remote import remotes
 from ..remote.pull import PullOptions, pull
 from ..repo.repository import Repository, sealed_of
@@ -220,16 +221,6 @@ def _size(target: str, st: os.stat_result) -> int:
 
 
 @contextlib.contextmanager
-def _loop(target: str, offset: int, size: int) -> Iterator[str]:
-    dev = run(["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), target],
-              capture=True).stdout.decode().strip()
-    try:
-        yield dev
-    finally:
-        run(["losetup", "--detach", dev])
-
-
-@contextlib.contextmanager
 def _mounted(dev: str, fs: FsType) -> Iterator[str]:
     mnt = tempfile.mkdtemp(prefix="cfsdeploy-install.")
     try:
@@ -369,7 +360,10 @@ def to_disk(target: str, source: Source, opts: Options, *, size: int | None = No
         with tempfile.TemporaryDirectory(prefix="cfsdeploy-install.") as work:
             staging = os.path.join(work, "boot")
             os.mkdir(staging)
-            with _loop(target, root_start, root_size) as dev:
+            # 512-byte sectors, as the disk has them; detached once unmounted and closed
+            with attach_loop(target, read_only=False, block_size=512, offset=root_start,
+                             size_limit=root_size) as loop:
+                dev = loop.path
                 say(f"making the {opts.fs.value} root filesystem")
                 run([*_mkfs(opts.fs), dev], capture=True)
                 with _mounted(dev, opts.fs) as mnt:
