@@ -103,6 +103,11 @@ def _names(top: str) -> list[str]:
     return sorted(os.listdir(os.path.join(top, DIRECTORY)))
 
 
+def _leftover(path: str, name: str) -> bool:
+    """Whether by-digest/name is what an interrupted write left: <digest>.new, a link."""
+    return name.endswith(_NEW) and bool(_DIGEST.fullmatch(name[:-len(_NEW)])) and os.path.islink(path)
+
+
 def _gone(top: str, link: Link) -> bool:
     return not os.path.lexists(os.path.join(top, "deploy", link.os, link.name))
 
@@ -117,8 +122,8 @@ def damaged(top: str) -> list[Damaged]:
         out.append(Damaged(Kind.LINK, directory, "not a directory", b""))
     for name in _names(top):
         path = os.path.join(top, DIRECTORY, name)
-        if name.endswith(_NEW) and _DIGEST.fullmatch(name[:-len(_NEW)]) and os.path.islink(path):
-            continue  # what an interrupted write left: prune() removes it
+        if _leftover(path, name):
+            continue  # prune() removes it
         try:
             link = read(top, name)
             why = None if link is None or _gone(top, link) else _mismatch(top, link)
@@ -148,7 +153,7 @@ def prune(top: str) -> list[str]:
     removed = []
     for name in _names(top):
         path = os.path.join(top, DIRECTORY, name)
-        if name.endswith(_NEW) and _DIGEST.fullmatch(name[:-len(_NEW)]) and os.path.islink(path):
+        if _leftover(path, name):
             gone = True
         else:
             try:

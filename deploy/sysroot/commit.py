@@ -90,12 +90,18 @@ def load_commit(repo: Repository, rev: str, kver: str | None = None) -> Commit:
                   version, kver, kernel, initramfs, sealed)
 
 
-def uname_of(repo: Repository, sealed: Sealed, cid: str) -> str:
-    """The kernel version a sealed commit's UKI names (.uname), checked as a kver."""
+def sealed_uki(repo: Repository, sealed: Sealed, cid: str) -> str:
+    """Where a sealed commit's UKI object is; an integrity error if it is missing."""
     path = repo.objects.path_of(sealed.uki)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise DeployIntegrityError(f"commit {cid[:12]}: its sealed UKI {sealed.uki.hex()} is missing",
                                    hint="pull it again, or run `cfsdeploy fsck`")
+    return path
+
+
+def uname_of(repo: Repository, sealed: Sealed, cid: str) -> str:
+    """The kernel version a sealed commit's UKI names (.uname), checked as a kver."""
+    path = sealed_uki(repo, sealed, cid)
     raw = uki.sections(path, [uki.UNAME]).get(uki.UNAME)
     try:
         return bootloader.check_kver(raw.decode("ascii") if raw else "")
@@ -104,14 +110,29 @@ def uname_of(repo: Repository, sealed: Sealed, cid: str) -> str:
                                    f"(.uname {raw!r})") from None
 
 
+def cmdline_problem(cmdline: str, image: bytes) -> str | None:
+    """Why a UKI's command line does not seal `image`, or None: it must name it in
+    exactly one cfsdeploy.digest=, require verity, and name no deployment."""
+    words = kargs.split(cmdline)
+    values = {own: [v for w in words for k, v in [kargs.param(w)] if k == own] for own in kargs.OWN}
+    if values[kargs.DEPLOYMENT]:
+        return f"its command line names a deployment ({kargs.DEPLOYMENT}=)"
+    if values[kargs.DIGEST] != [image.hex()]:
+        named = ", ".join(str(v) for v in values[kargs.DIGEST]) or "none"
+        return f"its command line names image {named}, not the commit's {image.hex()}"
+    if values[kargs.VERITY] != ["require"]:
+        return f"its command line does not say {kargs.VERITY}=require"
+    return None
+
+
 def check_seal(c: Commit, path: str) -> None:
     """Refuse a sealed commit's UKI (at `path`) unless its command line boots this
     commit's image, sealed: cfsdeploy.digest= its image and cfsdeploy.verity=require once
     each, no cfsdeploy= (whose absence makes the boot sealed), and its .uname the kernel
     deployed.  A seal that does not match its commit is never installed."""
-    words = kargs.split(uki.cmdline_of(path))
-    found = {k: [v for w in words for key, v in [kargs.param(w)] if key == k] for k in kargs.OWN}
-    if found != {kargs.DEPLOYMENT: [], kargs.DIGEST: [c.image_digest.hex()], kargs.VERITY: ["require"]}:
+    cmdline = uki.cmdline_of(path)
+    if cmdline_problem(cmdline, c.image_digest) is not None:
+        words = kargs.split(cmdline)
         raise DeployIntegrityError(f"commit {c.id[:12]}: its sealed UKI's command line does not seal its "
                                    f"image {c.image_digest.hex()} with {kargs.VERITY}=require (it has "
                                    f"{', '.join(w for w in words if kargs.key(w) in kargs.OWN) or 'none'}); "

@@ -26,7 +26,15 @@ from ..composefs.tree import Inode, lookup
 from ..repo.repository import Repository
 from ..util.errors import CfsError
 from . import bydigest, deployment, staged
-from .commit import ETC_PATHS, Commit, DeployIntegrityError, check_seal, load_commit, manifest_data
+from .commit import (
+    ETC_PATHS,
+    Commit,
+    DeployIntegrityError,
+    check_seal,
+    load_commit,
+    manifest_data,
+    sealed_uki,
+)
 from .deployment import Deployment
 from .etcmerge import MergeReport, merge_etc
 from .layout import State, Sysroot
@@ -233,10 +241,7 @@ def install_kernel(sysroot: Sysroot, os_name: str, c: Commit) -> Kernel:
     store = sysroot.repo.objects
     digests = []
     if c.sealed is not None:
-        path = store.path_of(c.sealed.uki)
-        if not os.path.isfile(path):
-            raise DeployIntegrityError(f"commit {c.id[:12]}: its sealed UKI {c.sealed.uki.hex()} is missing",
-                                       hint="pull it again, or run `cfsdeploy fsck`")
+        path = sealed_uki(sysroot.repo, c.sealed, c.id)
         with open(path, "rb") as u:
             _check_object(u, c.sealed.uki, "sealed UKI")
             check_seal(c, path)

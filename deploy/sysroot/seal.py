@@ -39,7 +39,7 @@ from ..composefs.fsverity import Digest
 from ..composefs.tree import Inode, lookup, resolve
 from ..repo.repository import Repository, Sealed, Sealer, image_digest_of, sealed_of
 from ..util.errors import CfsError, IntegrityError, NotFoundError, UsageError
-from .commit import kernels_of, newest, searched, version_key
+from .commit import cmdline_problem, kernels_of, newest, searched, version_key
 
 EFI_DIR = "/usr/lib/systemd/boot/efi"
 # systemd's names of the UEFI architectures; a tree's stub is taken in this order.
@@ -94,21 +94,6 @@ def sealed_cmdline(image: Digest, extra: Sequence[str] = ()) -> str:
     roots = [a for a in extra if kargs.key(a) == "root"] or [DEFAULT_ROOT]
     rest = [a for a in extra if kargs.key(a) != "root"]
     return " ".join([*roots, "rw", f"{kargs.DIGEST}={image.hex()}", f"{kargs.VERITY}=require", *rest])
-
-
-def cmdline_problem(cmdline: str, image: Digest) -> str | None:
-    """Why a UKI's command line does not seal `image`, or None: it must name it in
-    exactly one cfsdeploy.digest=, require verity, and name no deployment."""
-    words = kargs.split(cmdline)
-    values = {own: [v for w in words for k, v in [kargs.param(w)] if k == own] for own in kargs.OWN}
-    if values[kargs.DEPLOYMENT]:
-        return f"its command line names a deployment ({kargs.DEPLOYMENT}=)"
-    if values[kargs.DIGEST] != [image.hex()]:
-        named = ", ".join(str(v) for v in values[kargs.DIGEST]) or "none"
-        return f"its command line names image {named}, not the commit's {image.hex()}"
-    if values[kargs.VERITY] != ["require"]:
-        return f"its command line does not say {kargs.VERITY}=require"
-    return None
 
 
 def uki_problem(path: str, image: Digest) -> str | None:
